@@ -1,0 +1,3 @@
+from edgevirt.cli import main
+
+main()

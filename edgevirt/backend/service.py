@@ -1,0 +1,84 @@
+"""The back-end process: several devices, one event loop, a stats file for observers.
+
+The stats file is rewritten atomically (write + rename) whenever it changes, at most a few
+times a second, so a launcher can poll it: it holds per-device counters, the memory the
+back-end mapped, accesses it refused and any queue it marked broken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgevirt.backend.devices import VirtioDevice
+from edgevirt.backend.loop import Loop
+from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
+from edgevirt.backend.virtq import SplitQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Endpoint:
+    device: VirtioDevice
+    socket: Path
+
+
+class BackendService:
+    def __init__(self, endpoints: list[Endpoint], stats_path: Path | None = None) -> None:
+        self.loop = Loop()
+        self.stats_path = stats_path
+        self.backends: list[VhostUserBackend] = []
+        self._last = ""
+        try:
+            for ep in endpoints:
+                self.backends.append(VhostUserBackend(ep.device, str(ep.socket), self.loop))
+        except BaseException:
+            self.close()
+            raise
+        self.loop.every(0.2, self.write_stats)
+
+    def snapshot(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "ring": SplitQueue.__module__,
+            "running": self.loop.running,
+            "devices": [b.snapshot() for b in self.backends],
+        }
+
+    def write_stats(self, force: bool = False) -> None:
+        if self.stats_path is None:
+            return
+        text = json.dumps(self.snapshot(), indent=2)
+        if text == self._last and not force:
+            return
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.stats_path)
+        self._last = text
+
+    def run(self) -> None:
+        def stop(signum: int, _frame: object) -> None:
+            log.info("signal %d: stopping", signum)
+            self.loop.stop()
+
+        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.loop.running = True
+            self.write_stats(force=True)
+            self.loop.run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.loop.running = False
+            self.close()
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+        self.write_stats(force=True)
+        self.backends = []

@@ -1,0 +1,455 @@
+"""vhost-user back-end: one listening unix socket, one front-end (QEMU) at a time.
+
+The front-end is the only peer; everything it sends is checked by :mod:`.protocol` before
+it changes state. Guest memory is whatever SET_MEM_TABLE hands over, which with edgevirt's
+memory topology is the carve-out alone; a ring outside it is refused with its address and
+the carve-out bounds, the device is marked broken, and the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.loop import Loop
+from edgevirt.backend.memory import GuestMemory, Region
+from edgevirt.backend.transport.vhost_user import protocol as p
+from edgevirt.backend.transport.vhost_user.protocol import ProtocolFeature as PF
+from edgevirt.backend.transport.vhost_user.protocol import Request as R
+from edgevirt.backend.virtq import SplitQueue
+from edgevirt.errors import BackendError, VhostUserError
+
+log = logging.getLogger(__name__)
+
+#: Chains served per pop before other fds get a turn (fairness between devices).
+BATCH = 64
+#: A message's payload must follow its header within this many seconds.
+PAYLOAD_TIMEOUT = 5.0
+
+
+@dataclass
+class Vring:
+    index: int
+    num: int = 0
+    addr: tuple[int, int, int] | None = None  # desc, used, avail as front-end user addresses
+    base: int = 0
+    kick: int = -1
+    call: int = -1
+    err: int = -1
+    enabled: bool = False
+    queue: SplitQueue | None = None
+    broken: str | None = None
+    served: int = 0
+
+    def close_fds(self) -> None:
+        for name in ("kick", "call", "err"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+@dataclass
+class BackendStats:
+    connections: int = 0
+    messages: int = 0
+    protocol_errors: int = 0
+    mapped_bytes: int = 0
+    refused: int = 0
+    broken: list[str] = field(default_factory=list)
+
+
+class VhostUserBackend:
+    """Serve ``device`` on the unix socket at ``path`` (QEMU connects as the front-end)."""
+
+    def __init__(self, device: VirtioDevice, path: str, loop: Loop) -> None:
+        self.device = device
+        self.path = path
+        self.loop = loop
+        self.stats = BackendStats()
+        self.mem = GuestMemory()
+        self.conn: socket.socket | None = None
+        self.backend_req: int = -1
+        self.features = 0
+        self.protocol_features = 0
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            self.listener.listen(1)
+        except OSError as e:
+            raise BackendError(
+                f"{device.name}: cannot listen on {path}: {e.strerror}",
+                hint="check that the socket directory exists and is writable",
+            ) from e
+        self.listener.setblocking(False)
+        loop.add_reader(self.listener.fileno(), self._accept)
+
+    # -- features -------------------------------------------------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        return (
+            self.device.features
+            | 1 << p.F_VERSION_1
+            | 1 << p.F_ACCESS_PLATFORM  # QEMU masks the guest's view with ours: needed for the pool
+            | 1 << p.F_PROTOCOL_FEATURES
+            | 1 << p.F_INDIRECT_DESC
+            | 1 << p.F_EVENT_IDX
+        )
+
+    @property
+    def offered_protocol_features(self) -> int:
+        bits = 1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
+        # QEMU requires REPLY_ACK + BACKEND_REQ once ACCESS_PLATFORM is offered.
+        if self.device.config():
+            bits |= 1 << PF.CONFIG
+        return bits
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("%s: second front-end connection refused", self.device.name)
+            conn.close()
+            return
+        conn.setblocking(True)
+        self.conn = conn
+        self.stats.connections += 1
+        log.info("%s: front-end connected on %s", self.device.name, self.path)
+        self.loop.add_reader(conn.fileno(), self._readable)
+
+    def disconnect(self) -> None:
+        if self.conn is None:
+            return
+        log.info("%s: front-end disconnected", self.device.name)
+        self.loop.remove_reader(self.conn.fileno())
+        self.conn.close()
+        self.conn = None
+        self._reset()
+
+    def _reset(self) -> None:
+        for vr in self.vrings:
+            self._stop_ring(vr)
+            vr.close_fds()
+            vr.num, vr.addr, vr.base, vr.enabled = 0, None, 0, False
+        if self.backend_req >= 0:
+            os.close(self.backend_req)
+            self.backend_req = -1
+        self.stats.refused += self.mem.refused
+        self.mem.close()
+        self.mem = GuestMemory()
+        self.features = self.protocol_features = 0
+        self.device.reset()
+
+    def close(self) -> None:
+        self.disconnect()
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.device.close()
+
+    def _recv(self) -> p.Message | None:
+        assert self.conn is not None
+        fds = array.array("i")
+        try:
+            data, anc, mflags, _ = self.conn.recvmsg(
+                p.HEADER.size, socket.CMSG_SPACE(p.MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+            )
+        except ConnectionError:
+            return None
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        fdlist = list(fds)
+        try:
+            if not data:
+                return None
+            if mflags & socket.MSG_CTRUNC:
+                raise VhostUserError(f"more than {p.MAX_FDS} fds attached to one message")
+            req, flags, size = p.parse_header(data)
+            payload = b""
+            self.conn.settimeout(PAYLOAD_TIMEOUT)
+            try:
+                while len(payload) < size:
+                    chunk = self.conn.recv(size - len(payload))
+                    if not chunk:
+                        raise VhostUserError(
+                            f"request {req}: peer closed after {len(payload)} of {size} payload bytes"
+                        )
+                    payload += chunk
+            except TimeoutError:
+                raise VhostUserError(
+                    f"request {req}: {len(payload)} of {size} payload bytes within {PAYLOAD_TIMEOUT}s"
+                ) from None
+            finally:
+                self.conn.settimeout(None)
+            msg = p.decode(req, flags, payload, fdlist)
+            fdlist = []  # ownership moved to msg
+            return msg
+        finally:
+            for fd in fdlist:
+                os.close(fd)
+
+    def _send(self, request: R, payload: bytes) -> None:
+        assert self.conn is not None
+        self.conn.sendall(p.pack(request, payload))
+
+    def _readable(self) -> None:
+        try:
+            msg = self._recv()
+        except VhostUserError as e:
+            self.stats.protocol_errors += 1
+            log.error("%s: protocol error, dropping front-end: %s", self.device.name, e)
+            self.disconnect()
+            return
+        except OSError as e:
+            log.error("%s: socket error: %s", self.device.name, e)
+            self.disconnect()
+            return
+        if msg is None:
+            self.disconnect()
+            return
+        self.stats.messages += 1
+        ok = True
+        try:
+            reply = self._dispatch(msg)
+        except (VhostUserError, BackendError) as e:
+            self.stats.protocol_errors += 1
+            log.error("%s: %s refused: %s", self.device.name, msg.request.name, e)
+            reply, ok = None, False
+        finally:
+            for fd in msg.fds:  # handlers dup() what they keep
+                os.close(fd)
+        try:
+            if reply is not None:
+                self._send(msg.request, reply)
+            elif msg.need_reply and self.protocol_features >> PF.REPLY_ACK & 1:
+                self._send(msg.request, p.U64.pack(0 if ok else 1))
+        except OSError:
+            self.disconnect()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if index >= len(self.vrings):
+            raise VhostUserError(f"vring index {index} out of range (device has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _dispatch(self, msg: p.Message) -> bytes | None:  # noqa: C901 - one branch per request
+        r = msg.request
+        if r is R.GET_FEATURES:
+            return p.U64.pack(self.offered_features)
+        if r is R.SET_FEATURES:
+            want = msg.u64()
+            extra = want & ~self.offered_features
+            if extra:
+                raise VhostUserError(f"SET_FEATURES {want:#x} has bits {extra:#x} we never offered")
+            self.features = want
+            self.device.acked_features = want
+            if not want >> p.F_PROTOCOL_FEATURES & 1:
+                for vr in self.vrings:  # without protocol features rings start enabled
+                    vr.enabled = True
+            return None
+        if r is R.GET_PROTOCOL_FEATURES:
+            return p.U64.pack(self.offered_protocol_features)
+        if r is R.SET_PROTOCOL_FEATURES:
+            want = msg.u64()
+            if want & ~self.offered_protocol_features:
+                raise VhostUserError(f"SET_PROTOCOL_FEATURES {want:#x} beyond offered")
+            self.protocol_features = want
+            return None
+        if r is R.GET_QUEUE_NUM:
+            return p.U64.pack(len(self.vrings))
+        if r is R.SET_OWNER:
+            return None
+        if r in (R.RESET_OWNER, R.RESET_DEVICE):
+            self._reset()
+            return None
+        if r is R.SET_BACKEND_REQ_FD:
+            if self.backend_req >= 0:
+                os.close(self.backend_req)
+            self.backend_req = os.dup(msg.fds[0])
+            return None
+        if r is R.SET_MEM_TABLE:
+            self._set_mem_table(p.mem_regions(msg), msg.fds)
+            return None
+        if r is R.SET_VRING_NUM:
+            idx, num = msg.state()
+            vr = self._vring(idx)
+            if num == 0 or num > 32768 or num & (num - 1):
+                raise VhostUserError(f"SET_VRING_NUM {idx}: size {num} is not a power of two <= 32768")
+            vr.num = num
+            return None
+        if r is R.SET_VRING_BASE:
+            idx, base = msg.state()
+            if base > 0xFFFF:
+                raise VhostUserError(f"SET_VRING_BASE {idx}: base {base} exceeds 16 bits")
+            self._vring(idx).base = base
+            return None
+        if r is R.SET_VRING_ADDR:
+            idx, _flags, desc, used, avail, _log = p.VRING_ADDR.unpack(msg.payload)
+            vr = self._vring(idx)
+            vr.addr = (desc, used, avail)
+            self._try_start(vr)
+            return None
+        if r in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
+            v = msg.u64()
+            vr = self._vring(v & p.VRING_IDX_MASK)
+            name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call", R.SET_VRING_ERR: "err"}[r]
+            old = getattr(vr, name)
+            if name == "kick" and old >= 0:
+                self.loop.remove_reader(old)
+            if old >= 0:
+                os.close(old)
+            setattr(vr, name, os.dup(msg.fds[0]) if msg.fds else -1)
+            if name == "kick":
+                self._try_start(vr)
+            return None
+        if r is R.GET_VRING_BASE:
+            idx, _ = msg.state()
+            vr = self._vring(idx)
+            self._stop_ring(vr)
+            return p.VRING_STATE.pack(idx, vr.base)
+        if r is R.SET_VRING_ENABLE:
+            idx, on = msg.state()
+            vr = self._vring(idx)
+            vr.enabled = bool(on)
+            if vr.enabled and vr.queue is not None:
+                self._serve(vr)
+            return None
+        if r is R.GET_CONFIG:
+            off, size, flags = p.CONFIG_HEADER.unpack_from(msg.payload)
+            cfg = self.device.config()
+            if off + size > len(cfg):
+                raise VhostUserError(
+                    f"GET_CONFIG offset {off} size {size} beyond config space of {len(cfg)} bytes"
+                )
+            return p.CONFIG_HEADER.pack(off, size, flags) + cfg[off : off + size]
+        if r is R.SET_CONFIG:
+            off, size, _ = p.CONFIG_HEADER.unpack_from(msg.payload)
+            self.device.write_config(off, msg.payload[p.CONFIG_HEADER.size :])
+            return None
+        if r is R.SET_LOG_BASE or r is R.SET_LOG_FD:
+            raise VhostUserError(f"{r.name}: dirty logging (migration) is not offered")
+        raise VhostUserError(f"{r.name} is not supported by this back-end")
+
+    def _set_mem_table(self, regions: list[p.MemRegion], fds: list[int]) -> None:
+        mem = GuestMemory()
+        try:
+            for reg, fd in zip(regions, fds, strict=True):
+                mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
+        except (OSError, BackendError) as e:
+            mem.close()
+            raise VhostUserError(f"SET_MEM_TABLE: cannot map region: {e}") from e
+        for vr in self.vrings:
+            self._stop_ring(vr)
+        self.stats.refused += self.mem.refused
+        self.mem.close()
+        self.mem = mem
+        self.stats.mapped_bytes = mem.mapped_bytes
+        log.info("%s: guest memory %s (%d bytes)", self.device.name, mem.describe(), mem.mapped_bytes)
+        for vr in self.vrings:
+            self._try_start(vr)
+
+    # -- rings ----------------------------------------------------------------------------
+
+    def _try_start(self, vr: Vring) -> None:
+        if vr.queue is not None or vr.addr is None or vr.kick < 0 or not vr.num or vr.broken:
+            return
+        if not self.mem.regions:
+            return
+        desc, used, avail = vr.addr
+        try:
+            gdesc = self.mem.uva_to_gpa(desc, 16 * vr.num)
+            gavail = self.mem.uva_to_gpa(avail, 6 + 2 * vr.num)
+            gused = self.mem.uva_to_gpa(used, 6 + 8 * vr.num)
+            q = SplitQueue(vr.num, gdesc, gavail, gused,
+                           event_idx=bool(self.features >> p.F_EVENT_IDX & 1))
+            q.last_avail_idx = vr.base
+            q.used_idx = int.from_bytes(self.mem.translate(gused + 2, 2), "little")
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+            return
+        vr.queue = q
+        self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
+        log.info("%s: vring %d started: %d entries, desc gpa %#x", self.device.name, vr.index,
+                 vr.num, gdesc)
+
+    def _stop_ring(self, vr: Vring) -> None:
+        if vr.queue is not None:
+            vr.base = vr.queue.last_avail_idx
+            vr.queue = None
+        if vr.kick >= 0:
+            self.loop.remove_reader(vr.kick)
+
+    def _break(self, vr: Vring, why: str) -> None:
+        vr.broken = why
+        msg = f"{self.device.name}: {why}"
+        self.stats.broken.append(msg)
+        log.error("%s (queue marked broken; other devices keep running)", msg)
+        if vr.err >= 0:
+            os.write(vr.err, struct.pack("<Q", 1))
+
+    def _kicked(self, vr: Vring) -> None:
+        try:
+            os.read(vr.kick, 8)
+        except BlockingIOError:
+            pass
+        if vr.queue is not None and vr.enabled and not vr.broken:
+            self._serve(vr)
+
+    def _serve(self, vr: Vring) -> None:
+        q = vr.queue
+        assert q is not None
+        try:
+            while True:
+                chains = q.pop(self.mem, BATCH)
+                if not chains:
+                    break
+                done = []
+                for head, readable, writable in chains:
+                    n = self.device.handle(vr.index, Chain(head, readable, writable), self.mem)
+                    done.append((head, n))
+                q.push(self.mem, done)
+                vr.served += len(done)
+                if q.should_notify(self.mem) and vr.call >= 0:
+                    os.write(vr.call, struct.pack("<Q", 1))
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+
+    def snapshot(self) -> dict:
+        d = self.device
+        return {
+            "device": d.name,
+            "socket": self.path,
+            "connected": self.conn is not None,
+            "connections": self.stats.connections,
+            "mapped_bytes": self.mem.mapped_bytes or self.stats.mapped_bytes,
+            "memory": self.mem.describe(),
+            "refused": self.stats.refused + self.mem.refused,
+            "protocol_errors": self.stats.protocol_errors,
+            "broken": list(self.stats.broken),
+            "requests": d.stats.requests,
+            "bytes_read": d.stats.bytes_read,
+            "bytes_written": d.stats.bytes_written,
+            "errors": d.stats.errors,
+            "by_type": dict(d.stats.by_type),
+            "features": self.features,
+            "queues": [{"index": v.index, "size": v.num, "served": v.served,
+                        "broken": v.broken} for v in self.vrings],
+        }

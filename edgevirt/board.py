@@ -1,0 +1,105 @@
+"""Board profiles (``boards/<name>.toml``), validated with messages naming file and key."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgevirt.errors import ConfigError
+from edgevirt.paths import boards_dir
+
+_SIZE = re.compile(r"(\d+)\s*([KMG]?)i?B?", re.I)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """``64M``, ``"1G"``, ``0x4000000`` or an int → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    elif isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]+", value.strip()):
+        size = int(value, 16)
+    else:
+        raise ConfigError(f"{where}: expected a size like 64M or 0x4000000, got {value!r}")
+    if size <= 0:
+        raise ConfigError(f"{where}: size must be > 0, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class QemuSettings:
+    binary: str
+    machine: str
+    cpu: str
+    smp: int
+    ram: int
+    carveout: int
+    ram_base: int
+
+    @property
+    def carveout_base(self) -> int:
+        return self.ram_base + self.ram
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    description: str
+    path: Path
+    qemu: QemuSettings
+    console_kernel: str
+    console_uart: str
+
+
+def _get(table: dict[str, Any], key: str, kind: Any, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: missing key {key!r}")
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = "/".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise ConfigError(f"{where}.{key}: expected {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_board(name_or_path: str) -> Board:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = boards_dir() / f"{name_or_path}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in boards_dir().glob("*.toml")))
+        raise ConfigError(f"board {name_or_path!r} not found ({path}); known boards: {known}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    f = str(path)
+    q = _get(data, "qemu", dict, f)
+    c = _get(data, "console", dict, f)
+    qw = f"{f}: [qemu]"
+    settings = QemuSettings(
+        binary=_get(q, "binary", str, qw, "qemu-system-aarch64"),
+        machine=_get(q, "machine", str, qw),
+        cpu=_get(q, "cpu", str, qw, "cortex-a57"),
+        smp=_get(q, "smp", int, qw, 1),
+        ram=parse_size(_get(q, "ram", (str, int), qw), f"{qw}.ram"),
+        carveout=parse_size(_get(q, "carveout", (str, int), qw), f"{qw}.carveout"),
+        ram_base=_get(q, "ram_base", int, qw, 0x40000000),
+    )
+    page = 0x200000  # QEMU NUMA nodes and restricted pools want 2 MiB granularity
+    for key in ("ram", "carveout"):
+        if getattr(settings, key) % page:
+            raise ConfigError(f"{qw}.{key}: {getattr(settings, key):#x} is not a multiple of {page:#x}")
+    return Board(
+        name=_get(data, "name", str, f),
+        description=_get(data, "description", str, f, ""),
+        path=path,
+        qemu=settings,
+        console_kernel=_get(c, "kernel", str, f"{f}: [console]"),
+        console_uart=_get(c, "uart", str, f"{f}: [console]", ""),
+    )

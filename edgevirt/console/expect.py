@@ -1,0 +1,184 @@
+"""Expect engine over any pyserial port, with marker-framed command execution.
+
+``run`` wraps a shell command between two markers that the command line itself cannot
+match (the markers are split with an empty quote pair, ``EV''B``), so terminal echo, a
+prompt, or kernel messages printed before the frame do not confuse the parser. Every byte
+read is logged with a timestamp. While waiting, panics and oopses are detected and raised
+as :class:`ConsoleError` quoting the offending lines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import serial
+
+import edgevirt.console  # noqa: F401  (registers unix://)
+from edgevirt.errors import ConsoleError, ConsoleTimeout
+
+#: Lines that mean the target is dead or dying, whatever we are waiting for.
+FAILURE_PATTERNS = [
+    re.compile(rb"Kernel panic - not syncing[^\n]*"),
+    re.compile(rb"Internal error: Oops[^\n]*"),
+    re.compile(rb"Unable to handle kernel [^\n]*"),
+]
+POLL = 0.1
+
+
+@dataclass
+class CommandResult:
+    command: str
+    status: int
+    output: str
+    seconds: float
+
+
+class ConsoleLog:
+    """Timestamped console transcript: ``[   1.234] text`` per line, flushed as it arrives."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._f: IO[str] | None = open(path, "a", buffering=1) if path else None  # noqa: SIM115
+        self._t0 = time.monotonic()
+        self._partial = ""
+
+    def feed(self, data: bytes) -> None:
+        if self._f is None:
+            return
+        text = self._partial + data.decode("utf-8", "replace").replace("\r", "")
+        *lines, self._partial = text.split("\n")
+        stamp = f"[{time.monotonic() - self._t0:9.3f}] "
+        for line in lines:
+            self._f.write(stamp + line + "\n")
+
+    def note(self, text: str) -> None:
+        if self._f is not None:
+            self._f.write(f"[{time.monotonic() - self._t0:9.3f}] ## {text}\n")
+
+    def close(self) -> None:
+        if self._f is not None:
+            if self._partial:
+                self._f.write(self._partial + "\n")
+            self._f.close()
+            self._f = None
+
+
+class Console:
+    def __init__(self, port: serial.SerialBase, *, log_path: Path | None = None,
+                 name: str = "console") -> None:
+        self.port = port
+        self.name = name
+        self.log = ConsoleLog(log_path)
+        self.buffer = bytearray()
+        self.pos = 0  # everything before this offset has been consumed by an expect
+        self._scan = 0  # failure patterns already checked up to here
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def open(cls, url: str, *, log_path: Path | None = None, connect_timeout: float = 10.0,
+             baudrate: int = 115200, name: str = "console") -> Console:
+        """Open ``url`` (``/dev/ttyUSB0``, ``socket://h:p``, ``rfc2217://h:p``, ``unix:///p``)."""
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                port = serial.serial_for_url(url, baudrate=baudrate, timeout=POLL)
+                return cls(port, log_path=log_path, name=name)
+            except (serial.SerialException, OSError) as e:
+                if time.monotonic() >= deadline:
+                    raise ConsoleError(
+                        f"{name}: cannot open {url} within {connect_timeout:.0f}s: {e}"
+                    ) from e
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        try:
+            self.port.close()
+        finally:
+            self.log.close()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        try:
+            data = self.port.read(65536)
+        except serial.SerialException as e:
+            raise ConsoleError(f"{self.name}: disconnected ({e}); last lines:\n{self.tail()}") from e
+        if data:
+            self.buffer += data
+            self.log.feed(data)
+            self._check_failures()
+
+    def _check_failures(self) -> None:
+        start = max(0, self._scan - 256)
+        for pat in FAILURE_PATTERNS:
+            m = pat.search(self.buffer, start)
+            if m:
+                # Give the rest of the report a moment to arrive, then quote it.
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    more = self.port.read(65536)
+                    if more:
+                        self.buffer += more
+                        self.log.feed(more)
+                text = self.buffer[m.start() : m.start() + 2000].decode("utf-8", "replace")
+                raise ConsoleError(f"{self.name}: target failed: {text.strip()}")
+        self._scan = len(self.buffer)
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.buffer[-4000:].decode("utf-8", "replace").replace("\r", "")
+        return "\n".join(text.rstrip("\n").split("\n")[-lines:])
+
+    def expect(self, pattern: str | bytes | re.Pattern[bytes], timeout: float,
+               abort: Callable[[], None] | None = None) -> re.Match[bytes]:
+        """Wait for ``pattern`` after the last consumed position; consume through the match."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        pat = re.compile(pattern) if isinstance(pattern, bytes) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pat.search(self.buffer, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            if time.monotonic() >= deadline:
+                self.log.note(f"timeout after {timeout:.0f}s waiting for {pat.pattern!r}")
+                raise ConsoleTimeout(
+                    f"{self.name}: {pat.pattern.decode(errors='replace')!r} did not appear "
+                    f"within {timeout:.0f}s; last console lines:\n{self.tail()}"
+                )
+            if abort is not None:
+                abort()
+            self._read()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        try:
+            self.port.write(text.encode())
+            self.port.flush()
+        except serial.SerialException as e:
+            raise ConsoleError(f"{self.name}: write failed ({e})") from e
+
+    def sendline(self, text: str) -> None:
+        self.send(text + "\n")
+
+    def run(self, command: str, timeout: float = 30.0,
+            abort: Callable[[], None] | None = None) -> CommandResult:
+        """Run ``command`` in the target's shell; return its exit status and output."""
+        n = next(self._ids)
+        t0 = time.monotonic()
+        self.log.note(f"run #{n}: {command}")
+        self.sendline(f"echo EV''B{n}; {command}; echo EV''E{n} $?")
+        self.expect(rf"EVB{n}\r?\n".encode(), timeout, abort)
+        start = self.pos
+        m = self.expect(rf"EVE{n} (\d+)\r?\n".encode(), timeout, abort)
+        output = self.buffer[start : m.start()].decode("utf-8", "replace").replace("\r\n", "\n")
+        if output.endswith("\n"):  # the newline before the end marker is the frame's, not output
+            output = output[:-1]
+        return CommandResult(command, int(m.group(1)), output, time.monotonic() - t0)

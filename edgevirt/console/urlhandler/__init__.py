@@ -1,0 +1,1 @@
+"""pyserial URL handlers edgevirt adds (``unix://``); registered by :mod:`edgevirt.console`."""

@@ -1,0 +1,49 @@
+"""``unix:///path/to/socket``: a serial console on a unix stream socket (QEMU's chardev).
+
+pyserial finds this module through ``serial.protocol_handler_packages``; it reuses the
+``socket://`` handler's reading and writing and only changes how the socket is opened.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.parse
+
+from serial.serialutil import SerialException
+from serial.urlhandler import protocol_socket
+
+
+class Serial(protocol_socket.Serial):
+    def open(self) -> None:
+        self.logger = None
+        if self._port is None:
+            raise SerialException("Port must be configured before it can be used.")
+        if self.is_open:
+            raise SerialException("Port is already open.")
+        path = self.from_url(self.portstr)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(protocol_socket.POLL_TIMEOUT)
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            raise SerialException(f"could not open {self.portstr}: {e}") from e
+        sock.setblocking(False)
+        self._socket = sock
+        self.is_open = True
+        self.reset_input_buffer()
+
+    def from_url(self, url: str) -> str:  # type: ignore[override]
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "unix" or not parts.path:
+            raise SerialException(f"expected unix:///path/to/socket, got {url!r}")
+        return parts.path
+
+    def close(self) -> None:
+        if self.is_open and self._socket is not None:
+            try:
+                self._socket.close()
+            except OSError:
+                pass
+            self._socket = None
+        self.is_open = False

@@ -1,0 +1,185 @@
+"""QEMU `virt` as a target: DTB dump, command line, process lifetime.
+
+The memory topology is what isolates the carve-out (DESIGN §3): NUMA node 0 is private
+RAM, node 1 is a shared file (``/dev/shm``) that QEMU places right after node 0. vhost-user
+only hands fd-backed RAM to back-ends, so a back-end receives the carve-out and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgevirt.board import QemuSettings
+from edgevirt.errors import DeployError, SetupError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VhostUserDevice:
+    """A ``-device vhost-user-*`` plugged into the virt machine's virtio-mmio bus."""
+
+    kind: str  # QEMU device type, e.g. vhost-user-blk
+    socket: Path
+    id: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class QemuConfig:
+    settings: QemuSettings
+    carveout_file: Path
+    devices: list[VhostUserDevice] = field(default_factory=list)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    dtb: Path | None = None
+    append: str = ""
+    console_socket: Path | None = None
+    qmp_socket: Path | None = None
+
+    def memory_args(self) -> list[str]:
+        s = self.settings
+        total = s.ram + s.carveout
+        return [
+            "-m", f"{total // (1 << 20)}M",
+            "-object", f"memory-backend-ram,id=ev-ram,size={s.ram // (1 << 20)}M",
+            "-object", (
+                f"memory-backend-file,id=ev-carveout,size={s.carveout // (1 << 20)}M,"
+                f"mem-path={self.carveout_file},share=on"
+            ),
+            "-numa", "node,nodeid=0,memdev=ev-ram",
+            "-numa", "node,nodeid=1,memdev=ev-carveout",
+        ]
+
+    def machine_args(self, extra_machine: str = "") -> list[str]:
+        s = self.settings
+        machine = s.machine + (f",{extra_machine}" if extra_machine else "")
+        return [s.binary, "-machine", machine, "-cpu", s.cpu, "-smp", str(s.smp),
+                *self.memory_args(), "-nographic", "-nic", "none"]
+
+    def device_args(self) -> list[str]:
+        args = ["-global", "virtio-mmio.force-legacy=false"]
+        for d in self.devices:
+            opts = "".join(f",{k}={v}" for k, v in d.options.items())
+            args += ["-chardev", f"socket,id={d.id},path={d.socket}",
+                     "-device", f"{d.kind},chardev={d.id},iommu_platform=on{opts}"]
+        return args
+
+    def command(self) -> list[str]:
+        if not (self.kernel and self.initrd and self.dtb and self.console_socket):
+            raise DeployError("QEMU command needs kernel, initrd, dtb and a console socket")
+        cmd = [*self.machine_args(), *self.device_args(),
+               "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-dtb", str(self.dtb),
+               "-append", self.append, "-no-reboot",
+               # The console is a server that waits for us: no early boot output is lost.
+               "-chardev", f"socket,id=ev-con,path={self.console_socket},server=on,wait=on",
+               "-serial", "chardev:ev-con", "-monitor", "none"]
+        if self.qmp_socket:
+            cmd += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        return cmd
+
+
+def virtio_mmio_slots(count: int, base: int = 0x0A000000, stride: int = 0x200,
+                      slots: int = 32) -> list[int]:
+    """Addresses of the virtio-mmio transports QEMU 7.2 gives the first ``count`` devices.
+
+    virt creates 32 transports and a ``-device`` takes the highest free one first.
+    """
+    if count > slots:
+        raise DeployError(f"{count} virtio-mmio devices requested, virt has {slots} slots")
+    return [base + stride * (slots - 1 - i) for i in range(count)]
+
+
+def check_binary(binary: str) -> str:
+    path = shutil.which(binary)
+    if not path:
+        raise SetupError(f"{binary} not found", hint="run `make setup` (installs qemu-system-arm)")
+    return path
+
+
+def dump_dtb(config: QemuConfig, out: Path) -> bytes:
+    """Have QEMU write the DTB it would give the guest with these machine options."""
+    check_binary(config.settings.binary)
+    out.unlink(missing_ok=True)
+    # Devices are not needed: virt always creates all 32 virtio-mmio transports.
+    cmd = config.machine_args(f"dumpdtb={out}")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if not out.exists():
+        raise DeployError(f"QEMU did not dump a DTB (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+    return out.read_bytes()
+
+
+class QemuProcess:
+    """A running QEMU in its own process group, with its output in a log file."""
+
+    def __init__(self, config: QemuConfig, log_path: Path) -> None:
+        check_binary(config.settings.binary)
+        self.config = config
+        self.log_path = log_path
+        cmd = config.command()
+        (log_path.parent / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - owned until stop()
+        log.info("starting %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise DeployError quoting QEMU's own words if it has exited."""
+        if self.proc.poll() is not None:
+            raise DeployError(
+                f"QEMU exited with status {self.proc.returncode}: {self.output_tail()}"
+            )
+
+    def output_tail(self, n: int = 8) -> str:
+        self._log.flush()
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = 5.0) -> int:
+        """Terminate the whole process group; SIGKILL after ``grace`` seconds."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if self.wait(grace) is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def wait_for_path(path: Path, timeout: float, what: str, alive: QemuProcess | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if alive is not None:
+            alive.check_alive()
+        if time.monotonic() >= deadline:
+            raise DeployError(f"{what} ({path}) did not appear within {timeout:.0f}s")
+        time.sleep(0.05)
