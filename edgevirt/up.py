@@ -35,7 +35,7 @@ from edgevirt.devicetree.fdt import Fdt
 from edgevirt.errors import BackendError, DeployError, EdgevirtError
 from edgevirt.image import initramfs as initramfs_mod
 from edgevirt.image.kernel import KernelBuild, build_kernel
-from edgevirt.paths import cache_dir, images_dir
+from edgevirt.paths import images_dir
 from edgevirt.smoke import DISK_TEST_BYTES, GUEST_CHECKS, Check
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,13 @@ class UpResult:
 
 def build_initramfs(out: Path, reporter: Reporter) -> Path:
     reporter.step("initramfs: busybox (arm64) + /init + agent")
-    busybox = initramfs_mod.fetch_busybox(cache_dir() / "debs")
+    busybox = initramfs_mod.fetch_busybox()
     src = images_dir() / "initramfs"
     initramfs_mod.build_initramfs(
         out,
         busybox=busybox,
         init_script=src / "init",
-        extra_files={"/bin/edgevirt-agent": (src / "edgevirt-agent").read_bytes()},
+        extra_files={"/bin/edgevirt-agent": (src / "edgevirt-agent", 0o755)},
     )
     return out
 

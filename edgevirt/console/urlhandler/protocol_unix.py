@@ -30,8 +30,8 @@ class Serial(protocol_socket.Serial):
             raise SerialException(f"could not open {self.portstr}: {e}") from e
         sock.setblocking(False)
         self._socket = sock
+        # No reset_input_buffer(): whatever the target sent on connect is console output.
         self.is_open = True
-        self.reset_input_buffer()
 
     def from_url(self, url: str) -> str:  # type: ignore[override]
         parts = urllib.parse.urlsplit(url)

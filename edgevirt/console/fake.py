@@ -1,0 +1,71 @@
+"""Fakes for console tests that users can build on too.
+
+:class:`PtyShellPort` runs a real shell on a pseudo-terminal and exposes the terminal side
+with the subset of pyserial's API the expect engine uses (``read``, ``write``, ``flush``,
+``close``), so framing is tested against real echo, prompts and line discipline.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+
+import serial
+
+
+class PtyShellPort:
+    def __init__(self, argv: list[str] | None = None, *, timeout: float = 0.1,
+                 env: dict[str, str] | None = None) -> None:
+        self.timeout = timeout
+        master, slave = pty.openpty()
+        self.fd = master
+        self.proc = subprocess.Popen(
+            argv or ["/bin/sh", "-i"], stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True, env={"PS1": "fake# ", "PATH": os.environ["PATH"], **(env or {})},
+        )
+        os.close(slave)
+        self.is_open = True
+
+    def read(self, size: int = 1) -> bytes:
+        if not self.is_open:
+            raise serial.SerialException("port closed")
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            return b""
+        try:
+            data = os.read(self.fd, size)
+        except OSError as e:  # EIO once the shell side is gone: a disconnected console
+            raise serial.SerialException(f"pty read failed: {e}") from e
+        if not data:
+            raise serial.SerialException("pty closed")
+        return data
+
+    def write(self, data: bytes) -> int:
+        if not self.is_open:
+            raise serial.SerialException("port closed")
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self.fd], [], 5.0)
+            if not ready:
+                raise serial.SerialException("pty write timed out")
+            n = os.write(self.fd, view)
+            view = view[n:]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        """Simulate the target vanishing (board power loss, ser2net dropping us)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.is_open:
+            self.kill()
+            os.close(self.fd)
+            self.is_open = False
