@@ -104,10 +104,10 @@ def compose_dtb(board: Board, qcfg: QemuConfig, build: Path, restrict: bool,
                 nodes: list[str]) -> Path:
     """Dump virt's DTB for this topology; overlay the carve-out onto the nodes in use."""
     raw = dump_dtb(qcfg, build / "qemu-virt.raw.dtb")
-    base = Fdt.from_dtb(raw)
+    base = Fdt.from_bytes(raw)
     if not restrict:
         out = build / "guest.dtb"
-        out.write_bytes(base.to_dtb())  # compacted: a padded DTB hangs the boot
+        out.write_bytes(base.to_bytes())  # compacted: a padded DTB hangs the boot
         return out
     q = board.qemu
     overlay = dtcompose.compose_carveout(base, q.carveout_base, q.carveout, nodes)

@@ -1,0 +1,77 @@
+"""End to end: `edgevirt up` on QEMU virt with the real kernel, back-end and console.
+
+These build the kernel the first time (cached under ~/.cache/edgevirt afterwards) and boot
+QEMU under TCG; each runs in a fresh temporary build directory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def run_up(build: Path, *extra: str, timeout: float = 1500) -> tuple[int, dict, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgevirt", "up", "--build-dir", str(build), "--json", *extra],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    return proc.returncode, result, proc.stderr
+
+
+def leftover_processes(build: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if str(build) in ln and "pytest" not in ln]
+
+
+def test_up_restricted_guest_passes_every_check(tmp_path):
+    build = tmp_path / "build"
+    code, result, stderr = run_up(build)
+    assert code == 0, f"up failed: {result.get('error')}\n{stderr[-2000:]}"
+    checks = {c["name"]: c for c in result["checks"]}
+    for name in ("virtio features", "restricted DMA pool", "blk write/read-back", "hwrng",
+                 "disk image on host", "back-end blk", "back-end rng"):
+        assert checks[name]["ok"], checks[name]
+    # The back-end saw exactly the carve-out and refused nothing.
+    size = result["carveout"]["size"]
+    for dev in result["backend"]["devices"]:
+        assert dev["mapped_bytes"] == size == 64 << 20
+        assert dev["refused"] == 0 and dev["broken"] == []
+        assert dev["requests"] > 0
+    blk = next(d for d in result["backend"]["devices"] if d["device"] == "blk")
+    assert blk["bytes_read"] >= 8 << 20  # guest → device: the 8 MiB test write
+    assert "ring" in result["backend"] and result["backend"]["ring"].endswith("_ring")
+    # Artefacts and logs are kept.
+    for name in ("guest.dtb", "guest.dtbo", "guest.dts", "console.log", "qemu.log",
+                 "backend.log", "initramfs.cpio.gz", "result.json"):
+        assert (build / name).exists(), name
+    assert "EDGEVIRT-AGENT-READY" in (build / "console.log").read_text()
+    assert not leftover_processes(build)
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"edgevirt-")
+                and str(os.getpid()) in p]
+
+
+def test_up_without_restriction_fails_fast_and_clearly(tmp_path):
+    build = tmp_path / "build"
+    t0 = time.monotonic()
+    code, result, stderr = run_up(build, "--no-restrict")
+    elapsed = time.monotonic() - t0
+    assert code == 1
+    err = result["error"]
+    # The refusal names the offending address and the carve-out bounds.
+    assert "outside the carve-out" in err, err
+    assert "0x5c000000" in err and "0x60000000" in err, err
+    assert "refused the guest" in err
+    # Fails long before the 120 s boot timeout: the back-end's verdict ends the wait.
+    assert elapsed < 100, elapsed
+    # The back-end stayed alive until we stopped it, and touched nothing outside its mapping.
+    blk = next(d for d in result["backend"]["devices"] if d["device"] == "blk")
+    assert blk["broken"] and blk["mapped_bytes"] == 64 << 20
+    assert "exited with status" not in err
+    assert not leftover_processes(build)
