@@ -56,16 +56,26 @@ def _features(res: CommandResult) -> tuple[bool, str]:
     return True, "blk and rng negotiated VERSION_1 (32) and ACCESS_PLATFORM (33)"
 
 
-def _pool(res: CommandResult) -> tuple[bool, str]:
-    created = re.search(r"created restricted DMA pool at (0x[0-9a-f]+), size (\d+) MiB", res.output)
-    assigned = re.findall(r"virtio_mmio ([0-9a-f]+)\.virtio_mmio: assigned reserved memory node",
-                          res.output)
-    if not created:
-        return False, "kernel did not log 'created restricted DMA pool'"
-    if len(assigned) < 2:
-        return False, f"restricted pool assigned to {len(assigned)} virtio-mmio devices, expected 2"
-    return True, (f"pool at {created.group(1)} ({created.group(2)} MiB) assigned to "
-                  + ", ".join(sorted(assigned)))
+def pool_judge(base: int, size: int, nodes: list[str]) -> Callable[[CommandResult], tuple[bool, str]]:
+    """The kernel must create the pool exactly over the carve-out and give it to ``nodes``."""
+    wanted = sorted(n.rsplit("@", 1)[-1] for n in nodes)
+
+    def judge(res: CommandResult) -> tuple[bool, str]:
+        created = re.search(r"created restricted DMA pool at (0x[0-9a-f]+), size (\d+) MiB",
+                            res.output)
+        assigned = sorted(re.findall(
+            r"virtio-mmio ([0-9a-f]+)\.virtio_mmio: assigned reserved memory node", res.output))
+        if not created:
+            return False, "kernel did not log 'created restricted DMA pool'"
+        at, mib = int(created.group(1), 16), int(created.group(2))
+        if (at, mib << 20) != (base, size):
+            return False, (f"pool at {at:#x} ({mib} MiB), expected the carve-out {base:#x} "
+                           f"({size >> 20} MiB)")
+        if assigned != wanted:
+            return False, f"pool assigned to {assigned or 'no device'}, expected {wanted}"
+        return True, f"pool at {at:#x} ({mib} MiB) assigned to " + ", ".join(assigned)
+
+    return judge
 
 
 def _disk(res: CommandResult) -> tuple[bool, str]:
@@ -87,28 +97,31 @@ def _rng(res: CommandResult) -> tuple[bool, str]:
     return True, f"4 KiB from /dev/hwrng with {distinct} distinct byte values"
 
 
-GUEST_CHECKS = [
-    GuestCheck(
-        "virtio features",
-        "for d in /sys/bus/virtio/devices/*; do echo $(cat $d/device) $(cat $d/features); done",
-        _features,
-    ),
-    GuestCheck("restricted DMA pool", "dmesg | grep -E 'restricted DMA pool|reserved memory'", _pool),
-    GuestCheck(
-        "blk write/read-back",
-        # Write random data, drop the page cache of /dev/vda, read it back from the device.
-        "dd if=/dev/urandom of=/tmp/w bs=1M count=8 2>/dev/null && sha256sum /tmp/w"
-        " && dd if=/tmp/w of=/dev/vda bs=1M conv=fsync 2>/dev/null"
-        " && blockdev --flushbufs /dev/vda"
-        " && dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum",
-        _disk,
-        timeout=120.0,
-    ),
-    GuestCheck(
-        "hwrng",
-        "cat /sys/class/misc/hw_random/rng_current >&2;"
-        " dd if=/dev/hwrng bs=4096 count=1 iflag=fullblock 2>/dev/null"
-        " | od -An -v -tx1 | tr -s ' ' '\\n' | grep . | sort -u | wc -l",
-        _rng,
-    ),
-]
+def guest_checks(carveout_base: int, carveout_size: int, nodes: list[str]) -> list[GuestCheck]:
+    """The smoke suite for a guest whose ``nodes`` should use the carve-out."""
+    return [
+        GuestCheck(
+            "virtio features",
+            "for d in /sys/bus/virtio/devices/*; do echo $(cat $d/device) $(cat $d/features); done",
+            _features,
+        ),
+        GuestCheck("restricted DMA pool", "dmesg | grep -E 'restricted DMA pool|reserved memory'",
+                   pool_judge(carveout_base, carveout_size, nodes)),
+        GuestCheck(
+            "blk write/read-back",
+            # Write random data, drop the page cache of /dev/vda, read it back from the device.
+            "dd if=/dev/urandom of=/tmp/w bs=1M count=8 2>/dev/null && sha256sum /tmp/w"
+            " && dd if=/tmp/w of=/dev/vda bs=1M conv=fsync 2>/dev/null"
+            " && blockdev --flushbufs /dev/vda"
+            " && dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum",
+            _disk,
+            timeout=120.0,
+        ),
+        GuestCheck(
+            "hwrng",
+            "cat /sys/class/misc/hw_random/rng_current >&2;"
+            " dd if=/dev/hwrng bs=4096 count=1 iflag=fullblock 2>/dev/null"
+            " | od -An -v -tx1 | tr -s ' ' '\\n' | grep . | sort -u | wc -l",
+            _rng,
+        ),
+    ]

@@ -36,7 +36,7 @@ from edgevirt.errors import BackendError, DeployError, EdgevirtError
 from edgevirt.image import initramfs as initramfs_mod
 from edgevirt.image.kernel import KernelBuild, build_kernel
 from edgevirt.paths import images_dir
-from edgevirt.smoke import DISK_TEST_BYTES, GUEST_CHECKS, Check
+from edgevirt.smoke import DISK_TEST_BYTES, Check, GuestCheck, guest_checks
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,10 @@ class BackendProcess:
         return self.proc.returncode
 
 
-def run_smoke(console: Console, abort: Callable[[], None],
+def run_smoke(console: Console, suite: list[GuestCheck], abort: Callable[[], None],
               results: dict[str, CommandResult]) -> list[Check]:
     checks = []
-    for gc in GUEST_CHECKS:
+    for gc in suite:
         res = console.run(gc.command, gc.timeout, abort)
         results[gc.name] = res
         ok, detail = gc.judge(res)
@@ -264,7 +264,8 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         console.expect(rb"EDGEVIRT-AGENT-READY[^\n]*\n", opts.boot_timeout, abort)
         reporter.step("smoke suite over the serial console")
         results: dict[str, CommandResult] = {}
-        result.checks += run_smoke(console, abort, results)
+        suite = guest_checks(board.qemu.carveout_base, board.qemu.carveout, nodes)
+        result.checks += run_smoke(console, suite, abort, results)
         reporter.step("power-off")
         console.sendline("poweroff -f")
         if qemu.wait(20) is None:
