@@ -94,7 +94,9 @@ def load_board(name_or_path: str) -> Board:
     page = 0x200000  # QEMU NUMA nodes and restricted pools want 2 MiB granularity
     for key in ("ram", "carveout"):
         if getattr(settings, key) % page:
-            raise ConfigError(f"{qw}.{key}: {getattr(settings, key):#x} is not a multiple of {page:#x}")
+            raise ConfigError(
+                f"{qw}.{key}: {getattr(settings, key):#x} is not a multiple of {page:#x}"
+            )
     return Board(
         name=_get(data, "name", str, f),
         description=_get(data, "description", str, f, ""),

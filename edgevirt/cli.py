@@ -19,6 +19,7 @@ from rich.table import Table
 
 from edgevirt import __version__
 from edgevirt.errors import ConfigError, EdgevirtError, SetupError
+from edgevirt.up import Reporter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SETUP, EXIT_CONFIG = 0, 1, 2, 3, 4
 
@@ -30,12 +31,17 @@ def fail(e: EdgevirtError) -> NoReturn:
     err.print(f"[bold red]error:[/] {e}")
     if e.hint:
         err.print(f"[yellow]hint:[/] {e.hint}")
-    code = EXIT_SETUP if isinstance(e, SetupError) else EXIT_CONFIG if isinstance(e, ConfigError) \
+    code = (
+        EXIT_SETUP
+        if isinstance(e, SetupError)
+        else EXIT_CONFIG
+        if isinstance(e, ConfigError)
         else EXIT_FAILED
+    )
     sys.exit(code)
 
 
-class RichReporter:
+class RichReporter(Reporter):
     """Renders `up` progress: one line per step, a bar for long builds."""
 
     def __init__(self, quiet: bool = False) -> None:
@@ -52,9 +58,14 @@ class RichReporter:
         if self.quiet:
             return
         if self._progress is None:
-            self._progress = Progress(TextColumn("  {task.description}"), BarColumn(),
-                                      TextColumn("{task.completed}/{task.total}"),
-                                      TimeElapsedColumn(), console=err, transient=True)
+            self._progress = Progress(
+                TextColumn("  {task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            )
             self._progress.start()
             self._task = self._progress.add_task(phase, total=total)
         assert self._task is not None
@@ -85,6 +96,7 @@ def cli(verbose: int) -> None:
 
 # -- up ------------------------------------------------------------------------------------
 
+
 def memory_map(result: Any) -> Table:
     base, size = result.carveout
     t = Table(title="guest memory map", show_edge=False)
@@ -96,22 +108,36 @@ def memory_map(result: Any) -> Table:
     board = load_board(result.board)
     ram = board.qemu.ram_base
     t.add_row(f"{ram:#010x}–{base:#010x}", f"{(base - ram) >> 20} MiB", "private RAM (NUMA node 0)")
-    t.add_row(f"{base:#010x}–{base + size:#010x}", f"{size >> 20} MiB",
-              "[green]carve-out[/]: shared file, restricted-dma-pool" if result.restrict
-              else "shared file, [red]no restricted pool[/]")
+    t.add_row(
+        f"{base:#010x}–{base + size:#010x}",
+        f"{size >> 20} MiB",
+        "[green]carve-out[/]: shared file, restricted-dma-pool"
+        if result.restrict
+        else "shared file, [red]no restricted pool[/]",
+    )
     return t
 
 
 @cli.command()
 @click.option("--board", default="qemu-virt", show_default=True, help="Board profile name or file.")
-@click.option("--build-dir", type=click.Path(path_type=Path), default=None,
-              help="Where artefacts and logs go [default: out/<board>].")
+@click.option(
+    "--build-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where artefacts and logs go [default: out/<board>].",
+)
 @click.option("--no-restrict", is_flag=True, help="Leave out the restricted-dma-pool overlay.")
-@click.option("--boot-timeout", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for the guest agent.")
+@click.option(
+    "--boot-timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the guest agent.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def up(board: str, build_dir: Path | None, no_restrict: bool, boot_timeout: float,
-       as_json: bool) -> None:
+def up(
+    board: str, build_dir: Path | None, no_restrict: bool, boot_timeout: float, as_json: bool
+) -> None:
     """Build, boot and test a carve-out-restricted guest on QEMU virt.
 
     \b
@@ -122,8 +148,12 @@ def up(board: str, build_dir: Path | None, no_restrict: bool, boot_timeout: floa
     from edgevirt.up import UpOptions
     from edgevirt.up import up as do_up
 
-    opts = UpOptions(build_dir=build_dir or Path("out") / board, board=board,
-                     restrict=not no_restrict, boot_timeout=boot_timeout)
+    opts = UpOptions(
+        build_dir=build_dir or Path("out") / board,
+        board=board,
+        restrict=not no_restrict,
+        boot_timeout=boot_timeout,
+    )
     try:
         result = do_up(opts, RichReporter(quiet=as_json))
     except EdgevirtError as e:
@@ -131,8 +161,10 @@ def up(board: str, build_dir: Path | None, no_restrict: bool, boot_timeout: floa
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        t = Table(title=f"edgevirt up — {result.board}"
-                  + ("" if result.restrict else " (restriction off)"))
+        t = Table(
+            title=f"edgevirt up — {result.board}"
+            + ("" if result.restrict else " (restriction off)")
+        )
         t.add_column("check")
         t.add_column("result")
         t.add_column("detail", overflow="fold")
@@ -149,14 +181,19 @@ def up(board: str, build_dir: Path | None, no_restrict: bool, boot_timeout: floa
 
 # -- kernel --------------------------------------------------------------------------------
 
+
 @cli.group()
 def kernel() -> None:
     """Guest kernel (Debian linux-source + edgevirt fragment)."""
 
 
 @kernel.command("build")
-@click.option("--fragment", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Config fragment [default: images/kernel.config].")
+@click.option(
+    "--fragment",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Config fragment [default: images/kernel.config].",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has it.")
 @click.option("--json", "as_json", is_flag=True)
 def kernel_build(fragment: Path | None, force: bool, as_json: bool) -> None:
@@ -175,22 +212,41 @@ def kernel_build(fragment: Path | None, force: bool, as_json: bool) -> None:
 
 # -- backend -------------------------------------------------------------------------------
 
+
 @cli.group()
 def backend() -> None:
     """The virtio back-end (service-VM role)."""
 
 
 @backend.command("run")
-@click.option("--device", "devices", multiple=True, required=True,
-              help="blk:path=FILE[,readonly=on][,queues=N] or rng; repeatable.")
-@click.option("--socket-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for the vhost-user sockets (<index>-<kind>.sock).")
-@click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Keep a JSON stats file up to date here.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def backend_run(devices: tuple[str, ...], socket_dir: Path, stats: Path | None,
-                log_level: str) -> None:
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    required=True,
+    help="blk:path=FILE[,readonly=on][,queues=N] or rng; repeatable.",
+)
+@click.option(
+    "--socket-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the vhost-user sockets (<index>-<kind>.sock).",
+)
+@click.option(
+    "--stats",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep a JSON stats file up to date here.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def backend_run(
+    devices: tuple[str, ...], socket_dir: Path, stats: Path | None, log_level: str
+) -> None:
     """Serve virtio devices over vhost-user until SIGTERM/SIGINT.
 
     \b

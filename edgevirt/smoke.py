@@ -56,21 +56,28 @@ def _features(res: CommandResult) -> tuple[bool, str]:
     return True, "blk and rng negotiated VERSION_1 (32) and ACCESS_PLATFORM (33)"
 
 
-def pool_judge(base: int, size: int, nodes: list[str]) -> Callable[[CommandResult], tuple[bool, str]]:
+def pool_judge(
+    base: int, size: int, nodes: list[str]
+) -> Callable[[CommandResult], tuple[bool, str]]:
     """The kernel must create the pool exactly over the carve-out and give it to ``nodes``."""
     wanted = sorted(n.rsplit("@", 1)[-1] for n in nodes)
 
     def judge(res: CommandResult) -> tuple[bool, str]:
-        created = re.search(r"created restricted DMA pool at (0x[0-9a-f]+), size (\d+) MiB",
-                            res.output)
-        assigned = sorted(re.findall(
-            r"virtio-mmio ([0-9a-f]+)\.virtio_mmio: assigned reserved memory node", res.output))
+        created = re.search(
+            r"created restricted DMA pool at (0x[0-9a-f]+), size (\d+) MiB", res.output
+        )
+        assigned = sorted(
+            re.findall(
+                r"virtio-mmio ([0-9a-f]+)\.virtio_mmio: assigned reserved memory node", res.output
+            )
+        )
         if not created:
             return False, "kernel did not log 'created restricted DMA pool'"
         at, mib = int(created.group(1), 16), int(created.group(2))
         if (at, mib << 20) != (base, size):
-            return False, (f"pool at {at:#x} ({mib} MiB), expected the carve-out {base:#x} "
-                           f"({size >> 20} MiB)")
+            return False, (
+                f"pool at {at:#x} ({mib} MiB), expected the carve-out {base:#x} ({size >> 20} MiB)"
+            )
         if assigned != wanted:
             return False, f"pool assigned to {assigned or 'no device'}, expected {wanted}"
         return True, f"pool at {at:#x} ({mib} MiB) assigned to " + ", ".join(assigned)
@@ -105,8 +112,11 @@ def guest_checks(carveout_base: int, carveout_size: int, nodes: list[str]) -> li
             "for d in /sys/bus/virtio/devices/*; do echo $(cat $d/device) $(cat $d/features); done",
             _features,
         ),
-        GuestCheck("restricted DMA pool", "dmesg | grep -E 'restricted DMA pool|reserved memory'",
-                   pool_judge(carveout_base, carveout_size, nodes)),
+        GuestCheck(
+            "restricted DMA pool",
+            "dmesg | grep -E 'restricted DMA pool|reserved memory'",
+            pool_judge(carveout_base, carveout_size, nodes),
+        ),
         GuestCheck(
             "blk write/read-back",
             # Write random data, drop the page cache of /dev/vda, read it back from the device.

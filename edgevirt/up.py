@@ -87,6 +87,7 @@ class UpResult:
 
 # -- steps ----------------------------------------------------------------------------------
 
+
 def build_initramfs(out: Path, reporter: Reporter) -> Path:
     reporter.step("initramfs: busybox (arm64) + /init + agent")
     busybox = initramfs_mod.fetch_busybox()
@@ -100,8 +101,9 @@ def build_initramfs(out: Path, reporter: Reporter) -> Path:
     return out
 
 
-def compose_dtb(board: Board, qcfg: QemuConfig, build: Path, restrict: bool,
-                nodes: list[str]) -> Path:
+def compose_dtb(
+    board: Board, qcfg: QemuConfig, build: Path, restrict: bool, nodes: list[str]
+) -> Path:
     """Dump virt's DTB for this topology; overlay the carve-out onto the nodes in use."""
     raw = dump_dtb(qcfg, build / "qemu-virt.raw.dtb")
     base = Fdt.from_bytes(raw)
@@ -126,29 +128,48 @@ class BackendProcess:
     def __init__(self, devices: list[str], socket_dir: Path, stats: Path, log_path: Path) -> None:
         self.stats_path = stats
         stats.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "edgevirt", "backend", "run", "--socket-dir", str(socket_dir),
-               "--stats", str(stats), "--log-level", "info"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edgevirt",
+            "backend",
+            "run",
+            "--socket-dir",
+            str(socket_dir),
+            "--stats",
+            str(stats),
+            "--log-level",
+            "info",
+        ]
         for d in devices:
             cmd += ["--device", d]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.log_path = log_path
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while not self.stats_path.exists():
             self.check_alive()
             if time.monotonic() >= deadline:
-                raise BackendError(f"back-end did not start within {timeout:.0f}s; see {self.log_path}")
+                raise BackendError(
+                    f"back-end did not start within {timeout:.0f}s; see {self.log_path}"
+                )
             time.sleep(0.05)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             self._log.flush()
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise BackendError(f"back-end exited with status {self.proc.returncode}: "
-                               + " | ".join(tail))
+            raise BackendError(
+                f"back-end exited with status {self.proc.returncode}: " + " | ".join(tail)
+            )
 
     def stats(self) -> dict:
         try:
@@ -175,8 +196,12 @@ class BackendProcess:
         return self.proc.returncode
 
 
-def run_smoke(console: Console, suite: list[GuestCheck], abort: Callable[[], None],
-              results: dict[str, CommandResult]) -> list[Check]:
+def run_smoke(
+    console: Console,
+    suite: list[GuestCheck],
+    abort: Callable[[], None],
+    results: dict[str, CommandResult],
+) -> list[Check]:
     checks = []
     for gc in suite:
         res = console.run(gc.command, gc.timeout, abort)
@@ -186,27 +211,36 @@ def run_smoke(console: Console, suite: list[GuestCheck], abort: Callable[[], Non
     return checks
 
 
-def host_checks(result: UpResult, disk: Path, disk_result: CommandResult | None,
-                stats: dict) -> list[Check]:
+def host_checks(
+    result: UpResult, disk: Path, disk_result: CommandResult | None, stats: dict
+) -> list[Check]:
     checks = []
     if disk_result is not None:
         hashes = re.findall(r"^([0-9a-f]{64})\b", disk_result.output, re.M)
         with open(disk, "rb") as f:
             host = hashlib.sha256(f.read(DISK_TEST_BYTES)).hexdigest()
         ok = bool(hashes) and hashes[0] == host
-        checks.append(Check("disk image on host", ok,
-                            f"host sha256 of first 8 MiB {host[:16]}… "
-                            + ("matches the guest" if ok else "differs from the guest")))
+        checks.append(
+            Check(
+                "disk image on host",
+                ok,
+                f"host sha256 of first 8 MiB {host[:16]}… "
+                + ("matches the guest" if ok else "differs from the guest"),
+            )
+        )
     base, size = result.carveout
     devs = stats.get("devices", [])
     for d in devs:
         mapped, refused = d.get("mapped_bytes", 0), d.get("refused", 0)
         ok = mapped == size and refused == 0 and d.get("requests", 0) > 0 and not d.get("broken")
-        checks.append(Check(
-            f"back-end {d['device']}", ok,
-            f"mapped {mapped:#x} bytes (carve-out {size:#x}), {d.get('requests', 0)} requests, "
-            f"{refused} refused" + (f", broken: {d['broken']}" if d.get("broken") else ""),
-        ))
+        checks.append(
+            Check(
+                f"back-end {d['device']}",
+                ok,
+                f"mapped {mapped:#x} bytes (carve-out {size:#x}), {d.get('requests', 0)} requests, "
+                f"{refused} refused" + (f", broken: {d['broken']}" if d.get("broken") else ""),
+            )
+        )
     if not devs:
         checks.append(Check("back-end", False, "no statistics from the back-end"))
     return checks
@@ -218,14 +252,19 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
     board = load_board(opts.board)
     build = opts.build_dir.resolve()
     build.mkdir(parents=True, exist_ok=True)
-    result = UpResult(board=board.name, restrict=opts.restrict,
-                      carveout=(board.qemu.carveout_base, board.qemu.carveout))
+    result = UpResult(
+        board=board.name,
+        restrict=opts.restrict,
+        carveout=(board.qemu.carveout_base, board.qemu.carveout),
+    )
     shm = Path("/dev/shm") / f"edgevirt-{os.getpid()}-{secrets.token_hex(4)}"
     sock_dir = build / "sockets"
     sock_dir.mkdir(exist_ok=True)
     devices = [("blk", "vhost-user-blk"), ("rng", "vhost-user-rng")]
-    qemu_devices = [VhostUserDevice(kind, backend_socket(sock_dir, i, name), f"vu{i}")
-                    for i, (name, kind) in enumerate(devices)]
+    qemu_devices = [
+        VhostUserDevice(kind, backend_socket(sock_dir, i, name), f"vu{i}")
+        for i, (name, kind) in enumerate(devices)
+    ]
     qcfg = QemuConfig(board.qemu, shm, qemu_devices)
     backend: BackendProcess | None = None
     qemu: QemuProcess | None = None
@@ -236,15 +275,25 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         initrd = build_initramfs(build / "initramfs.cpio.gz", reporter)
         slots = virtio_mmio_slots(len(devices))
         nodes = [f"/virtio_mmio@{a:x}" for a in slots]
-        reporter.step("device tree: " + ("carve-out overlay on " + ", ".join(nodes)
-                                         if opts.restrict else "QEMU's own (restriction off)"))
+        reporter.step(
+            "device tree: "
+            + (
+                "carve-out overlay on " + ", ".join(nodes)
+                if opts.restrict
+                else "QEMU's own (restriction off)"
+            )
+        )
         dtb = compose_dtb(board, qcfg, build, opts.restrict, nodes)
         disk = build / "disk.img"
         with open(disk, "wb") as f:
             f.truncate(opts.disk_size)
         reporter.step("back-end: vhost-user-blk + vhost-user-rng")
-        backend = BackendProcess([f"blk:path={disk}", "rng"], sock_dir, build / "backend-stats.json",
-                                 build / "backend.log")
+        backend = BackendProcess(
+            [f"blk:path={disk}", "rng"],
+            sock_dir,
+            build / "backend-stats.json",
+            build / "backend.log",
+        )
         backend.wait_ready()
         qcfg.kernel, qcfg.initrd, qcfg.dtb = kb.image, initrd, dtb
         qcfg.console_socket = build / "console.sock"

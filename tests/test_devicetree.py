@@ -37,17 +37,23 @@ needs_tools = pytest.mark.skipif(
     any(shutil.which(t) is None for t in TOOLS), reason="needs qemu-system-aarch64, dtc, fdtoverlay"
 )
 NUMA_ARGS = [
-    "-object", "memory-backend-ram,id=m0,size=448M",
-    "-object", "memory-backend-ram,id=m1,size=64M",
-    "-numa", "node,nodeid=0,memdev=m0", "-numa", "node,nodeid=1,memdev=m1",
+    "-object",
+    "memory-backend-ram,id=m0,size=448M",
+    "-object",
+    "memory-backend-ram,id=m1,size=64M",
+    "-numa",
+    "node,nodeid=0,memdev=m0",
+    "-numa",
+    "node,nodeid=1,memdev=m1",
 ]
 NODE1 = (0x5C000000, 0x4000000)  # where QEMU puts NUMA node 1 for 448M + 64M
 LAST_VIRTIO = "/virtio_mmio@a003e00"  # the slot QEMU fills first
 
 
 def run(*cmd: str | Path, stdin: bytes | None = None) -> bytes:
-    return subprocess.run([str(c) for c in cmd], input=stdin, capture_output=True,
-                          check=True).stdout
+    return subprocess.run(
+        [str(c) for c in cmd], input=stdin, capture_output=True, check=True
+    ).stdout
 
 
 def dtc_view(blob: bytes | Path, tmp: Path) -> str:
@@ -82,8 +88,17 @@ def qemu_dtbs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out = {}
     for kind, extra in (("plain", []), ("numa", NUMA_ARGS)):
         path = tmp / f"{kind}.dtb"
-        run("qemu-system-aarch64", "-machine", f"virt,dumpdtb={path}", "-cpu", "cortex-a57",
-            "-m", "512M", *extra, "-nographic")
+        run(
+            "qemu-system-aarch64",
+            "-machine",
+            f"virt,dumpdtb={path}",
+            "-cpu",
+            "cortex-a57",
+            "-m",
+            "512M",
+            *extra,
+            "-nographic",
+        )
         out[kind] = path.read_bytes()
     return out
 
@@ -108,6 +123,7 @@ def totalsize(blob: bytes) -> int:
 
 
 # -- the FDT model on real QEMU blobs ---------------------------------------------------
+
 
 @needs_tools
 def test_roundtrip_matches_dtc_and_is_compact(qemu_raw: bytes, tmp_path: Path) -> None:
@@ -205,7 +221,7 @@ def test_property_helpers() -> None:
     assert Property.from_strings("x", ["a", "b"]).value == b"a\0b\0"
     assert Property.from_string("x", "abc").as_string() == "abc"
     reg = Property.from_cells("reg", [(0x1_0000_0000, 0x1000), (5, 6)], 2, 1)
-    assert reg.value.hex() == "00000001000000000000100000000000" "0000000500000006"
+    assert reg.value.hex() == "000000010000000000001000000000000000000500000006"
     assert reg.as_cells(2, 1) == [(0x1_0000_0000, 0x1000), (5, 6)]
     assert Property.from_u32("p", Ref("lbl"), 7).refs == ((0, "lbl"),)
     for bad in (
@@ -242,6 +258,7 @@ def test_alias_paths() -> None:
 
 # -- the carve-out overlay ------------------------------------------------------------
 
+
 @needs_tools
 @pytest.mark.parametrize("kind", ["plain", "numa"])
 def test_compose_matches_dtc_and_fdtoverlay(
@@ -256,7 +273,8 @@ def test_compose_matches_dtc_and_fdtoverlay(
     dtbo, dtb = out["dtbo"].read_bytes(), out["dtb"].read_bytes()
     # our .dts compiles with dtc -@ to the same overlay as ours
     assert dtc_view(dtc_compile(out["dts"].read_text(), tmp_path, "-@"), tmp_path) == dtc_view(
-        dtbo, tmp_path)
+        dtbo, tmp_path
+    )
     # fdtoverlay applies our .dtbo to the raw QEMU blob exactly as apply_overlay does
     assert dtc_view(fdtoverlay(raw, [dtbo], tmp_path), tmp_path) == dtc_view(dtb, tmp_path)
     assert totalsize(dtb) == len(dtb) and totalsize(dtbo) == len(dtbo)
@@ -269,7 +287,8 @@ def test_compose_matches_dtc_and_fdtoverlay(
     for path in paths:
         assert applied.get(path).prop("memory-region").as_u32() == pool.phandle
     assert applied.get("/__symbols__").prop("edgevirt_carveout").as_string() == (
-        f"/reserved-memory/restricted-dma@{region[0]:x}")
+        f"/reserved-memory/restricted-dma@{region[0]:x}"
+    )
     assert "&edgevirt_carveout" in out["dts"].read_text()
     assert out["dts"].read_text().startswith("/dts-v1/;\n/plugin/;\n")
 
@@ -288,7 +307,8 @@ def test_compose_merges_into_existing_reserved_memory(plain: Fdt, tmp_path: Path
     assert overlay.fragments[0].prop("target-path").as_string() == "/reserved-memory"
     ours = apply_overlay(plain, overlay).to_bytes()
     assert dtc_view(fdtoverlay(base_blob, [overlay.to_dtbo()], tmp_path), tmp_path) == dtc_view(
-        ours, tmp_path)
+        ours, tmp_path
+    )
     merged = Fdt.from_bytes(ours).get("/reserved-memory")
     assert list(merged.children) == ["restricted-dma@5f000000", "firmware@5e000000"]
     assert merged.prop("ranges").value == b""
@@ -300,16 +320,25 @@ def test_compose_merges_into_existing_reserved_memory(plain: Fdt, tmp_path: Path
 @pytest.mark.parametrize(
     ("region", "message"),
     [
-        ((0x5BFFF000, 0x2000), r"0x5bfff000-0x5c000fff .*not lie inside one memory range.*"
-                               r"0x40000000-0x5bffffff"),
+        (
+            (0x5BFFF000, 0x2000),
+            r"0x5bfff000-0x5c000fff .*not lie inside one memory range.*"
+            r"0x40000000-0x5bffffff",
+        ),
         ((0x60000000, 0x1000), r"0x60000000-0x60000fff .*not lie inside"),
         ((0x3FFFF000, 0x2000), r"0x3ffff000.*not lie inside"),
         ((0x5C000800, 0x1000), r"0x5c000800.*0x1000-aligned"),
         ((0x5C000000, 0x1800), r"size 0x1800.*0x1000-aligned"),
         ((0x5C000000, 0), r"0x5c000000: size 0x0 must be positive"),
     ],
-    ids=["spans-two-memory-nodes", "above-ram", "below-ram", "base-misaligned",
-         "size-misaligned", "empty"],
+    ids=[
+        "spans-two-memory-nodes",
+        "above-ram",
+        "below-ram",
+        "base-misaligned",
+        "size-misaligned",
+        "empty",
+    ],
 )
 def test_carveout_rule_checks(numa: Fdt, region: tuple[int, int], message: str) -> None:
     with pytest.raises(DeviceTreeError, match=message):
@@ -319,8 +348,11 @@ def test_carveout_rule_checks(numa: Fdt, region: tuple[int, int], message: str) 
 @needs_tools
 def test_carveout_must_not_overlap_memreserve(numa: Fdt) -> None:
     numa.memreserve.append((0x5C100000, 0x1000))
-    with pytest.raises(DeviceTreeError, match=r"overlaps reserved region 0x5c100000-0x5c100fff"
-                                              r".*/memreserve/"):
+    with pytest.raises(
+        DeviceTreeError,
+        match=r"overlaps reserved region 0x5c100000-0x5c100fff"
+        r".*/memreserve/",
+    ):
         compose_carveout(numa, *NODE1, [LAST_VIRTIO])
     compose_carveout(numa, 0x5C101000, 0x1000, [LAST_VIRTIO])  # right next to it is fine
 
@@ -398,9 +430,12 @@ def test_overlay_compiles_like_dtc(tmp_path: Path) -> None:
     assert ov.to_dtbo() == by_dtc
     fdt = ov.to_fdt()
     assert fdt.get("/__fixups__").prop("dev0").as_strings() == [
-        "/fragment@0:target:0", "/fragment@0/__overlay__/child@0:link:8"]
+        "/fragment@0:target:0",
+        "/fragment@0/__overlay__/child@0:link:8",
+    ]
     assert fdt.get("/__local_fixups__/fragment@0/__overlay__/child@0").prop(
-        "link").as_u32_list() == [0, 12]
+        "link"
+    ).as_u32_list() == [0, 12]
 
 
 def test_overlay_source_rules() -> None:
@@ -470,6 +505,7 @@ def test_apply_errors_name_fragment_and_label(plain: Fdt) -> None:
 
 # -- malformed blobs --------------------------------------------------------------------
 
+
 def small_blob() -> bytes:
     fdt = Fdt(memreserve=[(0x1000, 0x1000)])
     fdt.root.set(Property.from_string("compatible", "x"))
@@ -486,9 +522,18 @@ def patch(blob: bytes, off: int, value: int) -> bytes:
 
 
 def header(blob: bytes) -> dict[str, int]:
-    names = ("magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap",
-             "version", "last_comp_version", "boot_cpuid_phys", "size_dt_strings",
-             "size_dt_struct")
+    names = (
+        "magic",
+        "totalsize",
+        "off_dt_struct",
+        "off_dt_strings",
+        "off_mem_rsvmap",
+        "version",
+        "last_comp_version",
+        "boot_cpuid_phys",
+        "size_dt_strings",
+        "size_dt_struct",
+    )
     return dict(zip(names, struct.unpack_from(">10I", blob), strict=True))
 
 
@@ -501,22 +546,31 @@ def test_malformed_blobs_name_offset_and_expectation() -> None:
         "old version": (patch(blob, 20, 3), r"offset 0x14 \(version = 0x3\): expected 16 or 17"),
         "future version": (patch(blob, 24, 18), r"offset 0x18 \(last_comp_version = 0x12\)"),
         "truncated": (blob[:-1], r"offset 0x4 \(totalsize = .* available \(truncated"),
-        "struct out of range": (patch(blob, 8, h["totalsize"]),
-                                r"offset 0x8 \(off_dt_struct = 0x.*\): expected a block"),
-        "strings out of range": (patch(blob, 32, 0x1000),
-                                 r"offset 0xc \(off_dt_strings.*size 0x1000"),
+        "struct out of range": (
+            patch(blob, 8, h["totalsize"]),
+            r"offset 0x8 \(off_dt_struct = 0x.*\): expected a block",
+        ),
+        "strings out of range": (
+            patch(blob, 32, 0x1000),
+            r"offset 0xc \(off_dt_strings.*size 0x1000",
+        ),
         "misaligned struct": (patch(patch(blob, 8, s + 1), 36, 0), r"4-byte aligned"),
         "bad token": (patch(blob, s + 8, 7), rf"offset {s + 8:#x}: expected a token.*found 0x7"),
         "bad first token": (patch(blob, s, 3), r"FDT_PROP outside any node"),
         "unterminated string": (
-            patch(blob, 32, h["size_dt_strings"] - 1), r"NUL-terminated property name.*"
-                                                        r"unterminated"),
-        "name offset out of range": (patch(blob, s + 16, 0x999),
-                                     r"name offset 0x999 is outside the strings block"),
-        "value past end": (patch(blob, s + 12, 0x10000),
-                           r"value of 0x10000 bytes .* runs past"),
-        "missing FDT_END": (patch(blob, 36, h["size_dt_struct"] - 4),
-                            r"expected a structure-block token \(FDT_END missing"),
+            patch(blob, 32, h["size_dt_strings"] - 1),
+            r"NUL-terminated property name.*"
+            r"unterminated",
+        ),
+        "name offset out of range": (
+            patch(blob, s + 16, 0x999),
+            r"name offset 0x999 is outside the strings block",
+        ),
+        "value past end": (patch(blob, s + 12, 0x10000), r"value of 0x10000 bytes .* runs past"),
+        "missing FDT_END": (
+            patch(blob, 36, h["size_dt_struct"] - 4),
+            r"expected a structure-block token \(FDT_END missing",
+        ),
         "FDT_END too early": (patch(blob, s + 8, 9), r"expected FDT_END_NODE, found FDT_END"),
         "rsvmap runs off": (patch(blob, 16, h["totalsize"] - 8), r"16-byte /memreserve/"),
     }
@@ -528,12 +582,24 @@ def test_malformed_blobs_name_offset_and_expectation() -> None:
 
 def test_structural_rules() -> None:
     """Hand-made struct blocks: duplicate names, property after subnode, two roots."""
+
     def build(tokens: bytes, strings: bytes = b"a\0") -> bytes:
         rsv = b"\0" * 16
         off_struct = 40 + len(rsv)
         total = off_struct + len(tokens) + len(strings)
-        hdr = struct.pack(">10I", 0xD00DFEED, total, off_struct, off_struct + len(tokens), 40,
-                          17, 16, 0, len(strings), len(tokens))
+        hdr = struct.pack(
+            ">10I",
+            0xD00DFEED,
+            total,
+            off_struct,
+            off_struct + len(tokens),
+            40,
+            17,
+            16,
+            0,
+            len(strings),
+            len(tokens),
+        )
         return hdr + rsv + tokens + strings
 
     def node(name: bytes) -> bytes:
@@ -594,8 +660,10 @@ def test_fuzz_random_bytes(data: bytes) -> None:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 0xFFFFFFFF)), max_size=4),
-       st.integers(0, 400))
+@given(
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 0xFFFFFFFF)), max_size=4),
+    st.integers(0, 400),
+)
 def test_fuzz_mutations(mutations: list[tuple[int, int]], cut: int) -> None:
     blob = small_blob()
     data = bytearray(blob)
@@ -608,9 +676,15 @@ def test_fuzz_mutations(mutations: list[tuple[int, int]], cut: int) -> None:
 
 @needs_tools
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, 1 << 16),
-                          st.one_of(st.integers(0, 16), st.integers(0, 0xFFFFFFFF))),
-                min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 1 << 16), st.one_of(st.integers(0, 16), st.integers(0, 0xFFFFFFFF))
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_fuzz_qemu_struct_block(
     qemu_dtbs: dict[str, bytes], mutations: list[tuple[int, int]]
 ) -> None:
@@ -630,11 +704,14 @@ NAMES = st.text("abcdefghijklmnopqrstuvwxyz0123456789,._+-", min_size=1, max_siz
 def trees(draw: st.DrawFn, depth: int = 0) -> Node:
     node = Node("n" + draw(NAMES) + draw(st.sampled_from(["", "@1", "@ab"])))
     for name in draw(st.lists(NAMES, max_size=4, unique=True)):
-        value = draw(st.one_of(
-            st.binary(max_size=12),
-            st.lists(st.text("abcXYZ 09-=\"\\", min_size=1, max_size=6), min_size=1,
-                     max_size=3).map(lambda ts: "\0".join(ts).encode() + b"\0"),
-        ))
+        value = draw(
+            st.one_of(
+                st.binary(max_size=12),
+                st.lists(
+                    st.text('abcXYZ 09-="\\', min_size=1, max_size=6), min_size=1, max_size=3
+                ).map(lambda ts: "\0".join(ts).encode() + b"\0"),
+            )
+        )
         node.set(Property("p" + name, value))
     if depth < 3:
         for child in draw(st.lists(trees(depth + 1), max_size=3)):
@@ -644,8 +721,12 @@ def trees(draw: st.DrawFn, depth: int = 0) -> Node:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(root=trees(), memreserve=st.lists(
-    st.tuples(st.integers(0, (1 << 64) - 1), st.integers(1, 1 << 40)), max_size=2))
+@given(
+    root=trees(),
+    memreserve=st.lists(
+        st.tuples(st.integers(0, (1 << 64) - 1), st.integers(1, 1 << 40)), max_size=2
+    ),
+)
 def test_random_trees_roundtrip_and_dtc_agrees(
     root: Node, memreserve: list[tuple[int, int]], tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.e2e
 def run_up(build: Path, *extra: str, timeout: float = 1500) -> tuple[int, dict, str]:
     proc = subprocess.run(
         [sys.executable, "-m", "edgevirt", "up", "--build-dir", str(build), "--json", *extra],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     return proc.returncode, result, proc.stderr
@@ -35,8 +37,15 @@ def test_up_restricted_guest_passes_every_check(tmp_path):
     code, result, stderr = run_up(build)
     assert code == 0, f"up failed: {result.get('error')}\n{stderr[-2000:]}"
     checks = {c["name"]: c for c in result["checks"]}
-    for name in ("virtio features", "restricted DMA pool", "blk write/read-back", "hwrng",
-                 "disk image on host", "back-end blk", "back-end rng"):
+    for name in (
+        "virtio features",
+        "restricted DMA pool",
+        "blk write/read-back",
+        "hwrng",
+        "disk image on host",
+        "back-end blk",
+        "back-end rng",
+    ):
         assert checks[name]["ok"], checks[name]
     # The back-end saw exactly the carve-out and refused nothing.
     size = result["carveout"]["size"]
@@ -48,13 +57,22 @@ def test_up_restricted_guest_passes_every_check(tmp_path):
     assert blk["bytes_read"] >= 8 << 20  # guest → device: the 8 MiB test write
     assert "ring" in result["backend"] and result["backend"]["ring"].endswith("_ring")
     # Artefacts and logs are kept.
-    for name in ("guest.dtb", "guest.dtbo", "guest.dts", "console.log", "qemu.log",
-                 "backend.log", "initramfs.cpio.gz", "result.json"):
+    for name in (
+        "guest.dtb",
+        "guest.dtbo",
+        "guest.dts",
+        "console.log",
+        "qemu.log",
+        "backend.log",
+        "initramfs.cpio.gz",
+        "result.json",
+    ):
         assert (build / name).exists(), name
     assert "EDGEVIRT-AGENT-READY" in (build / "console.log").read_text()
     assert not leftover_processes(build)
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"edgevirt-")
-                and str(os.getpid()) in p]
+    assert not [
+        p for p in os.listdir("/dev/shm") if p.startswith("edgevirt-") and str(os.getpid()) in p
+    ]
 
 
 def test_up_without_restriction_fails_fast_and_clearly(tmp_path):

@@ -29,15 +29,18 @@ def test_translate_last_byte_and_empty_at_end(mem):
     assert len(mem.translate(BASE + SIZE, 0)) == 0
 
 
-@pytest.mark.parametrize("gpa,length", [
-    (BASE - 1, 1),                 # just below
-    (BASE + SIZE, 1),              # just above
-    (BASE + SIZE - 1, 2),          # straddles the end
-    (BASE, SIZE + 1),              # too long
-    (2**64 - 1, 2),                # would wrap a 64-bit sum
-    (BASE, 2**64),                 # absurd length
-    (-1, 1),
-])
+@pytest.mark.parametrize(
+    "gpa,length",
+    [
+        (BASE - 1, 1),  # just below
+        (BASE + SIZE, 1),  # just above
+        (BASE + SIZE - 1, 2),  # straddles the end
+        (BASE, SIZE + 1),  # too long
+        (2**64 - 1, 2),  # would wrap a 64-bit sum
+        (BASE, 2**64),  # absurd length
+        (-1, 1),
+    ],
+)
 def test_translate_refuses_and_names_window(mem, gpa, length):
     with pytest.raises(GuestMemoryError) as ei:
         mem.translate(gpa, length)

@@ -77,8 +77,12 @@ def test_features_offer_version1_and_access_platform(served):
     proto = int(p.U64.unpack(fe.call(R.GET_PROTOCOL_FEATURES))[0])
     assert offered >> 32 & 1 and offered >> 33 & 1 and offered >> 30 & 1
     # QEMU refuses ACCESS_PLATFORM without REPLY_ACK and BACKEND_REQ; blk needs CONFIG.
-    for bit in (p.ProtocolFeature.REPLY_ACK, p.ProtocolFeature.BACKEND_REQ,
-                p.ProtocolFeature.CONFIG, p.ProtocolFeature.MQ):
+    for bit in (
+        p.ProtocolFeature.REPLY_ACK,
+        p.ProtocolFeature.BACKEND_REQ,
+        p.ProtocolFeature.CONFIG,
+        p.ProtocolFeature.MQ,
+    ):
         assert proto >> bit & 1
     fe.close()
 

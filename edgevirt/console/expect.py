@@ -70,8 +70,9 @@ class ConsoleLog:
 
 
 class Console:
-    def __init__(self, port: serial.SerialBase, *, log_path: Path | None = None,
-                 name: str = "console") -> None:
+    def __init__(
+        self, port: serial.SerialBase, *, log_path: Path | None = None, name: str = "console"
+    ) -> None:
         self.port = port
         self.name = name
         self.log = ConsoleLog(log_path)
@@ -81,8 +82,15 @@ class Console:
         self._ids = itertools.count(1)
 
     @classmethod
-    def open(cls, url: str, *, log_path: Path | None = None, connect_timeout: float = 10.0,
-             baudrate: int = 115200, name: str = "console") -> Console:
+    def open(
+        cls,
+        url: str,
+        *,
+        log_path: Path | None = None,
+        connect_timeout: float = 10.0,
+        baudrate: int = 115200,
+        name: str = "console",
+    ) -> Console:
         """Open ``url`` (``/dev/ttyUSB0``, ``socket://h:p``, ``rfc2217://h:p``, ``unix:///p``)."""
         deadline = time.monotonic() + connect_timeout
         while True:
@@ -108,7 +116,9 @@ class Console:
         try:
             data = self.port.read(65536)
         except serial.SerialException as e:
-            raise ConsoleError(f"{self.name}: disconnected ({e}); last lines:\n{self.tail()}") from e
+            raise ConsoleError(
+                f"{self.name}: disconnected ({e}); last lines:\n{self.tail()}"
+            ) from e
         if data:
             self.buffer += data
             self.log.feed(data)
@@ -134,8 +144,12 @@ class Console:
         text = self.buffer[-4000:].decode("utf-8", "replace").replace("\r", "")
         return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
-    def expect(self, pattern: str | bytes | re.Pattern[bytes], timeout: float,
-               abort: Callable[[], None] | None = None) -> re.Match[bytes]:
+    def expect(
+        self,
+        pattern: str | bytes | re.Pattern[bytes],
+        timeout: float,
+        abort: Callable[[], None] | None = None,
+    ) -> re.Match[bytes]:
         """Wait for ``pattern`` after the last consumed position; consume through the match."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
@@ -168,8 +182,9 @@ class Console:
     def sendline(self, text: str) -> None:
         self.send(text + "\n")
 
-    def run(self, command: str, timeout: float = 30.0,
-            abort: Callable[[], None] | None = None) -> CommandResult:
+    def run(
+        self, command: str, timeout: float = 30.0, abort: Callable[[], None] | None = None
+    ) -> CommandResult:
         """Run ``command`` in the target's shell; return its exit status and output."""
         n = next(self._ids)
         t0 = time.monotonic()

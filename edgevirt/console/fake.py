@@ -17,14 +17,23 @@ import serial
 
 
 class PtyShellPort:
-    def __init__(self, argv: list[str] | None = None, *, timeout: float = 0.1,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str] | None = None,
+        *,
+        timeout: float = 0.1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.timeout = timeout
         master, slave = pty.openpty()
         self.fd = master
         self.proc = subprocess.Popen(
-            argv or ["/bin/sh", "-i"], stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True, env={"PS1": "fake# ", "PATH": os.environ["PATH"], **(env or {})},
+            argv or ["/bin/sh", "-i"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            env={"PS1": "fake# ", "PATH": os.environ["PATH"], **(env or {})},
         )
         os.close(slave)
         self.is_open = True

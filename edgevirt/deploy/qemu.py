@@ -48,46 +48,81 @@ class QemuConfig:
         s = self.settings
         total = s.ram + s.carveout
         return [
-            "-m", f"{total // (1 << 20)}M",
-            "-object", f"memory-backend-ram,id=ev-ram,size={s.ram // (1 << 20)}M",
-            "-object", (
+            "-m",
+            f"{total // (1 << 20)}M",
+            "-object",
+            f"memory-backend-ram,id=ev-ram,size={s.ram // (1 << 20)}M",
+            "-object",
+            (
                 f"memory-backend-file,id=ev-carveout,size={s.carveout // (1 << 20)}M,"
                 f"mem-path={self.carveout_file},share=on"
             ),
-            "-numa", "node,nodeid=0,memdev=ev-ram",
-            "-numa", "node,nodeid=1,memdev=ev-carveout",
+            "-numa",
+            "node,nodeid=0,memdev=ev-ram",
+            "-numa",
+            "node,nodeid=1,memdev=ev-carveout",
         ]
 
     def machine_args(self, extra_machine: str = "") -> list[str]:
         s = self.settings
         machine = s.machine + (f",{extra_machine}" if extra_machine else "")
-        return [s.binary, "-machine", machine, "-cpu", s.cpu, "-smp", str(s.smp),
-                *self.memory_args(), "-nographic", "-nic", "none"]
+        return [
+            s.binary,
+            "-machine",
+            machine,
+            "-cpu",
+            s.cpu,
+            "-smp",
+            str(s.smp),
+            *self.memory_args(),
+            "-nographic",
+            "-nic",
+            "none",
+        ]
 
     def device_args(self) -> list[str]:
         args = ["-global", "virtio-mmio.force-legacy=false"]
         for d in self.devices:
             opts = "".join(f",{k}={v}" for k, v in d.options.items())
-            args += ["-chardev", f"socket,id={d.id},path={d.socket}",
-                     "-device", f"{d.kind},chardev={d.id},iommu_platform=on{opts}"]
+            args += [
+                "-chardev",
+                f"socket,id={d.id},path={d.socket}",
+                "-device",
+                f"{d.kind},chardev={d.id},iommu_platform=on{opts}",
+            ]
         return args
 
     def command(self) -> list[str]:
         if not (self.kernel and self.initrd and self.dtb and self.console_socket):
             raise DeployError("QEMU command needs kernel, initrd, dtb and a console socket")
-        cmd = [*self.machine_args(), *self.device_args(),
-               "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-dtb", str(self.dtb),
-               "-append", self.append, "-no-reboot",
-               # The console is a server that waits for us: no early boot output is lost.
-               "-chardev", f"socket,id=ev-con,path={self.console_socket},server=on,wait=on",
-               "-serial", "chardev:ev-con", "-monitor", "none"]
+        cmd = [
+            *self.machine_args(),
+            *self.device_args(),
+            "-kernel",
+            str(self.kernel),
+            "-initrd",
+            str(self.initrd),
+            "-dtb",
+            str(self.dtb),
+            "-append",
+            self.append,
+            "-no-reboot",
+            # The console is a server that waits for us: no early boot output is lost.
+            "-chardev",
+            f"socket,id=ev-con,path={self.console_socket},server=on,wait=on",
+            "-serial",
+            "chardev:ev-con",
+            "-monitor",
+            "none",
+        ]
         if self.qmp_socket:
             cmd += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         return cmd
 
 
-def virtio_mmio_slots(count: int, base: int = 0x0A000000, stride: int = 0x200,
-                      slots: int = 32) -> list[int]:
+def virtio_mmio_slots(
+    count: int, base: int = 0x0A000000, stride: int = 0x200, slots: int = 32
+) -> list[int]:
     """Addresses of the virtio-mmio transports QEMU 7.2 gives the first ``count`` devices.
 
     virt creates 32 transports and a ``-device`` takes the highest free one first.
@@ -112,7 +147,9 @@ def dump_dtb(config: QemuConfig, out: Path) -> bytes:
     cmd = config.machine_args(f"dumpdtb={out}")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if not out.exists():
-        raise DeployError(f"QEMU did not dump a DTB (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+        raise DeployError(
+            f"QEMU did not dump a DTB (exit {r.returncode}): {r.stderr.strip()[-500:]}"
+        )
     return out.read_bytes()
 
 
@@ -127,8 +164,13 @@ class QemuProcess:
         (log_path.parent / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         self._log = open(log_path, "wb")  # noqa: SIM115 - owned until stop()
         log.info("starting %s", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:

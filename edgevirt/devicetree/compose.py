@@ -22,8 +22,13 @@ from edgevirt.devicetree.overlay import Overlay, apply_overlay
 from edgevirt.errors import DeviceTreeError
 
 __all__ = [
-    "PAGE_SIZE", "VirtioMmio", "compose_carveout", "memory_ranges", "reserved_ranges",
-    "virtio_mmio_nodes", "write_outputs",
+    "PAGE_SIZE",
+    "VirtioMmio",
+    "compose_carveout",
+    "memory_ranges",
+    "reserved_ranges",
+    "virtio_mmio_nodes",
+    "write_outputs",
 ]
 
 PAGE_SIZE = 0x1000
@@ -119,16 +124,19 @@ def compose_carveout(
     check_label(name)
     what = f"carve-out {_range(carveout_base, max(carveout_size, 1))}"
     if carveout_size <= 0 or carveout_base < 0:
-        raise DeviceTreeError(f"carve-out at {carveout_base:#x}: size {carveout_size:#x} must "
-                              f"be positive")
+        raise DeviceTreeError(
+            f"carve-out at {carveout_base:#x}: size {carveout_size:#x} must be positive"
+        )
     if carveout_base % PAGE_SIZE or carveout_size % PAGE_SIZE:
         raise DeviceTreeError(f"{what}: base and size must be {PAGE_SIZE:#x}-aligned (4 KiB)")
     end = carveout_base + carveout_size
     mem = [(p, a, s) for p, n in _memory_nodes(base) for a, s in _reg(base, p, n)]
     if not any(a <= carveout_base and end <= a + s for _, a, s in mem):
         have = "; ".join(f"{_range(a, s)} in {p}" for p, a, s in mem) or "no memory nodes"
-        raise DeviceTreeError(f"{what} does not lie inside one memory range; memory: {have}",
-                              hint="a carve-out may not span two memory@ nodes or reg entries")
+        raise DeviceTreeError(
+            f"{what} does not lie inside one memory range; memory: {have}",
+            hint="a carve-out may not span two memory@ nodes or reg entries",
+        )
     for a, s, origin in reserved_ranges(base):
         if a < end and carveout_base < a + s:
             raise DeviceTreeError(f"{what} overlaps reserved region {_range(a, s)} ({origin})")
@@ -138,12 +146,15 @@ def compose_carveout(
         node = base.find(path)
         if node is None:
             known = ", ".join(v.path for v in virtio_mmio_nodes(base)[-3:])
-            raise DeviceTreeError(f"virtio node {path!r} is not in the base tree",
-                                  hint=f"virtio-mmio nodes include {known}" if known else None)
+            raise DeviceTreeError(
+                f"virtio node {path!r} is not in the base tree",
+                hint=f"virtio-mmio nodes include {known}" if known else None,
+            )
         canonical = base.path_of(node)
         if "virtio,mmio" not in _compatible(node):
-            raise DeviceTreeError(f"{canonical}: compatible {_compatible(node)!r} does not "
-                                  f"include 'virtio,mmio'")
+            raise DeviceTreeError(
+                f"{canonical}: compatible {_compatible(node)!r} does not include 'virtio,mmio'"
+            )
         if node.get("memory-region") is not None:
             raise DeviceTreeError(f"{canonical}: already has a memory-region")
         if canonical in targets:
@@ -159,7 +170,7 @@ def compose_carveout(
     pool.set(Property.from_string("compatible", RESTRICTED_DMA_POOL))
     overlay = Overlay(
         description=f"edgevirt carve-out {_range(carveout_base, carveout_size)} for "
-                    + (", ".join(targets) or "no devices")
+        + (", ".join(targets) or "no devices")
     )
     rmem = base.root.child("reserved-memory")
     if rmem is None:

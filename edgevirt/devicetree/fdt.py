@@ -48,8 +48,16 @@ _TOKEN_NAMES = {1: "FDT_BEGIN_NODE", 2: "FDT_END_NODE", 3: "FDT_PROP", 4: "FDT_N
 
 #: Version-17 header, in blob order (all big-endian u32).
 _HEADER_FIELDS = (
-    "magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap", "version",
-    "last_comp_version", "boot_cpuid_phys", "size_dt_strings", "size_dt_struct",
+    "magic",
+    "totalsize",
+    "off_dt_struct",
+    "off_dt_strings",
+    "off_mem_rsvmap",
+    "version",
+    "last_comp_version",
+    "boot_cpuid_phys",
+    "size_dt_strings",
+    "size_dt_struct",
 )
 _HEADER = struct.Struct(">10I")
 _RSV_ENTRY = struct.Struct(">QQ")
@@ -61,11 +69,27 @@ PHANDLE_MAX = 0xFFFFFFFE  # 0 and 0xffffffff are not valid phandles
 _NAME_RE = re.compile(r"[a-zA-Z0-9,._+*#?@-]+\Z")
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 #: Properties printed as cells in DTS even when their bytes happen to look like text.
-_CELL_PROPS = frozenset({
-    "reg", "ranges", "dma-ranges", "phandle", "linux,phandle", "interrupts",
-    "interrupt-parent", "interrupts-extended", "interrupt-map", "interrupt-map-mask",
-    "memory-region", "clocks", "msi-parent", "iommus", "target", "size", "alignment",
-})
+_CELL_PROPS = frozenset(
+    {
+        "reg",
+        "ranges",
+        "dma-ranges",
+        "phandle",
+        "linux,phandle",
+        "interrupts",
+        "interrupt-parent",
+        "interrupts-extended",
+        "interrupt-map",
+        "interrupt-map-mask",
+        "memory-region",
+        "clocks",
+        "msi-parent",
+        "iommus",
+        "target",
+        "size",
+        "alignment",
+    }
+)
 
 
 def _align4(n: int) -> int:
@@ -200,10 +224,12 @@ class Property:
         cells = self.as_u32_list()
         out = []
         for i in range(0, len(cells), address_cells + size_cells):
-            out.append((
-                _join(cells[i:i + address_cells]),
-                _join(cells[i + address_cells:i + address_cells + size_cells]),
-            ))
+            out.append(
+                (
+                    _join(cells[i : i + address_cells]),
+                    _join(cells[i + address_cells : i + address_cells + size_cells]),
+                )
+            )
         return out
 
 
@@ -295,8 +321,9 @@ class Node:
     def find_child(self, name: str) -> Node | None:
         """libfdt's ``fdt_subnode_offset``: exact name, or ``name@…`` if ``name`` has no @."""
         for child in self.children.values():
-            if child.name == name or ("@" not in name and child.basename == name
-                                      and "@" in child.name):
+            if child.name == name or (
+                "@" not in name and child.basename == name and "@" in child.name
+            ):
                 return child
         return None
 
@@ -308,8 +335,10 @@ class Node:
 
     def copy(self) -> Node:
         return Node(
-            self.name, dict(self.properties),
-            {k: c.copy() for k, c in self.children.items()}, list(self.labels),
+            self.name,
+            dict(self.properties),
+            {k: c.copy() for k, c in self.children.items()},
+            list(self.labels),
         )
 
     def same_as(self, other: Node) -> bool:
@@ -330,22 +359,26 @@ class _Reader:
 
     def u32(self, off: int, limit: int, what: str) -> int:
         if off < 0 or off + 4 > limit:
-            raise DeviceTreeError(f"DTB offset {off:#x}: expected {what} (4 bytes), but the "
-                                  f"block ends at {limit:#x}")
+            raise DeviceTreeError(
+                f"DTB offset {off:#x}: expected {what} (4 bytes), but the block ends at {limit:#x}"
+            )
         return int(_U32.unpack_from(self.data, off)[0])
 
     def cstring(self, off: int, limit: int, what: str) -> tuple[str, int]:
         """NUL-terminated ASCII string at ``off`` ending before ``limit``; (text, end)."""
         end = self.data.find(b"\0", off, limit)
         if end < 0:
-            raise DeviceTreeError(f"DTB offset {off:#x}: expected a NUL-terminated {what} "
-                                  f"before offset {limit:#x}, found none (unterminated string)")
+            raise DeviceTreeError(
+                f"DTB offset {off:#x}: expected a NUL-terminated {what} "
+                f"before offset {limit:#x}, found none (unterminated string)"
+            )
         raw = self.data[off:end]
         try:
             return raw.decode("ascii"), end
         except UnicodeDecodeError:
-            raise DeviceTreeError(f"DTB offset {off:#x}: expected an ASCII {what}, found "
-                                  f"{raw[:32]!r}") from None
+            raise DeviceTreeError(
+                f"DTB offset {off:#x}: expected an ASCII {what}, found {raw[:32]!r}"
+            ) from None
 
 
 @dataclass(eq=False)
@@ -369,14 +402,17 @@ class Fdt:
                 hint="not a flattened device tree (.dtb/.dtbo)",
             )
         if len(data) < _HEADER.size:
-            raise DeviceTreeError(f"DTB offset 0x0: expected a {_HEADER.size}-byte header, blob "
-                                  f"is {len(data)} bytes (truncated)")
+            raise DeviceTreeError(
+                f"DTB offset 0x0: expected a {_HEADER.size}-byte header, blob "
+                f"is {len(data)} bytes (truncated)"
+            )
         h = dict(zip(_HEADER_FIELDS, _HEADER.unpack_from(data, 0), strict=True))
 
         def bad(field: str, expected: str) -> DeviceTreeError:
             at = 4 * _HEADER_FIELDS.index(field)
-            return DeviceTreeError(f"DTB offset {at:#x} ({field} = {h[field]:#x}): expected "
-                                   f"{expected}")
+            return DeviceTreeError(
+                f"DTB offset {at:#x} ({field} = {h[field]:#x}): expected {expected}"
+            )
 
         if h["version"] < 16:
             raise bad("version", "16 or 17 (older layouts are not supported)")
@@ -385,25 +421,33 @@ class Fdt:
         hdr_size = _HEADER.size if h["version"] >= 17 else _HEADER.size - 4
         total = h["totalsize"]
         if total < hdr_size or total > len(data):
-            raise bad("totalsize", f">= {hdr_size:#x} and <= the {len(data):#x} bytes available"
-                                   f" (truncated blob?)")
+            raise bad(
+                "totalsize",
+                f">= {hdr_size:#x} and <= the {len(data):#x} bytes available (truncated blob?)",
+            )
         if h["version"] < 17:
             h["size_dt_struct"] = max(0, total - h["off_dt_struct"])
-        for off_field, size_field in (("off_dt_struct", "size_dt_struct"),
-                                      ("off_dt_strings", "size_dt_strings"),
-                                      ("off_mem_rsvmap", "")):
+        for off_field, size_field in (
+            ("off_dt_struct", "size_dt_struct"),
+            ("off_dt_strings", "size_dt_strings"),
+            ("off_mem_rsvmap", ""),
+        ):
             off, size = h[off_field], h.get(size_field, 0)
             if off < hdr_size or off + size > total:
-                raise bad(off_field, f"a block (size {size:#x}) inside [{hdr_size:#x}, "
-                                     f"totalsize {total:#x}]")
+                raise bad(
+                    off_field,
+                    f"a block (size {size:#x}) inside [{hdr_size:#x}, totalsize {total:#x}]",
+                )
         if h["off_dt_struct"] % 4:
             raise bad("off_dt_struct", "a 4-byte aligned offset")
         fdt = cls(boot_cpuid_phys=h["boot_cpuid_phys"])
         off = h["off_mem_rsvmap"]
         while True:
             if off + _RSV_ENTRY.size > total:
-                raise DeviceTreeError(f"DTB offset {off:#x}: expected a 16-byte /memreserve/ "
-                                      f"entry (or the 0,0 terminator), blob ends at {total:#x}")
+                raise DeviceTreeError(
+                    f"DTB offset {off:#x}: expected a 16-byte /memreserve/ "
+                    f"entry (or the 0,0 terminator), blob ends at {total:#x}"
+                )
             addr, size = _RSV_ENTRY.unpack_from(data, off)
             off += _RSV_ENTRY.size
             if addr == 0 and size == 0:
@@ -455,8 +499,16 @@ class Fdt:
         off_strings = off_struct + len(out)
         total = off_strings + len(strings)
         header = _HEADER.pack(
-            FDT_MAGIC, total, off_struct, off_strings, _HEADER.size, 17, 16,
-            self.boot_cpuid_phys, len(strings), len(out),
+            FDT_MAGIC,
+            total,
+            off_struct,
+            off_strings,
+            _HEADER.size,
+            17,
+            16,
+            self.boot_cpuid_phys,
+            len(strings),
+            len(out),
         )
         return header + rsv + bytes(out) + bytes(strings)
 
@@ -583,18 +635,22 @@ def _parse_struct(rd: _Reader, h: dict[str, int]) -> Node:
             name, name_end = rd.cstring(pos, end, "node name")
             pos = _align4(name_end + 1)
             if root is not None and not stack:
-                raise DeviceTreeError(f"{where}: expected FDT_END after the root node, "
-                                      f"found a second top-level node {name!r}")
+                raise DeviceTreeError(
+                    f"{where}: expected FDT_END after the root node, "
+                    f"found a second top-level node {name!r}"
+                )
             if not stack:
                 if name not in ("", "/"):
-                    raise DeviceTreeError(f"{where}: expected the root node (empty name), "
-                                          f"found {name!r}")
+                    raise DeviceTreeError(
+                        f"{where}: expected the root node (empty name), found {name!r}"
+                    )
                 root = Node("")
                 stack.append(root)
                 continue
             if not _NAME_RE.match(name):
-                raise DeviceTreeError(f"{where}: expected a node name of [a-zA-Z0-9,._+*#?@-]"
-                                      f", found {name!r}")
+                raise DeviceTreeError(
+                    f"{where}: expected a node name of [a-zA-Z0-9,._+*#?@-], found {name!r}"
+                )
             parent = stack[-1]
             if name in parent.children:
                 raise DeviceTreeError(f"{where}: duplicate node name {name!r}")
@@ -605,34 +661,45 @@ def _parse_struct(rd: _Reader, h: dict[str, int]) -> Node:
             stack.append(node)
         elif tok == FDT_PROP:
             if not stack:
-                raise DeviceTreeError(f"{where}: expected FDT_BEGIN_NODE, found FDT_PROP "
-                                      f"outside any node")
+                raise DeviceTreeError(
+                    f"{where}: expected FDT_BEGIN_NODE, found FDT_PROP outside any node"
+                )
             node = stack[-1]
             if node.children:
-                raise DeviceTreeError(f"{where}: expected FDT_BEGIN_NODE or FDT_END_NODE, found "
-                                      f"FDT_PROP after a subnode of {node.name or '/'!r}")
+                raise DeviceTreeError(
+                    f"{where}: expected FDT_BEGIN_NODE or FDT_END_NODE, found "
+                    f"FDT_PROP after a subnode of {node.name or '/'!r}"
+                )
             length = rd.u32(pos, end, "property length")
             nameoff = rd.u32(pos + 4, end, "property name offset")
             pos += 8
             if pos + length > end:
-                raise DeviceTreeError(f"{where}: property value of {length:#x} bytes at "
-                                      f"{pos:#x} runs past the structure block end {end:#x}")
+                raise DeviceTreeError(
+                    f"{where}: property value of {length:#x} bytes at "
+                    f"{pos:#x} runs past the structure block end {end:#x}"
+                )
             if nameoff >= h["size_dt_strings"]:
-                raise DeviceTreeError(f"{where}: property name offset {nameoff:#x} is outside "
-                                      f"the strings block (size {h['size_dt_strings']:#x})")
+                raise DeviceTreeError(
+                    f"{where}: property name offset {nameoff:#x} is outside "
+                    f"the strings block (size {h['size_dt_strings']:#x})"
+                )
             name, _ = rd.cstring(str_start + nameoff, str_end, "property name")
             if not _NAME_RE.match(name):
-                raise DeviceTreeError(f"DTB offset {str_start + nameoff:#x}: expected a property"
-                                      f" name of [a-zA-Z0-9,._+*#?@-], found {name!r}")
+                raise DeviceTreeError(
+                    f"DTB offset {str_start + nameoff:#x}: expected a property"
+                    f" name of [a-zA-Z0-9,._+*#?@-], found {name!r}"
+                )
             if name in node.properties:
-                raise DeviceTreeError(f"{where}: duplicate property {name!r} in node "
-                                      f"{node.name or '/'!r}")
-            node.properties[name] = Property(name, data[pos:pos + length])
+                raise DeviceTreeError(
+                    f"{where}: duplicate property {name!r} in node {node.name or '/'!r}"
+                )
+            node.properties[name] = Property(name, data[pos : pos + length])
             pos = _align4(pos + length)
         elif tok == FDT_END_NODE:
             if not stack:
-                raise DeviceTreeError(f"{where}: expected FDT_BEGIN_NODE, found FDT_END_NODE "
-                                      f"with no node open")
+                raise DeviceTreeError(
+                    f"{where}: expected FDT_BEGIN_NODE, found FDT_END_NODE with no node open"
+                )
             stack.pop()
         elif tok == FDT_END:
             if root is None or stack:
@@ -640,8 +707,10 @@ def _parse_struct(rd: _Reader, h: dict[str, int]) -> Node:
                 raise DeviceTreeError(f"{where}: expected FDT_END_NODE, found FDT_END ({state})")
             return root
         else:
-            raise DeviceTreeError(f"{where}: expected a token (FDT_BEGIN_NODE 0x1, FDT_END_NODE "
-                                  f"0x2, FDT_PROP 0x3, FDT_NOP 0x4, FDT_END 0x9), found {tok:#x}")
+            raise DeviceTreeError(
+                f"{where}: expected a token (FDT_BEGIN_NODE 0x1, FDT_END_NODE "
+                f"0x2, FDT_PROP 0x3, FDT_NOP 0x4, FDT_END 0x9), found {tok:#x}"
+            )
 
 
 def _is_printable_strings(value: bytes) -> bool:
@@ -658,8 +727,10 @@ def format_value(prop: Property) -> str:
         if len(value) % 4 or any(off % 4 or off + 4 > len(value) for off, _ in prop.refs):
             raise DeviceTreeError(f"property {prop.name!r}: references must sit on whole cells")
         refs = dict(prop.refs)
-        cells = [f"&{refs[i]}" if i in refs else f"{_U32.unpack_from(value, i)[0]:#x}"
-                 for i in range(0, len(value), 4)]
+        cells = [
+            f"&{refs[i]}" if i in refs else f"{_U32.unpack_from(value, i)[0]:#x}"
+            for i in range(0, len(value), 4)
+        ]
         return "<" + " ".join(cells) + ">"
     if not value:
         return ""

@@ -79,9 +79,7 @@ def compile_overlay(source: Node) -> Fdt:
         for label in node.labels:
             check_label(label)
             if label in labels:
-                raise DeviceTreeError(
-                    f"label {label!r} is on both {labels[label][0]} and {path}"
-                )
+                raise DeviceTreeError(f"label {label!r} is on both {labels[label][0]} and {path}")
             labels[label] = (path, node)
     used = {n.phandle for _, n in tree.walk()} - {None}
     next_phandle = 1
@@ -94,8 +92,9 @@ def compile_overlay(source: Node) -> Fdt:
             value = bytearray(prop.value)
             for off, label in sorted(prop.refs):
                 if off % 4 or off + 4 > len(value):
-                    raise DeviceTreeError(f"{path}:{name}: reference &{label} at byte {off} "
-                                          f"is not on a whole cell")
+                    raise DeviceTreeError(
+                        f"{path}:{name}: reference &{label} at byte {off} is not on a whole cell"
+                    )
                 if label not in labels:
                     fixups.setdefault(label, []).append(f"{path}:{name}:{off}")
                     _U32.pack_into(value, off, UNRESOLVED)
@@ -132,6 +131,7 @@ def compile_overlay(source: Node) -> Fdt:
 
 # -- application (libfdt fdt_overlay_apply) ----------------------------------------------
 
+
 def apply_overlay(base: Fdt, overlay: Fdt | Overlay) -> Fdt:
     """A new tree: ``base`` with ``overlay`` applied (neither argument is modified)."""
     fdto = overlay.to_fdt() if isinstance(overlay, Overlay) else overlay.copy()
@@ -157,12 +157,15 @@ def _adjust_phandles(node: Node, delta: int) -> None:
         if prop is None:
             continue
         if len(prop.value) != 4:
-            raise DeviceTreeError(f"overlay node {node.name!r}: {key} is {len(prop.value)} "
-                                  f"bytes, expected 4")
+            raise DeviceTreeError(
+                f"overlay node {node.name!r}: {key} is {len(prop.value)} bytes, expected 4"
+            )
         value = prop.as_u32() + delta
         if value >= UNRESOLVED:
-            raise DeviceTreeError(f"overlay node {node.name!r}: {key} {prop.as_u32():#x} + "
-                                  f"base max phandle {delta:#x} leaves the phandle space")
+            raise DeviceTreeError(
+                f"overlay node {node.name!r}: {key} {prop.as_u32():#x} + "
+                f"base max phandle {delta:#x} leaves the phandle space"
+            )
         node.properties[key] = Property(key, _U32.pack(value))
     for child in node.children.values():
         _adjust_phandles(child, delta)
@@ -172,23 +175,26 @@ def _update_local_references(tree: Node, fixup: Node, delta: int, path: str) -> 
     for name, prop in fixup.properties.items():
         where = f"__local_fixups__{path or '/'}:{name}"
         if len(prop.value) % 4:
-            raise DeviceTreeError(f"{where}: offsets must be u32 cells, value is "
-                                  f"{len(prop.value)} bytes")
+            raise DeviceTreeError(
+                f"{where}: offsets must be u32 cells, value is {len(prop.value)} bytes"
+            )
         target = tree.get(name)
         if target is None:
             raise DeviceTreeError(f"{where}: overlay node {path or '/'} has no property {name!r}")
         value = bytearray(target.value)
         for off in prop.as_u32_list():
             if off + 4 > len(value):
-                raise DeviceTreeError(f"{where}: offset {off} is beyond the {len(value)}-byte "
-                                      f"property")
+                raise DeviceTreeError(
+                    f"{where}: offset {off} is beyond the {len(value)}-byte property"
+                )
             _U32.pack_into(value, off, (_U32.unpack_from(value, off)[0] + delta) & 0xFFFFFFFF)
         tree.properties[name] = Property(name, bytes(value))
     for child_name, child_fixup in fixup.children.items():
         child = tree.find_child(child_name)
         if child is None:
-            raise DeviceTreeError(f"__local_fixups__{path}/{child_name}: the overlay has no "
-                                  f"node {path}/{child_name}")
+            raise DeviceTreeError(
+                f"__local_fixups__{path}/{child_name}: the overlay has no node {path}/{child_name}"
+            )
         _update_local_references(child, child_fixup, delta, f"{path}/{child_name}")
 
 
@@ -208,23 +214,28 @@ def _fixup_phandles(fdt: Fdt, fdto: Fdt) -> None:
             )
         sym = symbols.get(label)
         if sym is None:
-            raise DeviceTreeError(f"__fixups__: label {label!r} (used at {used_at}) is not in "
-                                  f"the base's __symbols__")
+            raise DeviceTreeError(
+                f"__fixups__: label {label!r} (used at {used_at}) is not in the base's __symbols__"
+            )
         sym_path = sym.as_string()
         node = fdt.find(sym_path)
         if node is None or node.phandle is None:
             missing = "no node" if node is None else "a node without phandle"
-            raise DeviceTreeError(f"__fixups__: label {label!r} -> {sym_path!r} is {missing} "
-                                  f"in the base")
+            raise DeviceTreeError(
+                f"__fixups__: label {label!r} -> {sym_path!r} is {missing} in the base"
+            )
         for entry, path, pname, off in entries:
             target = fdto.find(path)
             if target is None:
-                raise DeviceTreeError(f"__fixups__: {label} entry {entry!r}: the overlay has "
-                                      f"no node {path!r}")
+                raise DeviceTreeError(
+                    f"__fixups__: {label} entry {entry!r}: the overlay has no node {path!r}"
+                )
             tprop = target.get(pname)
             if tprop is None or off + 4 > len(tprop.value):
-                raise DeviceTreeError(f"__fixups__: {label} entry {entry!r}: property "
-                                      f"{pname!r} is missing or shorter than {off + 4} bytes")
+                raise DeviceTreeError(
+                    f"__fixups__: {label} entry {entry!r}: property "
+                    f"{pname!r} is missing or shorter than {off + 4} bytes"
+                )
             value = bytearray(tprop.value)
             _U32.pack_into(value, off, node.phandle)
             target.properties[pname] = Property(pname, bytes(value))
@@ -241,8 +252,9 @@ def _fixup_entries(label: str, prop: Property) -> list[tuple[str, str, str, int]
         path, sep, rest = entry.partition(":")
         pname, sep2, off = rest.partition(":")
         if not (path and sep and pname and sep2 and off.isdigit() and off.isascii()):
-            raise DeviceTreeError(f"__fixups__: {label!r} entry {entry!r} is not "
-                                  f"'path:property:offset'")
+            raise DeviceTreeError(
+                f"__fixups__: {label!r} entry {entry!r} is not 'path:property:offset'"
+            )
         entries.append((entry, path, pname, int(off)))
     return entries
 
@@ -252,19 +264,20 @@ def _target(fdt: Fdt, frag: Node) -> tuple[Node, str | None]:
     tprop = frag.get("target")
     if tprop is not None:
         if len(tprop.value) != 4 or tprop.as_u32() == UNRESOLVED:
-            raise DeviceTreeError(f"{frag.name}: target is {tprop.value.hex()!r}, not a resolved"
-                                  f" phandle")
+            raise DeviceTreeError(
+                f"{frag.name}: target is {tprop.value.hex()!r}, not a resolved phandle"
+            )
         phandle = tprop.as_u32()
         if phandle:
             node = fdt.by_phandle(phandle)
             if node is None:
-                raise DeviceTreeError(f"{frag.name}: target phandle {phandle:#x} is not in the "
-                                      f"base")
+                raise DeviceTreeError(
+                    f"{frag.name}: target phandle {phandle:#x} is not in the base"
+                )
             return node, None
     pprop = frag.get("target-path")
     if pprop is None:
-        raise DeviceTreeError(f"{frag.name}: has __overlay__ but neither target nor "
-                              f"target-path")
+        raise DeviceTreeError(f"{frag.name}: has __overlay__ but neither target nor target-path")
     path = pprop.value.split(b"\0", 1)[0].decode("ascii", "replace")
     node = fdt.find(path)
     if node is None:
@@ -300,13 +313,15 @@ def _update_symbols(fdt: Fdt, fdto: Fdt) -> None:
         if rest == "__overlay__":
             rel = ""
         elif rest.startswith("__overlay__/") and len(rest) > len("__overlay__/"):
-            rel = rest[len("__overlay__/"):]
+            rel = rest[len("__overlay__/") :]
         else:
             continue
         frag = fdto.root.find_child(frag_name)
         if frag is None or frag.find_child("__overlay__") is None:
-            raise DeviceTreeError(f"overlay __symbols__: {label!r} -> {path!r}: no fragment "
-                                  f"{frag_name!r} with __overlay__")
+            raise DeviceTreeError(
+                f"overlay __symbols__: {label!r} -> {path!r}: no fragment "
+                f"{frag_name!r} with __overlay__"
+            )
         node, target_path = _target(fdt, frag)
         prefix = target_path if target_path is not None else fdt.path_of(node)
         full = ("" if prefix == "/" else prefix) + "/" + rel

@@ -187,7 +187,9 @@ def check_config(config_text: str, wanted: dict[str, str], origin: str) -> None:
     have = parse_fragment(
         "\n".join(ln for ln in config_text.splitlines() if ln.startswith(("CONFIG_", "# CONFIG_")))
     )
-    missing = [f"{k}={v} (got {have.get(k, 'n')})" for k, v in wanted.items() if have.get(k, "n") != v]
+    missing = [
+        f"{k}={v} (got {have.get(k, 'n')})" for k, v in wanted.items() if have.get(k, "n") != v
+    ]
     if missing:
         raise ImageError(
             f"{origin}: options from the fragment did not survive olddefconfig: "
@@ -224,14 +226,16 @@ def build_kernel(
         steps = _make(kb.source, ["Image", "modules_prepare"], logf, progress, total)
         rel = subprocess.run(
             ["make", "-s", "ARCH=arm64", f"CROSS_COMPILE={CROSS}", "kernelrelease"],
-            cwd=kb.source, capture_output=True, text=True, check=True,
+            cwd=kb.source,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     shutil.copy2(kb.source / "arch/arm64/boot/Image", kb.image)
     shutil.copy2(kb.source / "vmlinux", kb.vmlinux)
     shutil.copy2(kb.source / ".config", kb.config)
     (kb.dir / "release").write_text(rel + "\n")
-    done.write_text(json.dumps({"key": key, "release": rel, "steps": steps,
-                                "tarball": tarball.name}, indent=2))
+    done.write_text(
+        json.dumps({"key": key, "release": rel, "steps": steps, "tarball": tarball.name}, indent=2)
+    )
     return kb
-
-

@@ -71,7 +71,9 @@ def gather(mem: GuestMemory, segs: Sequence[Segment], length: int) -> bytes:
     return bytes(out)
 
 
-def views(mem: GuestMemory, segs: Sequence[Segment], skip: int = 0, drop_tail: int = 0) -> list[memoryview]:
+def views(
+    mem: GuestMemory, segs: Sequence[Segment], skip: int = 0, drop_tail: int = 0
+) -> list[memoryview]:
     """Writable views over ``segs`` minus ``skip`` leading and ``drop_tail`` trailing bytes."""
     total = sum(n for _, n in segs)
     end = total - drop_tail

@@ -34,8 +34,15 @@ class BlockDevice(VirtioDevice):
     name = "blk"
     device_id = 2
 
-    def __init__(self, path: str, *, readonly: bool = False, num_queues: int = 1,
-                 serial: str = "edgevirt", seg_max: int = 126) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool = False,
+        num_queues: int = 1,
+        serial: str = "edgevirt",
+        seg_max: int = 126,
+    ) -> None:
         super().__init__()
         self.path = path
         self.readonly = readonly
@@ -80,7 +87,8 @@ class BlockDevice(VirtioDevice):
         readable_len = sum(n for _, n in chain.readable)
         if readable_len < REQ_HEADER.size:
             raise BackendError(
-                f"blk: chain {chain.head} header is {readable_len} bytes, expected {REQ_HEADER.size}"
+                f"blk: chain {chain.head} header is {readable_len} bytes, "
+                f"expected {REQ_HEADER.size}"
             )
         rtype, _, sector = REQ_HEADER.unpack(gather(mem, chain.readable, REQ_HEADER.size))
         written = 0
@@ -141,7 +149,10 @@ class BlockDevice(VirtioDevice):
         if length % SECTOR or sector + length // SECTOR > self.capacity:
             log.error(
                 "blk %s: request sector %d + %d bytes beyond capacity %d sectors",
-                self.path, sector, length, self.capacity,
+                self.path,
+                sector,
+                length,
+                self.capacity,
             )
             return False
         return True

@@ -18,7 +18,7 @@ class Serial(protocol_socket.Serial):
         self.logger = None
         if self._port is None:
             raise SerialException("Port must be configured before it can be used.")
-        if self.is_open:
+        if self.is_open:  # type: ignore[has-type]
             raise SerialException("Port is already open.")
         path = self.from_url(self.portstr)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -45,5 +45,5 @@ class Serial(protocol_socket.Serial):
                 self._socket.close()
             except OSError:
                 pass
-            self._socket = None
+            self._socket = None  # type: ignore[assignment]
         self.is_open = False

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from edgevirt.backend.devices.base import Chain, VirtioDevice
 from edgevirt.backend.loop import Loop
-from edgevirt.backend.memory import GuestMemory, Region
+from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user import protocol as p
 from edgevirt.backend.transport.vhost_user.protocol import ProtocolFeature as PF
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
@@ -189,12 +189,14 @@ class VhostUserBackend:
                     chunk = self.conn.recv(size - len(payload))
                     if not chunk:
                         raise VhostUserError(
-                            f"request {req}: peer closed after {len(payload)} of {size} payload bytes"
+                            f"request {req}: peer closed after {len(payload)} of {size} "
+                            "payload bytes"
                         )
                     payload += chunk
             except TimeoutError:
                 raise VhostUserError(
-                    f"request {req}: {len(payload)} of {size} payload bytes within {PAYLOAD_TIMEOUT}s"
+                    f"request {req}: only {len(payload)} of {size} payload bytes arrived "
+                    f"within {PAYLOAD_TIMEOUT}s"
                 ) from None
             finally:
                 self.conn.settimeout(None)
@@ -247,7 +249,9 @@ class VhostUserBackend:
 
     def _vring(self, index: int) -> Vring:
         if index >= len(self.vrings):
-            raise VhostUserError(f"vring index {index} out of range (device has {len(self.vrings)})")
+            raise VhostUserError(
+                f"vring index {index} out of range (device has {len(self.vrings)})"
+            )
         return self.vrings[index]
 
     def _dispatch(self, msg: p.Message) -> bytes | None:  # noqa: C901 - one branch per request
@@ -292,7 +296,9 @@ class VhostUserBackend:
             idx, num = msg.state()
             vr = self._vring(idx)
             if num == 0 or num > 32768 or num & (num - 1):
-                raise VhostUserError(f"SET_VRING_NUM {idx}: size {num} is not a power of two <= 32768")
+                raise VhostUserError(
+                    f"SET_VRING_NUM {idx}: size {num} is not a power of two <= 32768"
+                )
             vr.num = num
             return None
         if r is R.SET_VRING_BASE:
@@ -362,7 +368,9 @@ class VhostUserBackend:
         self.mem.close()
         self.mem = mem
         self.stats.mapped_bytes = mem.mapped_bytes
-        log.info("%s: guest memory %s (%d bytes)", self.device.name, mem.describe(), mem.mapped_bytes)
+        log.info(
+            "%s: guest memory %s (%d bytes)", self.device.name, mem.describe(), mem.mapped_bytes
+        )
         for vr in self.vrings:
             self._try_start(vr)
 
@@ -378,8 +386,9 @@ class VhostUserBackend:
             gdesc = self.mem.uva_to_gpa(desc, 16 * vr.num)
             gavail = self.mem.uva_to_gpa(avail, 6 + 2 * vr.num)
             gused = self.mem.uva_to_gpa(used, 6 + 8 * vr.num)
-            q = SplitQueue(vr.num, gdesc, gavail, gused,
-                           event_idx=bool(self.features >> p.F_EVENT_IDX & 1))
+            q = SplitQueue(
+                vr.num, gdesc, gavail, gused, event_idx=bool(self.features >> p.F_EVENT_IDX & 1)
+            )
             q.last_avail_idx = vr.base
             q.used_idx = int.from_bytes(self.mem.translate(gused + 2, 2), "little")
         except BackendError as e:
@@ -387,8 +396,13 @@ class VhostUserBackend:
             return
         vr.queue = q
         self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
-        log.info("%s: vring %d started: %d entries, desc gpa %#x", self.device.name, vr.index,
-                 vr.num, gdesc)
+        log.info(
+            "%s: vring %d started: %d entries, desc gpa %#x",
+            self.device.name,
+            vr.index,
+            vr.num,
+            gdesc,
+        )
 
     def _stop_ring(self, vr: Vring) -> None:
         if vr.queue is not None:
@@ -450,6 +464,8 @@ class VhostUserBackend:
             "errors": d.stats.errors,
             "by_type": dict(d.stats.by_type),
             "features": self.features,
-            "queues": [{"index": v.index, "size": v.num, "served": v.served,
-                        "broken": v.broken} for v in self.vrings],
+            "queues": [
+                {"index": v.index, "size": v.num, "served": v.served, "broken": v.broken}
+                for v in self.vrings
+            ],
         }

@@ -9,6 +9,7 @@ eventfds. Only the front-end half of the protocol that a back-end needs to see i
 from __future__ import annotations
 
 import array
+import mmap
 import os
 import select
 import socket
@@ -32,8 +33,9 @@ class FrontendVring:
 
 
 class VhostUserFrontend:
-    def __init__(self, path: str, *, gpa: int = 0x5C000000, size: int = 4 << 20,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str, *, gpa: int = 0x5C000000, size: int = 4 << 20, timeout: float = 5.0
+    ) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
@@ -46,10 +48,17 @@ class VhostUserFrontend:
 
     # -- raw messages -------------------------------------------------------------------
 
-    def send(self, request: int, payload: bytes = b"", fds: list[int] | None = None,
-             flags: int = p.VERSION) -> None:
+    def send(
+        self,
+        request: int,
+        payload: bytes = b"",
+        fds: list[int] | None = None,
+        flags: int = p.VERSION,
+    ) -> None:
         data = p.HEADER.pack(request, flags, len(payload)) + payload
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         self.sock.sendmsg([data], anc)
 
     def recv_reply(self, request: int) -> bytes:
@@ -85,8 +94,12 @@ class VhostUserFrontend:
         self.send(R.SET_PROTOCOL_FEATURES, p.U64.pack(proto))
         self.protocol_features = proto
         self.send(R.SET_OWNER)
-        want = offered & (1 << p.F_VERSION_1 | 1 << p.F_ACCESS_PLATFORM | 1 << p.F_PROTOCOL_FEATURES
-                          | extra_features)
+        want = offered & (
+            1 << p.F_VERSION_1
+            | 1 << p.F_ACCESS_PLATFORM
+            | 1 << p.F_PROTOCOL_FEATURES
+            | extra_features
+        )
         self.send(R.SET_FEATURES, p.U64.pack(want))
         return offered
 
@@ -102,16 +115,25 @@ class VhostUserFrontend:
     def uva(self, gpa: int) -> int:
         return self.region.uva + gpa - self.region.gpa
 
-    def setup_vring(self, index: int, size: int = 64, *, base: int | None = None,
-                    addr_override: tuple[int, int, int] | None = None) -> FrontendVring:
+    def setup_vring(
+        self,
+        index: int,
+        size: int = 64,
+        *,
+        base: int | None = None,
+        addr_override: tuple[int, int, int] | None = None,
+    ) -> FrontendVring:
         """Lay out a ring at ``base`` in guest memory and hand it to the back-end."""
         drv = DriverQueue(self.mem, size, base=base)
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.send(R.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
         self.send(R.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
-        desc, used, avail = addr_override or (self.uva(drv.desc), self.uva(drv.used),
-                                              self.uva(drv.avail))
+        desc, used, avail = addr_override or (
+            self.uva(drv.desc),
+            self.uva(drv.used),
+            self.uva(drv.avail),
+        )
         self.send(R.SET_VRING_ADDR, p.VRING_ADDR.pack(index, 0, desc, used, avail, 0))
         self.send(R.SET_VRING_CALL, p.U64.pack(index), [call])
         self.send(R.SET_VRING_KICK, p.U64.pack(index), [kick])
@@ -141,5 +163,7 @@ class VhostUserFrontend:
             os.close(vr.kick)
             os.close(vr.call)
         self.vrings.clear()
-        self.region.buf.close()
+        buf = self.region.buf
+        if isinstance(buf, mmap.mmap):
+            buf.close()
         os.close(self.fd)

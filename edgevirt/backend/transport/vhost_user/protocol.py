@@ -109,15 +109,26 @@ class ProtocolFeature(enum.IntEnum):
 
 # Payload size each request must carry (None: variable, checked by its own decoder).
 _U64_REQUESTS = {
-    Request.SET_FEATURES, Request.SET_PROTOCOL_FEATURES, Request.SET_VRING_KICK,
-    Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_LOG_BASE,
+    Request.SET_FEATURES,
+    Request.SET_PROTOCOL_FEATURES,
+    Request.SET_VRING_KICK,
+    Request.SET_VRING_CALL,
+    Request.SET_VRING_ERR,
+    Request.SET_LOG_BASE,
 }
 _EMPTY_REQUESTS = {
-    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
-    Request.SET_OWNER, Request.RESET_OWNER, Request.RESET_DEVICE, Request.GET_MAX_MEM_SLOTS,
+    Request.GET_FEATURES,
+    Request.GET_PROTOCOL_FEATURES,
+    Request.GET_QUEUE_NUM,
+    Request.SET_OWNER,
+    Request.RESET_OWNER,
+    Request.RESET_DEVICE,
+    Request.GET_MAX_MEM_SLOTS,
 }
 _STATE_REQUESTS = {
-    Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.GET_VRING_BASE,
+    Request.SET_VRING_NUM,
+    Request.SET_VRING_BASE,
+    Request.GET_VRING_BASE,
     Request.SET_VRING_ENABLE,
 }
 #: Requests that take file descriptors, and how many (exactly).
@@ -219,9 +230,7 @@ def decode(req: int, flags: int, payload: bytes, fds: list[int]) -> Message:
     if request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
         nofd = bool(U64.unpack(payload)[0] & VRING_NOFD_MASK)
         if len(fds) != (0 if nofd else 1):
-            raise VhostUserError(
-                f"{request.name}: {len(fds)} fds attached with NOFD={int(nofd)}"
-            )
+            raise VhostUserError(f"{request.name}: {len(fds)} fds attached with NOFD={int(nofd)}")
     return Message(request, flags, payload, fds)
 
 
@@ -229,7 +238,9 @@ def mem_regions(msg: Message) -> list[MemRegion]:
     count = MEM_HEADER.unpack_from(msg.payload)[0]
     out = []
     for i in range(count):
-        gpa, size, uva, off = MEM_REGION.unpack_from(msg.payload, MEM_HEADER.size + i * MEM_REGION.size)
+        gpa, size, uva, off = MEM_REGION.unpack_from(
+            msg.payload, MEM_HEADER.size + i * MEM_REGION.size
+        )
         if size == 0 or gpa + size > 1 << 64 or uva + size > 1 << 64:
             raise VhostUserError(
                 f"SET_MEM_TABLE region {i}: gpa {gpa:#x} size {size:#x} uva {uva:#x} is empty "
@@ -242,6 +253,3 @@ def mem_regions(msg: Message) -> list[MemRegion]:
 def pack(request: Request, payload: bytes) -> bytes:
     """A reply from the back-end: version 1 with the REPLY flag."""
     return HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload
-
-
-
