@@ -270,7 +270,7 @@ def backend_run(
     except EdgevirtError as e:
         fail(e)
     except OSError as e:
-        fail(SetupError(f"socket directory {socket_dir}: {e.strerror}"))
+        fail(SetupError(f"socket directory {socket_dir}: {e.strerror or e}"))
     for ep in eps:
         err.print(f"[cyan]serving[/] {ep.device.name} on {ep.socket}")
     svc.run()

@@ -32,7 +32,7 @@ from edgevirt.deploy.qemu import (
 )
 from edgevirt.devicetree import compose as dtcompose
 from edgevirt.devicetree.fdt import Fdt
-from edgevirt.errors import BackendError, DeployError, EdgevirtError
+from edgevirt.errors import BackendError, ConfigError, DeployError, EdgevirtError, SetupError
 from edgevirt.image import initramfs as initramfs_mod
 from edgevirt.image.kernel import KernelBuild, build_kernel
 from edgevirt.paths import images_dir
@@ -323,6 +323,8 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         stats = backend.stats()
         result.backend = stats
         result.checks += host_checks(result, disk, results.get("blk write/read-back"), stats)
+    except (SetupError, ConfigError):
+        raise  # the host or an input file is at fault, not the target: exit codes 3 and 4
     except EdgevirtError as e:
         result.error = str(e)
         if e.hint:

@@ -86,7 +86,7 @@ class VhostUserBackend:
             self.listener.listen(1)
         except OSError as e:
             raise BackendError(
-                f"{device.name}: cannot listen on {path}: {e.strerror}",
+                f"{device.name}: cannot listen on {path}: {e.strerror or e}",
                 hint="check that the socket directory exists and is writable",
             ) from e
         self.listener.setblocking(False)
