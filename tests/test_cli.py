@@ -1,0 +1,63 @@
+"""The CLI as a user runs it: help, JSON output, and dt compose checked by fdtoverlay."""
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from edgevirt.cli import cli
+
+
+def test_help_lists_commands_and_examples():
+    r = CliRunner().invoke(cli, ["--help"])
+    assert r.exit_code == 0
+    for word in ("up", "kernel", "backend", "dt", "Examples"):
+        assert word in r.output
+
+
+def test_usage_error_exit_2():
+    r = CliRunner().invoke(cli, ["up", "--no-such-flag"])
+    assert r.exit_code == 2
+
+
+def test_unknown_board_exit_4(tmp_path):
+    r = CliRunner().invoke(cli, ["dt", "compose", "--board", "nope", "-o", str(tmp_path)])
+    assert r.exit_code == 4
+
+
+def test_dt_compose_matches_fdtoverlay(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "edgevirt", "dt", "compose", "-o", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["carveout"] == {"base": "0x5c000000", "size": 64 << 20}
+    assert info["nodes"] == ["/virtio_mmio@a003e00", "/virtio_mmio@a003c00"]
+    subprocess.run(
+        [
+            "fdtoverlay",
+            "-i",
+            str(tmp_path / "qemu-virt.raw.dtb"),
+            "-o",
+            str(tmp_path / "oracle.dtb"),
+            info["files"]["dtbo"],
+        ],
+        check=True,
+    )
+
+    def dts(path):
+        return subprocess.run(
+            ["dtc", "-I", "dtb", "-O", "dts", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+
+    assert dts(tmp_path / "oracle.dtb") == dts(info["files"]["dtb"])
+    text = dts(info["files"]["dtb"])
+    assert 'compatible = "restricted-dma-pool"' in text
+    assert text.count("memory-region = <") == 2
+    # What QEMU is handed is compact: totalsize equals the file size (DESIGN §3).
+    data = (tmp_path / "guest.dtb").read_bytes()
+    assert int.from_bytes(data[4:8], "big") == len(data) < 64 * 1024
