@@ -36,21 +36,12 @@ from edgevirt.errors import BackendError, ConfigError, DeployError, EdgevirtErro
 from edgevirt.image import initramfs as initramfs_mod
 from edgevirt.image.kernel import KernelBuild, build_kernel
 from edgevirt.paths import images_dir
+from edgevirt.report import Reporter
 from edgevirt.smoke import DISK_TEST_BYTES, Check, GuestCheck, guest_checks
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-
-
-class Reporter:
-    """What `up` tells its caller; the CLI renders it with rich, tests ignore it."""
-
-    def step(self, text: str) -> None:
-        log.info("%s", text)
-
-    def progress(self, phase: str, done: int, total: int) -> None:
-        pass
 
 
 @dataclass

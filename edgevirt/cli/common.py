@@ -1,0 +1,67 @@
+"""What every command module shares: consoles, exit codes, error rendering, progress."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from edgevirt.errors import ConfigError, EdgevirtError, SetupError
+from edgevirt.report import Reporter
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SETUP, EXIT_CONFIG = 0, 1, 2, 3, 4
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(e: EdgevirtError) -> NoReturn:
+    err.print(f"[bold red]error:[/] {e}")
+    if e.hint:
+        err.print(f"[yellow]hint:[/] {e.hint}")
+    code = (
+        EXIT_SETUP
+        if isinstance(e, SetupError)
+        else EXIT_CONFIG
+        if isinstance(e, ConfigError)
+        else EXIT_FAILED
+    )
+    sys.exit(code)
+
+
+class RichReporter(Reporter):
+    """Renders `up` progress: one line per step, a bar for long builds."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def step(self, text: str) -> None:
+        self._close_bar()
+        if not self.quiet:
+            err.print(f"[cyan]▶[/] {text}")
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("  {task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(phase, total=total)
+        assert self._task is not None
+        self._progress.update(self._task, description=phase, completed=done, total=total)
+
+    def _close_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
