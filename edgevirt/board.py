@@ -1,4 +1,9 @@
-"""Board profiles (``boards/<name>.toml``), validated with messages naming file and key."""
+"""Board profiles (``boards/<name>.toml``), validated with messages naming file and key.
+
+This module parses what every layer needs (name, ``[qemu]`` topology, ``[console]``); a
+layer that owns another section (deploy, devicetree, …) validates it from ``Board.raw``
+with :func:`get_key` and :func:`parse_size`, so its schema lives beside its code.
+"""
 
 from __future__ import annotations
 
@@ -53,9 +58,15 @@ class Board:
     qemu: QemuSettings
     console_kernel: str
     console_uart: str
+    #: The whole parsed TOML document, for layers that own other sections.
+    raw: dict[str, Any]
+
+    def where(self, section: str) -> str:
+        """``<file>: [section]`` prefix for error messages about that section."""
+        return f"{self.path}: [{section}]"
 
 
-def _get(table: dict[str, Any], key: str, kind: Any, where: str, default: Any = ...) -> Any:
+def get_key(table: dict[str, Any], key: str, kind: Any, where: str, default: Any = ...) -> Any:
     if key not in table:
         if default is ...:
             raise ConfigError(f"{where}: missing key {key!r}")
@@ -79,17 +90,17 @@ def load_board(name_or_path: str) -> Board:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from e
     f = str(path)
-    q = _get(data, "qemu", dict, f)
-    c = _get(data, "console", dict, f)
+    q = get_key(data, "qemu", dict, f)
+    c = get_key(data, "console", dict, f)
     qw = f"{f}: [qemu]"
     settings = QemuSettings(
-        binary=_get(q, "binary", str, qw, "qemu-system-aarch64"),
-        machine=_get(q, "machine", str, qw),
-        cpu=_get(q, "cpu", str, qw, "cortex-a57"),
-        smp=_get(q, "smp", int, qw, 1),
-        ram=parse_size(_get(q, "ram", (str, int), qw), f"{qw}.ram"),
-        carveout=parse_size(_get(q, "carveout", (str, int), qw), f"{qw}.carveout"),
-        ram_base=_get(q, "ram_base", int, qw, 0x40000000),
+        binary=get_key(q, "binary", str, qw, "qemu-system-aarch64"),
+        machine=get_key(q, "machine", str, qw),
+        cpu=get_key(q, "cpu", str, qw, "cortex-a57"),
+        smp=get_key(q, "smp", int, qw, 1),
+        ram=parse_size(get_key(q, "ram", (str, int), qw), f"{qw}.ram"),
+        carveout=parse_size(get_key(q, "carveout", (str, int), qw), f"{qw}.carveout"),
+        ram_base=get_key(q, "ram_base", int, qw, 0x40000000),
     )
     page = 0x200000  # QEMU NUMA nodes and restricted pools want 2 MiB granularity
     for key in ("ram", "carveout"):
@@ -98,10 +109,11 @@ def load_board(name_or_path: str) -> Board:
                 f"{qw}.{key}: {getattr(settings, key):#x} is not a multiple of {page:#x}"
             )
     return Board(
-        name=_get(data, "name", str, f),
-        description=_get(data, "description", str, f, ""),
+        name=get_key(data, "name", str, f),
+        description=get_key(data, "description", str, f, ""),
         path=path,
         qemu=settings,
-        console_kernel=_get(c, "kernel", str, f"{f}: [console]"),
-        console_uart=_get(c, "uart", str, f"{f}: [console]", ""),
+        console_kernel=get_key(c, "kernel", str, f"{f}: [console]"),
+        console_uart=get_key(c, "uart", str, f"{f}: [console]", ""),
+        raw=data,
     )

@@ -1,1 +1,33 @@
-"""virtq."""
+"""Split virtqueues, device side: a C fast path and a pure-Python reference, one API.
+
+``SplitQueue`` is the C implementation (``_ring``) when it is built, else the Python one
+(``pyring``); ``EDGEVIRT_RING=python`` forces Python. ``IMPLEMENTATIONS`` maps "c" and
+"python" to the classes that are available, for tests and benchmarks. ``Chain`` is the type
+of what ``SplitQueue.pop`` returns: ``(head, readable, writable)`` with ``(gpa, len)`` lists.
+The driver-side mock queue is :mod:`edgevirt.backend.virtq.driver`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from edgevirt.backend.virtq import pyring
+from edgevirt.backend.virtq.pyring import Chain, MemoryTable, Segment
+
+IMPLEMENTATIONS: dict[str, type[pyring.SplitQueue]] = {}
+try:
+    from edgevirt.backend.virtq import _ring
+except ImportError:  # not built: the reference serves alone
+    pass
+else:
+    IMPLEMENTATIONS["c"] = _ring.SplitQueue  # type: ignore[assignment]
+IMPLEMENTATIONS["python"] = pyring.SplitQueue
+
+if TYPE_CHECKING:
+    from edgevirt.backend.virtq.pyring import SplitQueue
+else:
+    _forced_python = os.environ.get("EDGEVIRT_RING") == "python"
+    SplitQueue = IMPLEMENTATIONS["c" if "c" in IMPLEMENTATIONS and not _forced_python else "python"]
+
+__all__ = ["IMPLEMENTATIONS", "Chain", "MemoryTable", "Segment", "SplitQueue"]
