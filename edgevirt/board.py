@@ -1,15 +1,29 @@
 """Board profiles (``boards/<name>.toml``), validated with messages naming file and key.
 
-This module parses what every layer needs (name, ``[qemu]`` topology, ``[console]``); a
-layer that owns another section (deploy, devicetree, …) validates it from ``Board.raw``
-with :func:`get_key` and :func:`parse_size`, so its schema lives beside its code.
+Every board has a name, a base device tree (``[dt]``), its RAM (``[[ram]]``, or taken from
+the DTB's memory nodes), a console and, for boards booted by U-Boot, a ``[bootloader]``.
+QEMU boards add ``[qemu]`` (the machine and the carve-out topology of DESIGN §3). Layers
+that own another section (``[power]``, ``[tftp]`` for deploy) parse it from ``Board.raw``
+with :func:`get_key` and :func:`parse_size`, so their schema lives beside their code.
+
+Schema (keys not listed are refused, so a typo is an error, not a silent default)::
+
+    name, description, soc
+    [qemu]       binary machine cpu smp ram carveout ram_base  (deploy may add more)
+    [dt]         source = "qemu-dumpdtb" | "kernel:<dir>/<board>.dtb" | "file:<path>"
+                 interrupt_controller = "/path"   (default: the root's interrupt-parent)
+                 spi_range = [first, last]        (GIC SPIs free for nodes edgevirt adds)
+    [[ram]]      base size                        (default: the DTB's memory nodes)
+    [console]    uart kernel url baudrate
+    [bootloader] kind="u-boot" prompt kernel_addr_r ramdisk_addr_r fdt_addr_r fit_addr_r
+                 kernel_size ramdisk_size fdt_size fit_size  (extent kept free at each)
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +32,15 @@ from edgevirt.paths import boards_dir
 
 _SIZE = re.compile(r"(\d+)\s*([KMG]?)i?B?", re.I)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+#: Sections this module parses; others are the business of the layer that owns them.
+_OWN_SECTIONS = {"qemu", "dt", "ram", "console", "bootloader"}
+_TOP_KEYS = {"name", "description", "soc"}
+#: Sections other layers parse from ``Board.raw`` (deploy: power control, TFTP server).
+_FOREIGN_SECTIONS = {"power", "tftp"}
+_DT_SOURCES = ("qemu-dumpdtb", "kernel:", "file:")
+#: Default extent kept free at each bootloader load address (overlap checks).
+_LOAD_SIZES = {"kernel": 64 << 20, "ramdisk": 64 << 20, "fdt": 1 << 20, "fit": 128 << 20}
 
 
 def parse_size(value: Any, where: str) -> int:
@@ -33,6 +56,15 @@ def parse_size(value: Any, where: str) -> int:
     if size <= 0:
         raise ConfigError(f"{where}: size must be > 0, got {value!r}")
     return size
+
+
+def parse_address(value: Any, where: str) -> int:
+    """An address: an int (TOML ``0x…`` literals are ints) or a ``"0x…"`` string."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]+", value.strip()):
+        return int(value, 16)
+    raise ConfigError(f"{where}: expected an address like 0x48000000, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +83,89 @@ class QemuSettings:
 
 
 @dataclass(frozen=True)
+class DtSettings:
+    """Where the board's base DTB comes from, and what new nodes may use."""
+
+    source: str  # "qemu-dumpdtb", "kernel:renesas/x.dtb" or "file:/abs/or/board-relative"
+    interrupt_controller: str | None  # None: the root's interrupt-parent
+    spi_range: tuple[int, int] | None  # inclusive GIC SPI numbers free for new nodes
+
+    @property
+    def kind(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def argument(self) -> str:
+        return self.source.partition(":")[2]
+
+
+@dataclass(frozen=True)
+class RamRange:
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+@dataclass(frozen=True)
+class LoadAddress:
+    """A bootloader load address and the extent kept free there."""
+
+    name: str  # kernel_addr_r, ramdisk_addr_r, fdt_addr_r, fit_addr_r
+    address: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Bootloader:
+    kind: str
+    prompt: str
+    kernel_addr_r: int
+    ramdisk_addr_r: int | None = None
+    fdt_addr_r: int | None = None
+    fit_addr_r: int | None = None
+    loads: tuple[LoadAddress, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    kernel: str  # the kernel's console device, e.g. ttyAMA0
+    uart: str  # the UART's DT path
+    url: str | None  # pyserial URL for real boards (/dev/ttyUSB0, socket://, rfc2217://…)
+    baudrate: int
+
+
+@dataclass(frozen=True)
 class Board:
     name: str
     description: str
     path: Path
-    qemu: QemuSettings
+    qemu_settings: QemuSettings | None
     console_kernel: str
     console_uart: str
     #: The whole parsed TOML document, for layers that own other sections.
     raw: dict[str, Any]
+    soc: str = ""
+    dt: DtSettings = field(default_factory=lambda: DtSettings("qemu-dumpdtb", None, None))
+    ram: tuple[RamRange, ...] = ()
+    console: ConsoleSettings | None = None
+    bootloader: Bootloader | None = None
+
+    @property
+    def is_qemu(self) -> bool:
+        return self.qemu_settings is not None
+
+    @property
+    def qemu(self) -> QemuSettings:
+        """The ``[qemu]`` settings; a :class:`ConfigError` for a real board."""
+        if self.qemu_settings is None:
+            raise ConfigError(
+                f"{self.path}: board {self.name!r} has no [qemu] section (a real board)",
+                hint="QEMU commands need a QEMU board such as qemu-virt",
+            )
+        return self.qemu_settings
 
     def where(self, section: str) -> str:
         """``<file>: [section]`` prefix for error messages about that section."""
@@ -78,6 +184,149 @@ def get_key(table: dict[str, Any], key: str, kind: Any, where: str, default: Any
     return value
 
 
+def check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    """Refuse keys a schema does not know (typos would otherwise be silent defaults)."""
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected one of "
+            + ", ".join(sorted(allowed))
+        )
+
+
+def _qemu(q: dict[str, Any], where: str) -> QemuSettings:
+    # No check_keys here: deploy (which runs QEMU) may read more [qemu] keys from Board.raw.
+    settings = QemuSettings(
+        binary=get_key(q, "binary", str, where, "qemu-system-aarch64"),
+        machine=get_key(q, "machine", str, where),
+        cpu=get_key(q, "cpu", str, where, "cortex-a57"),
+        smp=get_key(q, "smp", int, where, 1),
+        ram=parse_size(get_key(q, "ram", (str, int), where), f"{where}.ram"),
+        carveout=parse_size(get_key(q, "carveout", (str, int), where), f"{where}.carveout"),
+        ram_base=get_key(q, "ram_base", int, where, 0x40000000),
+    )
+    page = 0x200000  # QEMU NUMA nodes and restricted pools want 2 MiB granularity
+    for key in ("ram", "carveout"):
+        if getattr(settings, key) % page:
+            raise ConfigError(
+                f"{where}.{key}: {getattr(settings, key):#x} is not a multiple of {page:#x}"
+            )
+    return settings
+
+
+#: QEMU virt's free SPIs (0-47 wired, 80-143 its GICv2m frame; 256 SPIs): see qemu-virt.toml.
+QEMU_VIRT_FREE_SPIS = (144, 159)
+
+
+def _dt(d: dict[str, Any], where: str, is_qemu: bool, machine: str = "") -> DtSettings:
+    check_keys(d, {"source", "interrupt_controller", "spi_range"}, where)
+    source = get_key(d, "source", str, where, "qemu-dumpdtb" if is_qemu else ...)
+    if not any(source == s or (s.endswith(":") and source.startswith(s)) for s in _DT_SOURCES):
+        raise ConfigError(
+            f"{where}.source: expected 'qemu-dumpdtb', 'kernel:<dir>/<name>.dtb' or "
+            f"'file:<path>', got {source!r}"
+        )
+    if source == "qemu-dumpdtb" and not is_qemu:
+        raise ConfigError(f"{where}.source: 'qemu-dumpdtb' needs a [qemu] section")
+    if source.startswith("kernel:") and not re.fullmatch(
+        r"kernel:[a-z0-9_-]+/[A-Za-z0-9_.,+-]+\.dtb", source
+    ):
+        raise ConfigError(
+            f"{where}.source: expected kernel:<vendor-dir>/<name>.dtb "
+            f"(as under arch/arm64/boot/dts), got {source!r}"
+        )
+    ic = get_key(d, "interrupt_controller", str, where, None)
+    if ic is not None and not ic.startswith("/"):
+        raise ConfigError(f"{where}.interrupt_controller: expected an absolute path, got {ic!r}")
+    spi = get_key(d, "spi_range", list, where, None)
+    spi_range = QEMU_VIRT_FREE_SPIS if machine.split(",")[0] == "virt" else None
+    if spi is not None:
+        if (
+            len(spi) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in spi)
+            or not 0 <= spi[0] <= spi[1] <= 987  # GICv3: SPI INTIDs 32..1019
+        ):
+            raise ConfigError(
+                f"{where}.spi_range: expected [first, last] SPI numbers with "
+                f"0 <= first <= last <= 987, got {spi!r}"
+            )
+        spi_range = (spi[0], spi[1])
+    return DtSettings(source, ic, spi_range)
+
+
+def _ram(entries: Any, where: str) -> tuple[RamRange, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: expected [[ram]] tables (base, size)")
+    out: list[RamRange] = []
+    for i, entry in enumerate(entries):
+        w = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{w}: expected a table with base and size")
+        check_keys(entry, {"base", "size"}, w)
+        r = RamRange(
+            parse_address(get_key(entry, "base", (int, str), w), f"{w}.base"),
+            parse_size(get_key(entry, "size", (int, str), w), f"{w}.size"),
+        )
+        for other in out:
+            if r.base < other.end and other.base < r.end:
+                raise ConfigError(
+                    f"{w}: {r.base:#x}+{r.size:#x} overlaps {other.base:#x}+{other.size:#x}"
+                )
+        out.append(r)
+    return tuple(out)
+
+
+def _console(c: dict[str, Any], where: str) -> ConsoleSettings:
+    check_keys(c, {"uart", "kernel", "url", "baudrate"}, where)
+    url = get_key(c, "url", str, where, None)
+    if url is not None and not (
+        url.startswith("/dev/") or re.match(r"(socket|rfc2217|unix|loop)://", url)
+    ):
+        raise ConfigError(
+            f"{where}.url: expected a serial device (/dev/ttyUSB0) or a pyserial URL "
+            f"(socket://host:port, rfc2217://host:port, unix:///path), got {url!r}"
+        )
+    baud = get_key(c, "baudrate", int, where, 115200)
+    if baud <= 0:
+        raise ConfigError(f"{where}.baudrate: expected a positive integer, got {baud}")
+    return ConsoleSettings(
+        kernel=get_key(c, "kernel", str, where),
+        uart=get_key(c, "uart", str, where, ""),
+        url=url,
+        baudrate=baud,
+    )
+
+
+def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
+    names = ("kernel", "ramdisk", "fdt", "fit")
+    allowed = {"kind", "prompt"} | {f"{n}_addr_r" for n in names} | {f"{n}_size" for n in names}
+    check_keys(b, allowed, where)
+    kind = get_key(b, "kind", str, where)
+    if kind != "u-boot":
+        raise ConfigError(f"{where}.kind: expected 'u-boot', got {kind!r}")
+    addrs: dict[str, int | None] = {}
+    loads = []
+    for n in names:
+        key = f"{n}_addr_r"
+        value = b.get(key)
+        if value is None and n == "kernel":
+            raise ConfigError(f"{where}: missing key 'kernel_addr_r'")
+        addrs[key] = None if value is None else parse_address(value, f"{where}.{key}")
+        size_key = f"{n}_size"
+        size = parse_size(b.get(size_key, _LOAD_SIZES[n]), f"{where}.{size_key}")
+        if addrs[key] is not None:
+            loads.append(LoadAddress(key, addrs[key] or 0, size))
+    return Bootloader(
+        kind=kind,
+        prompt=get_key(b, "prompt", str, where, "=> "),
+        kernel_addr_r=addrs["kernel_addr_r"] or 0,
+        ramdisk_addr_r=addrs["ramdisk_addr_r"],
+        fdt_addr_r=addrs["fdt_addr_r"],
+        fit_addr_r=addrs["fit_addr_r"],
+        loads=tuple(loads),
+    )
+
+
 def load_board(name_or_path: str) -> Board:
     path = Path(name_or_path)
     if not path.suffix:
@@ -90,30 +339,30 @@ def load_board(name_or_path: str) -> Board:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from e
     f = str(path)
-    q = get_key(data, "qemu", dict, f)
-    c = get_key(data, "console", dict, f)
-    qw = f"{f}: [qemu]"
-    settings = QemuSettings(
-        binary=get_key(q, "binary", str, qw, "qemu-system-aarch64"),
-        machine=get_key(q, "machine", str, qw),
-        cpu=get_key(q, "cpu", str, qw, "cortex-a57"),
-        smp=get_key(q, "smp", int, qw, 1),
-        ram=parse_size(get_key(q, "ram", (str, int), qw), f"{qw}.ram"),
-        carveout=parse_size(get_key(q, "carveout", (str, int), qw), f"{qw}.carveout"),
-        ram_base=get_key(q, "ram_base", int, qw, 0x40000000),
-    )
-    page = 0x200000  # QEMU NUMA nodes and restricted pools want 2 MiB granularity
-    for key in ("ram", "carveout"):
-        if getattr(settings, key) % page:
-            raise ConfigError(
-                f"{qw}.{key}: {getattr(settings, key):#x} is not a multiple of {page:#x}"
-            )
+    check_keys(data, _TOP_KEYS | _OWN_SECTIONS | _FOREIGN_SECTIONS, f)
+    for section in _OWN_SECTIONS - {"ram"}:
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"{f}: [{section}] must be a table")
+    q = data.get("qemu")
+    qemu = _qemu(q, f"{f}: [qemu]") if q is not None else None
+    console = _console(get_key(data, "console", dict, f), f"{f}: [console]")
+    b = data.get("bootloader")
     return Board(
         name=get_key(data, "name", str, f),
         description=get_key(data, "description", str, f, ""),
         path=path,
-        qemu=settings,
-        console_kernel=get_key(c, "kernel", str, f"{f}: [console]"),
-        console_uart=get_key(c, "uart", str, f"{f}: [console]", ""),
+        qemu_settings=qemu,
+        console_kernel=console.kernel,
+        console_uart=console.uart,
         raw=data,
+        soc=get_key(data, "soc", str, f, ""),
+        dt=_dt(data.get("dt", {}), f"{f}: [dt]", qemu is not None, qemu.machine if qemu else ""),
+        ram=_ram(data["ram"], f"{f}: [[ram]]") if "ram" in data else (),
+        console=console,
+        bootloader=_bootloader(b, f"{f}: [bootloader]") if b is not None else None,
     )
+
+
+def list_boards() -> list[str]:
+    """Names of the shipped board profiles."""
+    return sorted(p.stem for p in boards_dir().glob("*.toml"))

@@ -69,3 +69,71 @@ def test_misaligned_carveout(tmp_path):
 def test_toml_syntax_error_names_file(tmp_path):
     with pytest.raises(ConfigError, match="b.toml"):
         load_board(write(tmp_path, "name = \n"))
+
+
+# -- the extended schema: every shipped board, and each key's error ----------------------
+
+REAL_BOARD = """name = "x"
+soc = "s"
+[dt]
+source = "kernel:renesas/r8a77951-salvator-xs.dtb"
+spi_range = [224, 239]
+[[ram]]
+base = 0x48000000
+size = "896M"
+[console]
+kernel = "ttySC0"
+url = "/dev/ttyUSB0"
+[bootloader]
+kind = "u-boot"
+kernel_addr_r = 0x48080000
+fdt_addr_r = "0x48000000"
+fdt_size = "512K"
+"""
+
+
+@pytest.mark.parametrize("name", __import__("edgevirt.board").board.list_boards())
+def test_every_shipped_board_loads(name):
+    b = load_board(name)
+    assert b.name == name and b.console is not None and b.console.kernel
+    if b.is_qemu:
+        assert b.dt.source == "qemu-dumpdtb" or b.dt.kind in ("kernel", "file")
+    else:
+        assert b.dt.kind == "kernel" and b.bootloader is not None and b.console.url
+        with pytest.raises(ConfigError, match="has no \\[qemu\\] section"):
+            _ = b.qemu
+
+
+def test_real_board_dataclasses(tmp_path):
+    b = load_board(write(tmp_path, REAL_BOARD))
+    assert b.qemu_settings is None and b.dt.argument == "renesas/r8a77951-salvator-xs.dtb"
+    assert b.dt.spi_range == (224, 239) and b.ram[0].end == 0x48000000 + (896 << 20)
+    assert b.console.url == "/dev/ttyUSB0" and b.console.baudrate == 115200
+    bl = b.bootloader
+    assert bl.kind == "u-boot" and bl.prompt == "=> " and bl.fdt_addr_r == 0x48000000
+    assert [(ld.name, ld.size) for ld in bl.loads] == [
+        ("kernel_addr_r", 64 << 20),
+        ("fdt_addr_r", 512 << 10),
+    ]
+    assert b.raw["dt"]["source"].startswith("kernel:")  # other layers read Board.raw
+
+
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        ('soc = "s"', 'soc = "s"\ncolour = "red"', r"unknown key\(s\) colour"),
+        ('source = "kernel:renesas', 'source = "tftp:renesas', r"\[dt\].source: expected"),
+        ("spi_range = [224, 239]", "spi_range = [239, 224]", r"spi_range: expected \[first"),
+        ('url = "/dev/ttyUSB0"', 'url = "http://x"', r"\[console\].url: expected a serial"),
+        ("kernel_addr_r = 0x48080000", "", r"\[bootloader\]: missing key 'kernel_addr_r'"),
+        ('kind = "u-boot"', 'kind = "grub"', r"\[bootloader\].kind: expected 'u-boot'"),
+        ('fdt_addr_r = "0x48000000"', 'fdt_addr_r = "high"', r"fdt_addr_r: expected an address"),
+        ('size = "896M"', 'size = "896M"\n[[ram]]\nbase = 0x50000000\nsize = "1G"', "overlaps"),
+        ('source = "kernel:renesas', 'source = "qemu-dumpdtb"\n#', "needs a \\[qemu\\] section"),
+    ],
+)
+def test_board_schema_errors_name_file_and_key(tmp_path, old, new, message):
+    assert old in REAL_BOARD
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_board(write(tmp_path, REAL_BOARD.replace(old, new)))
+    assert "b.toml" in str(exc.value)

@@ -36,7 +36,10 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from edgevirt.devicetree.dts import dts_node, format_value
 from edgevirt.errors import DeviceTreeError
+
+__all__ = ["Fdt", "Node", "Property", "Ref", "check_label", "check_name", "format_value"]
 
 FDT_MAGIC = 0xD00DFEED
 FDT_BEGIN_NODE = 0x1
@@ -68,28 +71,6 @@ PHANDLE_MAX = 0xFFFFFFFE  # 0 and 0xffffffff are not valid phandles
 #: Characters dtc accepts in node and property names (its lexer's PROPNODECHAR).
 _NAME_RE = re.compile(r"[a-zA-Z0-9,._+*#?@-]+\Z")
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
-#: Properties printed as cells in DTS even when their bytes happen to look like text.
-_CELL_PROPS = frozenset(
-    {
-        "reg",
-        "ranges",
-        "dma-ranges",
-        "phandle",
-        "linux,phandle",
-        "interrupts",
-        "interrupt-parent",
-        "interrupts-extended",
-        "interrupt-map",
-        "interrupt-map-mask",
-        "memory-region",
-        "clocks",
-        "msi-parent",
-        "iommus",
-        "target",
-        "size",
-        "alignment",
-    }
-)
 
 
 def _align4(n: int) -> int:
@@ -613,7 +594,7 @@ class Fdt:
             lines.append(f"// boot_cpuid_phys: {self.boot_cpuid_phys:#x} (dtc -b)")
         lines += [f"/memreserve/ {a:#x} {s:#x};" for a, s in self.memreserve]
         lines.append("")
-        _dts_node(self.root, 0, lines)
+        dts_node(self.root, 0, lines)
         return "\n".join(lines) + "\n"
 
 
@@ -711,46 +692,3 @@ def _parse_struct(rd: _Reader, h: dict[str, int]) -> Node:
                 f"{where}: expected a token (FDT_BEGIN_NODE 0x1, FDT_END_NODE "
                 f"0x2, FDT_PROP 0x3, FDT_NOP 0x4, FDT_END 0x9), found {tok:#x}"
             )
-
-
-def _is_printable_strings(value: bytes) -> bool:
-    """dtc's ``util_is_printable_string``: non-empty printable strings, NUL-terminated."""
-    if not value or value[-1] != 0:
-        return False
-    return all(part and all(0x20 <= b < 0x7F for b in part) for part in value[:-1].split(b"\0"))
-
-
-def format_value(prop: Property) -> str:
-    """The DTS right-hand side of ``prop`` (empty string for an empty property)."""
-    value = prop.value
-    if prop.refs:
-        if len(value) % 4 or any(off % 4 or off + 4 > len(value) for off, _ in prop.refs):
-            raise DeviceTreeError(f"property {prop.name!r}: references must sit on whole cells")
-        refs = dict(prop.refs)
-        cells = [
-            f"&{refs[i]}" if i in refs else f"{_U32.unpack_from(value, i)[0]:#x}"
-            for i in range(0, len(value), 4)
-        ]
-        return "<" + " ".join(cells) + ">"
-    if not value:
-        return ""
-    as_cells = len(value) % 4 == 0 and (prop.name in _CELL_PROPS or prop.name.endswith("-cells"))
-    if not as_cells and _is_printable_strings(value):
-        parts = value[:-1].decode("ascii").split("\0")
-        return ", ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
-    if len(value) % 4 == 0:
-        return "<" + " ".join(f"{c:#x}" for (c,) in _U32.iter_unpack(value)) + ">"
-    return "[" + " ".join(f"{b:02x}" for b in value) + "]"
-
-
-def _dts_node(node: Node, depth: int, lines: list[str]) -> None:
-    indent = "\t" * depth
-    labels = "".join(f"{label}: " for label in node.labels)
-    lines.append(f"{indent}{labels}{node.name or '/'} {{")
-    for prop in node.properties.values():
-        rhs = format_value(prop)
-        lines.append(f"{indent}\t{prop.name}" + (f" = {rhs};" if rhs else ";"))
-    for child in node.children.values():
-        lines.append("")
-        _dts_node(child, depth + 1, lines)
-    lines.append(f"{indent}}};")

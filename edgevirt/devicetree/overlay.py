@@ -4,9 +4,9 @@ An :class:`Overlay` is the source form (what a ``/plugin/`` DTS says): fragments
 ``target-path`` (or ``target = <&label>``) and an ``__overlay__`` node to fill, where nodes
 may carry labels and property cells may be :class:`~edgevirt.devicetree.fdt.Ref` label
 references. :meth:`Overlay.to_fdt` compiles it exactly as ``dtc -@`` compiles the same DTS
-(phandles 1, 2, ... in reference order, ``__symbols__``, ``__fixups__`` for labels not
-defined in the overlay, ``__local_fixups__`` for those that are), so the .dtbo also applies
-with fdtoverlay, U-Boot and Linux.
+(phandles 1, 2, ... in reference order, then to the other labelled nodes; ``__symbols__``,
+``__fixups__`` for labels not defined in the overlay, ``__local_fixups__`` for those that
+are), so the .dtbo also applies with fdtoverlay, U-Boot and Linux.
 
 :func:`apply_overlay` applies a compiled overlay with the semantics of libfdt's
 ``fdt_overlay_apply`` (dtc 1.6.1), step for step: shift the overlay's phandles past the
@@ -114,7 +114,14 @@ def compile_overlay(source: Node) -> Fdt:
                 old = mirror.get(name)
                 mirror.set(Property(name, (old.value if old else b"") + _U32.pack(off)))
             node.properties[name] = Property(name, bytes(value))
+    # dtc -@ gives every labelled node a phandle (after the referenced ones, in tree order)
+    # so that later overlays can reference it through __symbols__.
     for _, node in tree.walk():
+        if node.labels and node.phandle is None:
+            while next_phandle in used:
+                next_phandle += 1
+            used.add(next_phandle)
+            node.set(Property.from_u32("phandle", next_phandle))
         node.labels = []
     if labels:
         symbols = root.add_child(Node("__symbols__"))
