@@ -15,25 +15,56 @@ from edgevirt.errors import EdgevirtError
 
 @click.group()
 def kernel() -> None:
-    """Guest kernel (Debian linux-source + edgevirt fragment)."""
+    """Guest kernel (Debian linux-source or your own, + edgevirt's config fragments)."""
 
 
 @kernel.command("build")
 @click.option(
     "--fragment",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="Config fragment [default: images/kernel.config].",
+    "fragments",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Extra config fragment, merged after images/kernel/*.config (repeatable).",
 )
-@click.option("--force", is_flag=True, help="Rebuild even if the cache has it.")
+@click.option(
+    "--tarball",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kernel source tarball instead of Debian's linux-source-6.1.",
+)
+@click.option(
+    "--tree",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Kernel source tree (copied, never built in place).",
+)
+@click.option("--rebuild", "--force", "force", is_flag=True, help="Rebuild even if cached.")
 @click.option("--json", "as_json", is_flag=True)
-def kernel_build(fragment: Path | None, force: bool, as_json: bool) -> None:
+def kernel_build(
+    fragments: tuple[Path, ...],
+    tarball: Path | None,
+    tree: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Build the kernel, or print where the cached build for these inputs is."""
-    from edgevirt.image.kernel import build_kernel
+    from edgevirt.image.kernel import KernelSource, build_kernel, default_fragments
 
+    if tarball and tree:
+        raise click.UsageError("--tarball and --tree are exclusive")
     rep = RichReporter(quiet=as_json)
     try:
-        kb = build_kernel(fragment, force=force, progress=rep.progress)
+        source = (
+            KernelSource("tarball", tarball)
+            if tarball
+            else KernelSource("tree", tree)
+            if tree
+            else KernelSource()
+        )
+        kb = build_kernel(
+            fragments=[*default_fragments(), *fragments],
+            source=source,
+            force=force,
+            progress=rep.progress,
+        )
     except EdgevirtError as e:
         fail(e)
     rep.step(f"kernel {kb.release} ({kb.key})")

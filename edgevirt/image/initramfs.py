@@ -13,7 +13,7 @@ Layout::
     /init                   the init script (mode 755)
     /dev/console /dev/null  c 5 1 and c 1 3, so the kernel has a console before devtmpfs
     /proc /sys /dev /tmp /root /etc /mnt /run
-    + extra_files, + overlay_dir
+    + extra_files, + overlay_dir, + overlays (in order)
 """
 
 from __future__ import annotations
@@ -280,6 +280,7 @@ def build_initramfs(
     init_script: str | Path,
     extra_files: Mapping[str, ExtraFile] | None = None,
     overlay_dir: str | os.PathLike[str] | None = None,
+    overlays: Iterable[str | os.PathLike[str]] = (),
     applets: Iterable[str] = APPLETS,
     mtime: int | None = None,
 ) -> InitramfsInfo:
@@ -287,8 +288,9 @@ def build_initramfs(
 
     ``init_script`` is the script text (str) or a host file (Path). ``extra_files`` maps
     absolute guest paths to bytes (mode 644), a host Path (its mode), or ``(bytes|Path,
-    mode)``. ``overlay_dir`` is copied in as a tree. A path given twice with different
-    content is an :class:`ImageError`. ``mtime`` defaults to ``$SOURCE_DATE_EPOCH`` or 0.
+    mode)``. ``overlay_dir`` and then each of ``overlays`` is copied in as a tree. A path
+    given twice with different content is an :class:`ImageError`. ``mtime`` defaults to
+    ``$SOURCE_DATE_EPOCH`` or 0.
     """
     bb_data, _ = _read_host(Path(busybox))
     check_busybox(bb_data, name=str(busybox))
@@ -321,8 +323,10 @@ def build_initramfs(
     for gpath, value in sorted((extra_files or {}).items()):
         data, mode = _extra(gpath, value)
         w.add_file(_guest_path(gpath), data, mode)
-    if overlay_dir is not None:
-        w.add_tree(overlay_dir)
+    for tree in [*([overlay_dir] if overlay_dir is not None else []), *overlays]:
+        if not Path(tree).is_dir():
+            raise ImageError(f"initramfs overlay {tree}: not a directory")
+        w.add_tree(tree)
 
     _check_init(init, w)
     size = w.write_to(out_path, compress="gzip")
