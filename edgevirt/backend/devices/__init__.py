@@ -11,7 +11,8 @@ __all__ = ["Chain", "VirtioDevice", "BlockDevice", "RngDevice", "parse_device"]
 
 
 def parse_device(spec: str) -> VirtioDevice:
-    """``blk:path=disk.img[,readonly=on][,queues=N]`` or ``rng`` → a device."""
+    """``blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S]``
+    or ``rng`` → a device."""
     kind, _, rest = spec.partition(":")
     opts: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
@@ -22,11 +23,42 @@ def parse_device(spec: str) -> VirtioDevice:
     if kind == "blk":
         if "path" not in opts:
             raise ConfigError(f"device {spec!r}: blk needs path=FILE")
+        unknown = set(opts) - {"path", "readonly", "queues", "seg_max", "discard", "serial"}
+        if unknown:
+            raise ConfigError(
+                f"device {spec!r}: unknown blk option(s) {', '.join(sorted(unknown))}"
+            )
         return BlockDevice(
             opts["path"],
-            readonly=opts.get("readonly", "off") in ("on", "1", "true"),
-            num_queues=int(opts.get("queues", "1")),
+            readonly=_flag(spec, opts, "readonly", False),
+            num_queues=_int(spec, opts, "queues", 1),
+            seg_max=_int(spec, opts, "seg_max", 126),
+            discard=_flag(spec, opts, "discard", True),
+            serial=opts.get("serial", "edgevirt"),
         )
     if kind == "rng":
+        if opts:
+            raise ConfigError(f"device {spec!r}: rng takes no options")
         return RngDevice()
     raise ConfigError(f"device {spec!r}: unknown kind {kind!r}, expected blk or rng")
+
+
+def _flag(spec: str, opts: dict[str, str], key: str, default: bool) -> bool:
+    value = opts.get(key)
+    if value is None:
+        return default
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"device {spec!r}: {key}={value!r}, expected on or off")
+
+
+def _int(spec: str, opts: dict[str, str], key: str, default: int) -> int:
+    value = opts.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise ConfigError(f"device {spec!r}: {key}={value!r} is not an integer") from None

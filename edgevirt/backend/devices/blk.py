@@ -1,33 +1,96 @@
-"""virtio-blk (virtio spec 5.2) over a raw image file or block device."""
+"""virtio-blk (virtio spec 5.2) over a raw image file or block device.
+
+Requests are checked strictly against the layout the spec gives each type (header, data,
+status byte); a request the device can answer gets a status byte (IOERR for a malformed or
+out-of-range request, UNSUPP for an unknown type or flag), only a chain with no room for a
+status byte or a short header breaks the queue, because there is no way to answer it.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import logging
 import os
 import stat
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from edgevirt.backend.devices.base import Chain, VirtioDevice, gather, views
+from edgevirt.backend.devices.base import Chain, Segment, VirtioDevice, gather, views
 from edgevirt.backend.memory import GuestMemory
-from edgevirt.errors import BackendError, GuestMemoryError
+from edgevirt.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
 SECTOR = 512
 REQ_HEADER = struct.Struct("<IIQ")  # type, reserved, sector
+#: struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
+DWZ_SEGMENT = struct.Struct("<QII")
+DWZ_F_UNMAP = 1
 
-T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+TYPE_NAMES = {
+    T_IN: "read",
+    T_OUT: "write",
+    T_FLUSH: "flush",
+    T_GET_ID: "get_id",
+    T_DISCARD: "discard",
+    T_WRITE_ZEROES: "write_zeroes",
+}
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 ID_BYTES = 20
 
 F_SEG_MAX = 2
+F_RO = 5
 F_BLK_SIZE = 6
 F_FLUSH = 9
 F_MQ = 12
+F_DISCARD = 13
+F_WRITE_ZEROES = 14
 
-# struct virtio_blk_config up to num_queues (the rest reads as zero: no discard yet).
-CONFIG = struct.Struct("<QIIHBBIBBHIBBH")
-CONFIG_SIZE = 60
+#: struct virtio_blk_config through write_zeroes_may_unmap (+3 bytes padding) = 60 bytes:
+#: capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size,
+#: topology (physical_block_exp, alignment_offset, min_io_size, opt_io_size), writeback,
+#: unused0, num_queues, max_discard_sectors, max_discard_seg, discard_sector_alignment,
+#: max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3].
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+CONFIG_SIZE = CONFIG.size
+assert CONFIG_SIZE == 60
+
+#: Largest discard/write-zeroes request (sectors) and segment count we advertise.
+MAX_DWZ_SECTORS = 1 << 22  # 2 GiB: bounds the time one request holds the loop
+MAX_DWZ_SEG = 1
+
+# fallocate(2) modes and block-device ioctls (linux/falloc.h, linux/fs.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@dataclass
+class Request:
+    """A parsed request: its type and sector, and the data segments between header and status."""
+
+    type: int
+    sector: int
+    data_out: list[memoryview]  # device-readable data after the header
+    data_in: list[memoryview]  # device-writable data before the status byte
+    status: memoryview
 
 
 class BlockDevice(VirtioDevice):
@@ -42,8 +105,13 @@ class BlockDevice(VirtioDevice):
         num_queues: int = 1,
         serial: str = "edgevirt",
         seg_max: int = 126,
+        discard: bool = True,
     ) -> None:
         super().__init__()
+        if not 1 <= num_queues <= 64:
+            raise ConfigError(f"blk {path}: queues={num_queues}, expected 1..64")
+        if not 1 <= seg_max <= 1024:
+            raise ConfigError(f"blk {path}: seg_max={seg_max}, expected 1..1024")
         self.path = path
         self.readonly = readonly
         self.num_queues = num_queues
@@ -54,105 +122,200 @@ class BlockDevice(VirtioDevice):
         except OSError as e:
             raise BackendError(f"blk: cannot open {path}: {e.strerror}") from e
         st = os.fstat(self.fd)
-        if stat.S_ISBLK(st.st_mode):
-            size = os.lseek(self.fd, 0, os.SEEK_END)
-        else:
-            size = st.st_size
+        self.is_blockdev = stat.S_ISBLK(st.st_mode)
+        size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_blockdev else st.st_size
         if size % SECTOR:
             os.close(self.fd)
             raise BackendError(f"blk: {path} is {size} bytes, not a multiple of {SECTOR}")
         self.capacity = size // SECTOR
         self.features = 1 << F_SEG_MAX | 1 << F_BLK_SIZE | 1 << F_FLUSH
+        if readonly:
+            self.features |= 1 << F_RO
+        elif discard:
+            self.features |= 1 << F_DISCARD | 1 << F_WRITE_ZEROES
         if num_queues > 1:
             self.features |= 1 << F_MQ
 
     def config(self) -> bytes:
-        raw = CONFIG.pack(
-            self.capacity, 0, self.seg_max, 0, 0, 0, SECTOR, 0, 0, 0, 0, 1, 0, self.num_queues
-        )
-        return raw.ljust(CONFIG_SIZE, b"\0")
+        dwz = self.features >> F_DISCARD & 1
+        return CONFIG.pack(
+            self.capacity,
+            0,  # size_max: not offered
+            self.seg_max,
+            0, 0, 0,  # geometry: not offered
+            SECTOR,  # blk_size
+            0, 0, 0, 0,  # topology: not offered
+            0, 0,  # writeback, unused0
+            self.num_queues,
+            MAX_DWZ_SECTORS * dwz,
+            MAX_DWZ_SEG * dwz,
+            1 * dwz,  # discard_sector_alignment, in sectors
+            MAX_DWZ_SECTORS * dwz,
+            MAX_DWZ_SEG * dwz,
+            1 * dwz,  # write_zeroes_may_unmap
+        )  # fmt: skip
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
+    # -- the request path ---------------------------------------------------------------
+
     def handle(self, queue: int, chain: Chain, mem: GuestMemory) -> int:
         self.stats.requests += 1
-        writable_len = sum(n for _, n in chain.writable)
-        if writable_len < 1:
-            raise BackendError(f"blk: chain {chain.head} has no status byte")
-        status_gpa, status_len = chain.writable[-1]
-        status_view = mem.translate(status_gpa + status_len - 1, 1)
-        readable_len = sum(n for _, n in chain.readable)
+        req = self.parse(chain, mem)
+        key = TYPE_NAMES.get(req.type, "other")
+        self.stats.by_type[key] = self.stats.by_type.get(key, 0) + 1
+        written = 0
+        try:
+            status, written = self._serve(req)
+        except OSError as e:
+            log.error("blk %s: %s at sector %d: %s", self.path, key, req.sector, e)
+            status = S_IOERR
+        if status != S_OK:
+            self.stats.errors += 1
+        req.status[0] = status
+        return written + 1
+
+    def parse(self, chain: Chain, mem: GuestMemory) -> Request:
+        """Split a chain into header, data and status; BackendError if it cannot be answered."""
+        if not chain.writable:
+            raise BackendError(f"blk: chain {chain.head} has no device-writable status byte")
+        readable_len = _total(chain.readable)
         if readable_len < REQ_HEADER.size:
             raise BackendError(
                 f"blk: chain {chain.head} header is {readable_len} bytes, "
                 f"expected {REQ_HEADER.size}"
             )
+        status_gpa, status_len = chain.writable[-1]
+        status = mem.translate(status_gpa + status_len - 1, 1)
         rtype, _, sector = REQ_HEADER.unpack(gather(mem, chain.readable, REQ_HEADER.size))
-        written = 0
-        try:
-            status, written = self._serve(rtype, sector, chain, mem)
-        except GuestMemoryError:
-            raise
-        except OSError as e:
-            log.error("blk %s: request type %d sector %d: %s", self.path, rtype, sector, e)
-            status = S_IOERR
-        if status != S_OK:
-            self.stats.errors += 1
-        status_view[0] = status
-        return written + 1
+        return Request(
+            rtype,
+            sector,
+            views(mem, chain.readable, skip=REQ_HEADER.size),
+            views(mem, chain.writable, drop_tail=1),
+            status,
+        )
 
-    def _serve(self, rtype: int, sector: int, chain: Chain, mem: GuestMemory) -> tuple[int, int]:
-        key = {T_IN: "read", T_OUT: "write", T_FLUSH: "flush", T_GET_ID: "get_id"}.get(rtype)
-        self.stats.by_type[key or "other"] = self.stats.by_type.get(key or "other", 0) + 1
-        if rtype == T_IN:
-            bufs = views(mem, chain.writable, drop_tail=1)
-            length = sum(len(b) for b in bufs)
-            if not self._in_range(sector, length):
+    def _serve(self, req: Request) -> tuple[int, int]:
+        """(status, bytes written into data_in)."""
+        out_len = sum(len(b) for b in req.data_out)
+        in_len = sum(len(b) for b in req.data_in)
+        t = req.type
+        if t == T_IN:
+            if out_len or not self._data_ok(req, req.data_in, in_len):
                 return S_IOERR, 0
-            n = os.preadv(self.fd, bufs, sector * SECTOR)
-            if n != length:
-                # Short read past EOF of a growing file: zero the rest, never leak stale data.
-                for b in views(mem, chain.writable, skip=n, drop_tail=1):
-                    b[:] = bytes(len(b))
-            self.stats.bytes_written += length
-            return S_OK, length
-        if rtype == T_OUT:
+            n = os.preadv(self.fd, req.data_in, req.sector * SECTOR)
+            if n != in_len:  # short read at the end of a shrinking file: never leak stale data
+                skip = n
+                for b in req.data_in:
+                    if skip < len(b):
+                        b[skip:] = bytes(len(b) - skip)
+                    skip = max(0, skip - len(b))
+            self.stats.bytes_written += in_len
+            return S_OK, in_len
+        if t == T_OUT:
+            if in_len or not self._data_ok(req, req.data_out, out_len):
+                return S_IOERR, 0
             if self.readonly:
                 return S_IOERR, 0
-            bufs = views(mem, chain.readable, skip=REQ_HEADER.size)
-            length = sum(len(b) for b in bufs)
-            if not self._in_range(sector, length):
+            if os.pwritev(self.fd, req.data_out, req.sector * SECTOR) != out_len:
                 return S_IOERR, 0
-            n = os.pwritev(self.fd, bufs, sector * SECTOR)
-            if n != length:
+            self.stats.bytes_read += out_len
+            return S_OK, 0
+        if t == T_FLUSH:
+            if out_len or in_len:
                 return S_IOERR, 0
-            self.stats.bytes_read += length
+            if not self.readonly:
+                os.fdatasync(self.fd)
             return S_OK, 0
-        if rtype == T_FLUSH:
-            os.fsync(self.fd)
-            return S_OK, 0
-        if rtype == T_GET_ID:
-            bufs = views(mem, chain.writable, drop_tail=1)
-            data = self.serial.ljust(ID_BYTES, b"\0")
-            pos = 0
-            for b in bufs:
-                take = min(len(b), len(data) - pos)
+        if t == T_GET_ID:
+            if out_len or in_len < ID_BYTES:
+                return S_IOERR, 0
+            data, pos = self.serial.ljust(ID_BYTES, b"\0"), 0
+            for b in req.data_in:
+                take = min(len(b), ID_BYTES - pos)
                 b[:take] = data[pos : pos + take]
                 pos += take
             return S_OK, pos
+        if t in (T_DISCARD, T_WRITE_ZEROES) and self.features >> F_DISCARD & 1:
+            return self._discard_write_zeroes(req, out_len, in_len), 0
         return S_UNSUPP, 0
 
-    def _in_range(self, sector: int, length: int) -> bool:
-        if length % SECTOR or sector + length // SECTOR > self.capacity:
+    def _data_ok(self, req: Request, bufs: Sequence[memoryview], length: int) -> bool:
+        if len(bufs) > self.seg_max:
+            log.error("blk %s: %d data segments, seg_max is %d", self.path, len(bufs), self.seg_max)
+            return False
+        return self._in_range(req.sector, length // SECTOR, length % SECTOR)
+
+    def _in_range(self, sector: int, sectors: int, remainder: int = 0) -> bool:
+        if remainder or sector > self.capacity or sectors > self.capacity - sector:
             log.error(
-                "blk %s: request sector %d + %d bytes beyond capacity %d sectors",
+                "blk %s: request sector %d + %d sectors (+%d bytes) beyond capacity %d sectors",
                 self.path,
                 sector,
-                length,
+                sectors,
+                remainder,
                 self.capacity,
             )
             return False
         return True
+
+    def _discard_write_zeroes(self, req: Request, out_len: int, in_len: int) -> int:
+        if in_len or out_len == 0 or out_len % DWZ_SEGMENT.size:
+            return S_IOERR
+        raw = b"".join(bytes(b) for b in req.data_out)
+        segs = [DWZ_SEGMENT.unpack_from(raw, i) for i in range(0, len(raw), DWZ_SEGMENT.size)]
+        if len(segs) > MAX_DWZ_SEG:
+            return S_IOERR
+        for sector, num, flags in segs:
+            if flags & ~DWZ_F_UNMAP or (req.type == T_DISCARD and flags & DWZ_F_UNMAP):
+                return S_UNSUPP  # spec 5.2.6.2: unknown flags, or unmap on a discard
+            if num > MAX_DWZ_SECTORS or not self._in_range(sector, num):
+                return S_IOERR
+        if self.readonly:
+            return S_IOERR
+        for sector, num, flags in segs:
+            if req.type == T_DISCARD:
+                self._discard(sector * SECTOR, num * SECTOR)
+            else:
+                self._write_zeroes(sector * SECTOR, num * SECTOR, bool(flags & DWZ_F_UNMAP))
+            self.stats.bytes_read += num * SECTOR
+        return S_OK
+
+    def _discard(self, offset: int, length: int) -> None:
+        """Discard is a hint (spec): a host that cannot deallocate still answers OK."""
+        try:
+            if self.is_blockdev:
+                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
+            else:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                raise
+
+    def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """The range must read back as zeros afterwards, whatever the host supports."""
+        try:
+            if self.is_blockdev:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+            else:
+                mode = FALLOC_FL_PUNCH_HOLE if unmap else FALLOC_FL_ZERO_RANGE
+                fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                raise
+        zeros = bytes(min(length, 1 << 20))
+        pos = 0
+        while pos < length:
+            n = os.pwrite(self.fd, zeros[: length - pos], offset + pos)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write while zeroing")
+            pos += n
+
+
+def _total(segs: Sequence[Segment]) -> int:
+    return sum(n for _, n in segs)

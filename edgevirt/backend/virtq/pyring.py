@@ -429,3 +429,18 @@ def _walk(g: _Guest, desc: tuple[memoryview, int], size: int, head: int) -> Chai
         if nxt >= limit:
             raise RingError(f"{where}: next {nxt} >= table size {limit}", "next")
         i = nxt
+
+
+def walk_chain(mem: MemoryTable, size: int, desc: int, head: int) -> Chain:
+    """Re-read the chain at ``head`` of the table at ``desc`` (not through the avail ring).
+
+    For resubmitting chains a previous back-end took but never completed (vhost-user
+    inflight tracking); the same rules as :meth:`SplitQueue.pop` apply.
+    """
+    with _guest(mem) as g:
+        ref = g.find(desc, 16 * size)
+        if ref is None:
+            raise g.fail("desc table", desc, 16 * size)
+        if not 0 <= head < size:
+            raise RingError(f"resubmitted head {head} >= queue size {size}", "head")
+        return _walk(g, ref, size, head)

@@ -12,46 +12,24 @@ import array
 import logging
 import os
 import socket
-import struct
 from dataclasses import dataclass, field
 
-from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.devices.base import VirtioDevice
 from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
+from edgevirt.backend.transport.vhost_user import inflight as infl
 from edgevirt.backend.transport.vhost_user import protocol as p
 from edgevirt.backend.transport.vhost_user.protocol import ProtocolFeature as PF
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
-from edgevirt.backend.virtq import SplitQueue
+from edgevirt.backend.transport.vhost_user.vring import Vring
 from edgevirt.errors import BackendError, VhostUserError
 
 log = logging.getLogger(__name__)
 
-#: Chains served per pop before other fds get a turn (fairness between devices).
-BATCH = 64
 #: A message's payload must follow its header within this many seconds.
 PAYLOAD_TIMEOUT = 5.0
-
-
-@dataclass
-class Vring:
-    index: int
-    num: int = 0
-    addr: tuple[int, int, int] | None = None  # desc, used, avail as front-end user addresses
-    base: int = 0
-    kick: int = -1
-    call: int = -1
-    err: int = -1
-    enabled: bool = False
-    queue: SplitQueue | None = None
-    broken: str | None = None
-    served: int = 0
-
-    def close_fds(self) -> None:
-        for name in ("kick", "call", "err"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+#: virtio device status DEVICE_NEEDS_RESET: GET_STATUS reports it once a vring broke.
+STATUS_NEEDS_RESET = 0x40
 
 
 @dataclass
@@ -77,6 +55,9 @@ class VhostUserBackend:
         self.backend_req: int = -1
         self.features = 0
         self.protocol_features = 0
+        self.status = 0
+        self.inflight: infl.InflightRegion | None = None
+        self._reply_fds: list[int] = []
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         try:
             if os.path.exists(path):
@@ -107,7 +88,14 @@ class VhostUserBackend:
 
     @property
     def offered_protocol_features(self) -> int:
-        bits = 1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
+        bits = (
+            1 << PF.MQ
+            | 1 << PF.REPLY_ACK
+            | 1 << PF.BACKEND_REQ
+            | 1 << PF.INFLIGHT_SHMFD
+            | 1 << PF.CONFIGURE_MEM_SLOTS
+            | 1 << PF.STATUS
+        )
         # QEMU requires REPLY_ACK + BACKEND_REQ once ACCESS_PLATFORM is offered.
         if self.device.config():
             bits |= 1 << PF.CONFIG
@@ -144,13 +132,17 @@ class VhostUserBackend:
             self._stop_ring(vr)
             vr.close_fds()
             vr.num, vr.addr, vr.base, vr.enabled = 0, None, 0, False
+            vr.broken, vr.inflight = None, None
         if self.backend_req >= 0:
             os.close(self.backend_req)
             self.backend_req = -1
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         self.stats.refused += self.mem.refused
         self.mem.close()
         self.mem = GuestMemory()
-        self.features = self.protocol_features = 0
+        self.features = self.protocol_features = self.status = 0
         self.device.reset()
 
     def close(self) -> None:
@@ -207,9 +199,16 @@ class VhostUserBackend:
             for fd in fdlist:
                 os.close(fd)
 
-    def _send(self, request: R, payload: bytes) -> None:
+    def _send(self, request: R, payload: bytes, fds: list[int] | None = None) -> None:
         assert self.conn is not None
-        self.conn.sendall(p.pack(request, payload))
+        data = p.pack(request, payload)
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = self.conn.sendmsg([data], anc)
+            if sent < len(data):
+                self.conn.sendall(data[sent:])
+        else:
+            self.conn.sendall(data)
 
     def _readable(self) -> None:
         try:
@@ -239,11 +238,15 @@ class VhostUserBackend:
                 os.close(fd)
         try:
             if reply is not None:
-                self._send(msg.request, reply)
+                self._send(msg.request, reply, self._reply_fds)
             elif msg.need_reply and self.protocol_features >> PF.REPLY_ACK & 1:
                 self._send(msg.request, p.U64.pack(0 if ok else 1))
         except OSError:
             self.disconnect()
+        finally:
+            for fd in self._reply_fds:  # the peer has its own copy now
+                os.close(fd)
+            self._reply_fds = []
 
     # -- requests -------------------------------------------------------------------------
 
@@ -340,16 +343,58 @@ class VhostUserBackend:
             return None
         if r is R.GET_CONFIG:
             off, size, flags = p.CONFIG_HEADER.unpack_from(msg.payload)
-            cfg = self.device.config()
-            if off + size > len(cfg):
+            # Past the fields the device defines, config space reads as zero (QEMU may ask
+            # for the size of its own, newer struct).
+            cfg = self.device.config().ljust(p.MAX_CONFIG, b"\0")
+            if off + size > p.MAX_CONFIG:
                 raise VhostUserError(
-                    f"GET_CONFIG offset {off} size {size} beyond config space of {len(cfg)} bytes"
+                    f"GET_CONFIG offset {off} size {size} beyond config space of "
+                    f"{p.MAX_CONFIG} bytes"
                 )
             return p.CONFIG_HEADER.pack(off, size, flags) + cfg[off : off + size]
         if r is R.SET_CONFIG:
             off, size, _ = p.CONFIG_HEADER.unpack_from(msg.payload)
             self.device.write_config(off, msg.payload[p.CONFIG_HEADER.size :])
             return None
+        if r is R.GET_INFLIGHT_FD:
+            _, _, nq, qs = p.inflight(msg)
+            if nq > len(self.vrings):
+                raise VhostUserError(
+                    f"GET_INFLIGHT_FD: {nq} queues requested, device has {len(self.vrings)}"
+                )
+            fd, size = infl.create(nq, qs)
+            self._reply_fds.append(fd)
+            return p.INFLIGHT.pack(size, 0, nq, qs)
+        if r is R.SET_INFLIGHT_FD:
+            size, off, nq, qs = p.inflight(msg)
+            region = infl.InflightRegion(msg.fds[0], size, off, nq, qs)
+            for vr in self.vrings:  # running rings re-attach to the new region
+                self._stop_ring(vr)
+                vr.inflight = None
+            if self.inflight is not None:
+                self.inflight.close()
+            self.inflight = region
+            for vr in self.vrings:
+                self._try_start(vr)
+            log.info(
+                "%s: inflight region %d bytes, %d queues of %d", self.device.name, size, nq, qs
+            )
+            return None
+        if r is R.GET_MAX_MEM_SLOTS:
+            return p.U64.pack(p.MAX_MEM_SLOTS)
+        if r is R.ADD_MEM_REG:
+            self._add_region(p.mem_reg(msg), msg.fds[0])
+            return None
+        if r is R.REM_MEM_REG:
+            self._remove_region(p.mem_reg(msg))
+            return None
+        if r is R.SET_STATUS:
+            self.status = msg.u64() & 0xFF
+            log.info("%s: device status %#x", self.device.name, self.status)
+            return None
+        if r is R.GET_STATUS:
+            broken = any(vr.broken for vr in self.vrings)
+            return p.U64.pack(self.status | (STATUS_NEEDS_RESET if broken else 0))
         if r is R.SET_LOG_BASE or r is R.SET_LOG_FD:
             raise VhostUserError(f"{r.name}: dirty logging (migration) is not offered")
         raise VhostUserError(f"{r.name} is not supported by this back-end")
@@ -367,9 +412,38 @@ class VhostUserBackend:
         self.stats.refused += self.mem.refused
         self.mem.close()
         self.mem = mem
-        self.stats.mapped_bytes = mem.mapped_bytes
+        self._memory_changed()
+
+    def _add_region(self, reg: p.MemRegion, fd: int) -> None:
+        if len(self.mem.regions) >= p.MAX_MEM_SLOTS:
+            raise VhostUserError(f"ADD_MEM_REG: all {p.MAX_MEM_SLOTS} memory slots in use")
+        try:
+            self.mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
+        except (OSError, BackendError) as e:
+            raise VhostUserError(f"ADD_MEM_REG: cannot map region: {e}") from e
+        self._memory_changed()
+
+    def _remove_region(self, reg: p.MemRegion) -> None:
+        key = (reg.gpa, reg.size, reg.uva)
+        found = next((r for r in self.mem.regions if (r.gpa, r.size, r.uva) == key), None)
+        if found is None:
+            raise VhostUserError(
+                f"REM_MEM_REG: no region gpa {reg.gpa:#x} size {reg.size:#x} uva {reg.uva:#x} "
+                f"is mapped ({self.mem.describe()})"
+            )
+        # Rings are re-mapped against what remains; their indices survive in vr.base.
+        for vr in self.vrings:
+            self._stop_ring(vr)
+        self.mem.remove(found.gpa)
+        self._memory_changed()
+
+    def _memory_changed(self) -> None:
+        self.stats.mapped_bytes = self.mem.mapped_bytes
         log.info(
-            "%s: guest memory %s (%d bytes)", self.device.name, mem.describe(), mem.mapped_bytes
+            "%s: guest memory %s (%d bytes)",
+            self.device.name,
+            self.mem.describe(),
+            self.mem.mapped_bytes,
         )
         for vr in self.vrings:
             self._try_start(vr)
@@ -377,37 +451,31 @@ class VhostUserBackend:
     # -- rings ----------------------------------------------------------------------------
 
     def _try_start(self, vr: Vring) -> None:
-        if vr.queue is not None or vr.addr is None or vr.kick < 0 or not vr.num or vr.broken:
+        if not vr.ready() or not self.mem.regions:
             return
-        if not self.mem.regions:
-            return
-        desc, used, avail = vr.addr
+        region = self.inflight
+        iq = region.queue(vr.index) if region is not None else None
         try:
-            gdesc = self.mem.uva_to_gpa(desc, 16 * vr.num)
-            gavail = self.mem.uva_to_gpa(avail, 6 + 2 * vr.num)
-            gused = self.mem.uva_to_gpa(used, 6 + 8 * vr.num)
-            q = SplitQueue(
-                vr.num, gdesc, gavail, gused, event_idx=bool(self.features >> p.F_EVENT_IDX & 1)
-            )
-            q.last_avail_idx = vr.base
-            q.used_idx = int.from_bytes(self.mem.translate(gused + 2, 2), "little")
+            q = vr.start(self.mem, bool(self.features >> p.F_EVENT_IDX & 1), iq)
         except BackendError as e:
+            vr.queue = None
             self._break(vr, f"vring {vr.index}: {e}")
             return
-        vr.queue = q
         self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
         log.info(
-            "%s: vring %d started: %d entries, desc gpa %#x",
+            "%s: vring %d started: %d entries, desc gpa %#x, avail idx %d%s",
             self.device.name,
             vr.index,
             vr.num,
-            gdesc,
+            q.desc,
+            q.last_avail_idx,
+            ", inflight tracked" if vr.inflight is not None else "",
         )
+        if vr.enabled:  # the driver may have queued requests while no back-end was there
+            self._serve(vr)
 
     def _stop_ring(self, vr: Vring) -> None:
-        if vr.queue is not None:
-            vr.base = vr.queue.last_avail_idx
-            vr.queue = None
+        vr.stop()
         if vr.kick >= 0:
             self.loop.remove_reader(vr.kick)
 
@@ -416,35 +484,28 @@ class VhostUserBackend:
         msg = f"{self.device.name}: {why}"
         self.stats.broken.append(msg)
         log.error("%s (queue marked broken; other devices keep running)", msg)
-        if vr.err >= 0:
-            os.write(vr.err, struct.pack("<Q", 1))
+        vr.signal_err()
 
     def _kicked(self, vr: Vring) -> None:
         try:
             os.read(vr.kick, 8)
         except BlockingIOError:
             pass
+        vr.stats.kicks += 1
         if vr.queue is not None and vr.enabled and not vr.broken:
             self._serve(vr)
 
     def _serve(self, vr: Vring) -> None:
-        q = vr.queue
-        assert q is not None
         try:
-            while True:
-                chains = q.pop(self.mem, BATCH)
-                if not chains:
-                    break
-                done = []
-                for head, readable, writable in chains:
-                    n = self.device.handle(vr.index, Chain(head, readable, writable), self.mem)
-                    done.append((head, n))
-                q.push(self.mem, done)
-                vr.served += len(done)
-                if q.should_notify(self.mem) and vr.call >= 0:
-                    os.write(vr.call, struct.pack("<Q", 1))
+            vr.serve(self.device, self.mem)
         except BackendError as e:
             self._break(vr, f"vring {vr.index}: {e}")
+        except OSError as e:  # the call eventfd went away: the front-end is resetting us
+            log.error("%s: vring %d: %s", self.device.name, vr.index, e)
+
+    def in_flight(self) -> int:
+        """Chains taken from avail rings and not yet completed (0 between loop callbacks)."""
+        return sum(vr.inflight.in_flight() for vr in self.vrings if vr.inflight is not None)
 
     def snapshot(self) -> dict:
         d = self.device
@@ -464,8 +525,8 @@ class VhostUserBackend:
             "errors": d.stats.errors,
             "by_type": dict(d.stats.by_type),
             "features": self.features,
-            "queues": [
-                {"index": v.index, "size": v.num, "served": v.served, "broken": v.broken}
-                for v in self.vrings
-            ],
+            "protocol_features": self.protocol_features,
+            "status": self.status,
+            "inflight_region": self.inflight.size if self.inflight is not None else 0,
+            "queues": [v.snapshot() for v in self.vrings],
         }

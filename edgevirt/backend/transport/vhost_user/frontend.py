@@ -62,11 +62,26 @@ class VhostUserFrontend:
         self.sock.sendmsg([data], anc)
 
     def recv_reply(self, request: int) -> bytes:
-        hdr = self._recv_exact(p.HEADER.size)
+        return self.recv_reply_fds(request)[0]
+
+    def recv_reply_fds(self, request: int) -> tuple[bytes, list[int]]:
+        """A reply and the fds that came with its header (GET_INFLIGHT_FD sends one)."""
+        fds = array.array("i")
+        hdr, anc, _, _ = self.sock.recvmsg(
+            p.HEADER.size, socket.CMSG_SPACE(p.MAX_FDS * fds.itemsize)
+        )
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        if not hdr:
+            raise VhostUserError("back-end closed the connection")
+        hdr += self._recv_exact(p.HEADER.size - len(hdr))
         req, flags, size = p.HEADER.unpack(hdr)
         if req != request or not flags & p.FLAG_REPLY:
+            for fd in fds:
+                os.close(fd)
             raise VhostUserError(f"reply to {request}: got request {req} flags {flags:#x}")
-        return self._recv_exact(size)
+        return self._recv_exact(size), list(fds)
 
     def _recv_exact(self, n: int) -> bytes:
         buf = b""
@@ -112,6 +127,31 @@ class VhostUserFrontend:
         body = p.MEM_HEADER.pack(1, 0) + p.MEM_REGION.pack(r.gpa, r.size, r.uva, 0)
         self.send(R.SET_MEM_TABLE, body, [self.fd])
 
+    def add_mem_reg(self) -> int:
+        """CONFIGURE_MEM_SLOTS style: hand over the region with ADD_MEM_REG (acked)."""
+        r = self.region
+        body = p.MEM_REG.pack(0) + p.MEM_REGION.pack(r.gpa, r.size, r.uva, 0)
+        return self.ack(R.ADD_MEM_REG, body, [self.fd])
+
+    def rem_mem_reg(self) -> int:
+        r = self.region
+        body = p.MEM_REG.pack(0) + p.MEM_REGION.pack(r.gpa, r.size, r.uva, 0)
+        return self.ack(R.REM_MEM_REG, body)
+
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """GET_INFLIGHT_FD: (fd, mmap_size) of the region the back-end allocated."""
+        self.send(R.GET_INFLIGHT_FD, p.INFLIGHT.pack(0, 0, num_queues, queue_size))
+        reply, fds = self.recv_reply_fds(R.GET_INFLIGHT_FD)
+        size, _off, _nq, _qs = p.INFLIGHT.unpack(reply)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise VhostUserError(f"GET_INFLIGHT_FD reply carried {len(fds)} fds, expected 1")
+        return fds[0], int(size)
+
+    def set_inflight(self, fd: int, size: int, num_queues: int, queue_size: int) -> None:
+        self.send(R.SET_INFLIGHT_FD, p.INFLIGHT.pack(size, 0, num_queues, queue_size), [fd])
+
     def uva(self, gpa: int) -> int:
         return self.region.uva + gpa - self.region.gpa
 
@@ -122,13 +162,18 @@ class VhostUserFrontend:
         *,
         base: int | None = None,
         addr_override: tuple[int, int, int] | None = None,
+        driver: DriverQueue | None = None,
+        vring_base: int = 0,
+        event_idx: bool = False,
     ) -> FrontendVring:
-        """Lay out a ring at ``base`` in guest memory and hand it to the back-end."""
-        drv = DriverQueue(self.mem, size, base=base)
+        """Lay out a ring at ``base`` in guest memory (or reuse ``driver``'s, as QEMU does
+        after a reconnect) and hand it to the back-end, next avail index ``vring_base``."""
+        drv = driver or DriverQueue(self.mem, size, base=base, event_idx=event_idx)
+        size = drv.size
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.send(R.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
-        self.send(R.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
+        self.send(R.SET_VRING_BASE, p.VRING_STATE.pack(index, vring_base))
         desc, used, avail = addr_override or (
             self.uva(drv.desc),
             self.uva(drv.used),
@@ -156,6 +201,19 @@ class VhostUserFrontend:
     def get_vring_base(self, index: int) -> int:
         _, num = p.VRING_STATE.unpack(self.call(R.GET_VRING_BASE, p.VRING_STATE.pack(index, 0)))
         return int(num)
+
+    def close_socket(self) -> None:
+        """Drop the connection but keep guest memory and rings (a VMM losing its back-end)."""
+        self.sock.close()
+        for vr in self.vrings.values():
+            os.close(vr.kick)
+            os.close(vr.call)
+        self.vrings.clear()
+
+    def reconnect(self, path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
 
     def close(self) -> None:
         self.sock.close()

@@ -33,6 +33,12 @@ VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log (u
 MEM_HEADER = struct.Struct("<II")  # nregions, padding
 MEM_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
 CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
+MEM_REG = struct.Struct("<Q")  # VhostUserMemRegMsg padding, then one MEM_REGION
+#: VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size; the C struct is padded
+#: to 24 bytes and QEMU sends and expects sizeof() = 24.
+INFLIGHT = struct.Struct("<QQHH4x")
+#: Memory slots we accept through ADD_MEM_REG (GET_MAX_MEM_SLOTS).
+MAX_MEM_SLOTS = 32
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
 
@@ -115,6 +121,7 @@ _U64_REQUESTS = {
     Request.SET_VRING_CALL,
     Request.SET_VRING_ERR,
     Request.SET_LOG_BASE,
+    Request.SET_STATUS,
 }
 _EMPTY_REQUESTS = {
     Request.GET_FEATURES,
@@ -124,6 +131,7 @@ _EMPTY_REQUESTS = {
     Request.RESET_OWNER,
     Request.RESET_DEVICE,
     Request.GET_MAX_MEM_SLOTS,
+    Request.GET_STATUS,
 }
 _STATE_REQUESTS = {
     Request.SET_VRING_NUM,
@@ -137,6 +145,16 @@ FD_COUNT = {
     Request.SET_LOG_FD: 1,
     Request.SET_INFLIGHT_FD: 1,
     Request.ADD_MEM_REG: 1,
+}
+
+
+#: Requests whose fd count depends on the payload (checked by decode itself).
+_FD_TAKERS = {
+    Request.SET_MEM_TABLE,
+    Request.SET_VRING_KICK,
+    Request.SET_VRING_CALL,
+    Request.SET_VRING_ERR,
+    Request.REM_MEM_REG,
 }
 
 
@@ -212,7 +230,14 @@ def decode(req: int, flags: int, payload: bytes, fds: list[int]) -> Message:
         if len(fds) != count:
             raise VhostUserError(f"SET_MEM_TABLE: {count} regions but {len(fds)} fds")
     elif request in (Request.ADD_MEM_REG, Request.REM_MEM_REG):
-        expect = U64.size + MEM_REGION.size
+        expect = MEM_REG.size + MEM_REGION.size
+        # QEMU 7.2 attaches the region's fd to REM_MEM_REG, later versions none.
+        if request is Request.REM_MEM_REG and len(fds) > 1:
+            raise VhostUserError(f"REM_MEM_REG: {len(fds)} fds attached, expected 0 or 1")
+    elif request in (Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD):
+        # 20 bytes is the packed layout some front-ends send; the fields are the same.
+        if n not in (INFLIGHT.size, INFLIGHT.size - 4):
+            raise VhostUserError(f"{request.name}: payload {n} bytes, expected {INFLIGHT.size}")
     elif request in (Request.GET_CONFIG, Request.SET_CONFIG):
         if n < CONFIG_HEADER.size:
             raise VhostUserError(f"{request.name}: payload {n} bytes, shorter than its header")
@@ -227,6 +252,8 @@ def decode(req: int, flags: int, payload: bytes, fds: list[int]) -> Message:
     want_fds = FD_COUNT.get(request)
     if want_fds is not None and len(fds) != want_fds:
         raise VhostUserError(f"{request.name}: {len(fds)} fds attached, expected {want_fds}")
+    if want_fds is None and request not in _FD_TAKERS and fds:
+        raise VhostUserError(f"{request.name}: {len(fds)} fds attached, expected none")
     if request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
         nofd = bool(U64.unpack(payload)[0] & VRING_NOFD_MASK)
         if len(fds) != (0 if nofd else 1):
@@ -241,13 +268,29 @@ def mem_regions(msg: Message) -> list[MemRegion]:
         gpa, size, uva, off = MEM_REGION.unpack_from(
             msg.payload, MEM_HEADER.size + i * MEM_REGION.size
         )
-        if size == 0 or gpa + size > 1 << 64 or uva + size > 1 << 64:
-            raise VhostUserError(
-                f"SET_MEM_TABLE region {i}: gpa {gpa:#x} size {size:#x} uva {uva:#x} is empty "
-                f"or wraps the address space"
-            )
-        out.append(MemRegion(gpa, size, uva, off))
+        out.append(_region(f"SET_MEM_TABLE region {i}", gpa, size, uva, off))
     return out
+
+
+def _region(what: str, gpa: int, size: int, uva: int, off: int) -> MemRegion:
+    if size == 0 or gpa + size > 1 << 64 or uva + size > 1 << 64 or off + size > 1 << 64:
+        raise VhostUserError(
+            f"{what}: gpa {gpa:#x} size {size:#x} uva {uva:#x} offset {off:#x} is empty "
+            f"or wraps the address space"
+        )
+    return MemRegion(gpa, size, uva, off)
+
+
+def mem_reg(msg: Message) -> MemRegion:
+    """The one region of ADD_MEM_REG / REM_MEM_REG."""
+    gpa, size, uva, off = MEM_REGION.unpack_from(msg.payload, MEM_REG.size)
+    return _region(msg.request.name, gpa, size, uva, off)
+
+
+def inflight(msg: Message) -> tuple[int, int, int, int]:
+    """(mmap_size, mmap_offset, num_queues, queue_size) of GET/SET_INFLIGHT_FD."""
+    size, off, nq, qs = INFLIGHT.unpack(msg.payload.ljust(INFLIGHT.size, b"\0"))
+    return int(size), int(off), int(nq), int(qs)
 
 
 def pack(request: Request, payload: bytes) -> bytes:

@@ -1,0 +1,336 @@
+"""The device side of a virtio-msg bus over ivshmem: message memory, doorbells, dispatch.
+
+The bus owns the message memory (a memfd it lays out, see :mod:`.channel`), serves it to
+one driver peer through the ivshmem server protocol (:mod:`.ivshmem`), and dispatches each
+transport message to the :class:`~.device.MsgDevice` for its ``dev_num``, which wraps the
+same device classes vhost-user serves. Device numbers are the index in the device list.
+
+Doorbells: the driver rings our vector 0 after publishing messages; we ring its vector 0
+after publishing responses or events. Without doorbells (no server, or a driver that cannot
+ring) the bus polls every ``poll_interval`` seconds. With doorbells a slow backstop poll
+still runs: it catches a wake-up lost to the one store->load reordering Python cannot
+fence (see :mod:`.channel`) and continues work cut short by the per-round budget.
+
+Notifications are coalesced so the rings can never overflow with them: an EVENT_USED for a
+queue is not sent again while the previous one is still unconsumed (the guest module does
+the same with EVENT_AVAIL). Full fences order each check (the C ring's
+``should_notify``/``set_notification``).
+
+Everything the driver sends is hostile: a malformed message is discarded and counted (the
+draft: "SHOULD be discarded ... SHOULD NOT generate further protocol traffic"), a broken ring
+index stops that ring until the driver reconnects, and no exception a message can cause
+escapes to the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from edgevirt.backend.devices.base import VirtioDevice
+from edgevirt.backend.loop import Loop
+from edgevirt.backend.memory import GuestMemory
+from edgevirt.backend.transport.virtio_msg import protocol as p
+from edgevirt.backend.transport.virtio_msg.channel import (
+    DEFAULT_SIZE,
+    DEFAULT_SLOTS,
+    MessageMemory,
+)
+from edgevirt.backend.transport.virtio_msg.device import MsgDevice
+from edgevirt.backend.transport.virtio_msg.ivshmem import Client, IvshmemServer, drain
+from edgevirt.backend.transport.virtio_msg.protocol import BusMsgId, Message, MsgId, VirtioMsgError
+
+log = logging.getLogger(__name__)
+
+#: Our ivshmem peer ID (written into the message memory header for the driver to ring).
+DEVICE_PEER = 0
+VECTORS = 2
+VECTOR_MESSAGES = 0  # both directions: "messages are waiting in your ring"
+BACKSTOP = 0.05
+ROUNDS = 16  # round-robin passes over pending queues per poll
+
+
+@dataclass
+class BusStats:
+    messages_in: int = 0
+    messages_out: int = 0
+    doorbells_in: int = 0
+    doorbells_out: int = 0
+    dropped: int = 0  # to-driver ring full
+    coalesced: int = 0  # EVENT_USED not sent: the previous one is still unconsumed
+    protocol_errors: int = 0
+    polls: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few, for the stats file
+
+    def error(self, text: str) -> None:
+        self.protocol_errors += 1
+        if len(self.errors) < 20:
+            self.errors.append(text)
+
+
+class MsgBus:
+    def __init__(
+        self,
+        devices: Sequence[VirtioDevice],
+        mem: GuestMemory,
+        loop: Loop,
+        *,
+        socket_path: str | None = None,
+        size: int = DEFAULT_SIZE,
+        nslots: int = DEFAULT_SLOTS,
+        vectors: int = VECTORS,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.mem = mem
+        self.loop = loop
+        self.stats = BusStats()
+        self.devices = {n: MsgDevice(n, d, mem) for n, d in enumerate(devices)}
+        self.shm_fd = os.memfd_create("edgevirt-virtio-msg", os.MFD_CLOEXEC)
+        self.server: IvshmemServer | None = None
+        self._work: dict[tuple[int, int], None] = {}  # queues to serve, in arrival order
+        self._used_pos: dict[tuple[int, int], int] = {}  # last EVENT_USED's ring position
+        self._kick = False
+        try:
+            os.ftruncate(self.shm_fd, size)
+            self._map = mmap.mmap(self.shm_fd, size, mmap.MAP_SHARED)
+            self.msgmem = MessageMemory.create(memoryview(self._map), nslots, DEVICE_PEER)
+            if socket_path is not None:
+                self.server = IvshmemServer(
+                    socket_path,
+                    self.shm_fd,
+                    vectors,
+                    own_id=DEVICE_PEER,
+                    on_connect=self._connected,
+                    on_disconnect=self._disconnected,
+                )
+        except BaseException:
+            os.close(self.shm_fd)
+            raise
+        if self.server is not None:
+            loop.add_reader(self.server.listener.fileno(), self._accept)
+            for fd in self.server.own_eventfds:
+                loop.add_reader(fd, functools.partial(self._doorbell, fd))
+        loop.every(poll_interval or BACKSTOP, self.poll)
+
+    # -- peer lifetime --------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.server is not None
+        self.server.accept()
+
+    def _connected(self, client: Client) -> None:
+        self.loop.add_reader(client.sock.fileno(), self._client_readable)
+
+    def _client_readable(self) -> None:
+        assert self.server is not None
+        self.server.client_readable()
+
+    def _disconnected(self, client: Client) -> None:
+        """The driver is gone: forget its devices' state and start the rings afresh."""
+        self.loop.remove_reader(client.sock.fileno())
+        for dev in self.devices.values():
+            dev.reset()
+        self.msgmem.reset()
+        self._work.clear()
+        self._used_pos.clear()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.loop.remove_reader(self.server.listener.fileno())
+            for fd in self.server.own_eventfds:
+                self.loop.remove_reader(fd)
+            self.server.close()
+            self.server = None
+        if self.shm_fd >= 0:
+            self.msgmem.close()
+            self._map.close()
+            os.close(self.shm_fd)
+            self.shm_fd = -1
+        for dev in self.devices.values():
+            dev.device.close()
+
+    # -- the work loop --------------------------------------------------------------------
+
+    def _doorbell(self, fd: int) -> None:
+        self.stats.doorbells_in += drain(fd)
+        self.poll()
+
+    def poll(self) -> None:
+        """Drain the to-device ring, serve the queues it named, notify the driver once."""
+        if self.shm_fd < 0:
+            return
+        self.stats.polls += 1
+        ring = self.msgmem.to_device
+        try:
+            for _ in range(2 * ring.nslots):
+                raw = ring.get()
+                if raw is None:
+                    break
+                self.stats.messages_in += 1
+                self._dispatch(raw)
+        except VirtioMsgError as e:
+            self._ring_broken(e)
+        for _ in range(ROUNDS):
+            if not self._work:
+                break
+            for key in list(self._work):
+                self._serve(key)
+        if self._kick:
+            self._kick = False
+            if self.server is not None and self.server.interrupt(VECTOR_MESSAGES):
+                self.stats.doorbells_out += 1
+
+    def _ring_broken(self, e: VirtioMsgError) -> None:
+        if str(e) not in self.stats.errors:
+            log.error("%s; ring stopped until the driver reconnects", e)
+            self.stats.error(str(e))
+
+    def _serve(self, key: tuple[int, int]) -> None:
+        dev_num, index = key
+        try:
+            notify, more = self.devices[dev_num].serve(index)
+        except VirtioMsgError as e:
+            self.stats.error(str(e))
+            log.warning("%s", e)
+            notify, more = False, False
+        if not more:
+            self._work.pop(key, None)
+        if notify:
+            pos = self._used_pos.get(key)
+            try:
+                if pos is not None and self.msgmem.to_driver.unconsumed(pos):
+                    self.stats.coalesced += 1
+                    return
+            except VirtioMsgError as e:
+                self._ring_broken(e)
+                return
+            sent = self._send(p.event(MsgId.EVENT_USED, dev_num, index=index))
+            if sent is not None:
+                self._used_pos[key] = sent
+
+    def _send(self, msg: Message) -> int | None:
+        ring = self.msgmem.to_driver
+        try:
+            pos = ring.put(p.encode(msg))
+        except VirtioMsgError as e:
+            self._ring_broken(e)
+            return None
+        if pos is None:
+            self.stats.dropped += 1
+            log.warning("to-driver ring full: %s dropped", msg.describe())
+            return None
+        self.stats.messages_out += 1
+        self._kick = True
+        return pos
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _discard(self, why: str) -> None:
+        self.stats.error(why)
+        log.warning("message discarded: %s", why)
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            msg = p.decode(raw)
+        except VirtioMsgError as e:
+            self._discard(str(e))
+            return
+        if msg.response:
+            self._discard(f"{msg.describe()}: the device side sent no request")
+            return
+        if msg.bus:
+            reply = self._bus_message(msg)
+        else:
+            reply = self._transport_message(msg)
+        if reply is not None:
+            try:
+                self._send(reply)
+            except VirtioMsgError as e:  # a response that cannot be encoded: refuse the request
+                self._discard(f"{msg.describe()}: {e}")
+
+    def _transport_message(self, msg: Message) -> Message | None:
+        dev = self.devices.get(msg.dev_num)
+        if dev is None:
+            if msg.msg_id == MsgId.GET_DEVICE_INFO:  # an inactive device: all fields 0
+                zero = dict.fromkeys(p.LAYOUTS[(False, MsgId.GET_DEVICE_INFO, True)].fields, 0)
+                return p.Message(msg.msg_id, msg.dev_num, msg.token, True, False, zero)
+            self._discard(f"{msg.describe()}: no device {msg.dev_num} on this bus")
+            return None
+        if msg.msg_id == MsgId.EVENT_AVAIL:
+            if msg["index"] >= len(dev.vqs):
+                self._discard(f"{msg.describe()}: queue {msg['index']} does not exist")
+                return None
+            self._work[(msg.dev_num, msg["index"])] = None
+            return None
+        try:
+            return dev.handle(msg)
+        except VirtioMsgError as e:
+            self._discard(str(e))
+        except Exception as e:  # a device bug must not take the bus down: contain it
+            log.exception("%s: %s failed", dev.name, msg.describe())
+            dev.broken.append(f"{msg.describe()}: {type(e).__name__}: {e}")
+            dev.status |= p.STATUS_DEVICE_NEEDS_RESET
+        return None
+
+    def _bus_message(self, msg: Message) -> Message | None:
+        if msg.msg_id == BusMsgId.PING:
+            return p.Message(msg.msg_id, 0, msg.token, True, True, {"data": msg["data"]})
+        if msg.msg_id == BusMsgId.GET_DEVICES:
+            off, count = msg["offset"], msg["count"]
+            if p.HEADER.size + 6 + count // 8 > p.MAX_MSG_SIZE:
+                self._discard(f"{msg.describe()}: {count} device numbers do not fit one answer")
+                return None
+            bits = bytearray(count // 8)
+            for n in self.devices:
+                if off <= n < off + count:
+                    bits[(n - off) // 8] |= 1 << ((n - off) % 8)
+            later = [n for n in self.devices if n >= off + count]
+            nxt = min(later) // 8 * 8 if later else 0
+            fields = {"offset": off, "count": count, "next_offset": nxt}
+            return p.Message(msg.msg_id, 0, msg.token, True, True, fields, bytes(bits))
+        self._discard(f"{msg.describe()}: not a message the device side receives")
+        return None
+
+    # -- observation ----------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        client = self.server.client if self.server else None
+        rings = (
+            {
+                r.name: {"head": r.head, "tail": r.tail, "broken": r.broken}
+                for r in (self.msgmem.to_device, self.msgmem.to_driver)
+            }
+            if self.shm_fd >= 0
+            else {}
+        )
+        return {
+            "transport": "virtio-msg",
+            "socket": self.server.path if self.server else None,
+            "connected": client is not None,
+            "peer": client.id if client else None,
+            "connections": self.server.connections if self.server else 0,
+            "message_memory": self._map.size() if self.shm_fd >= 0 else 0,
+            "messages_in": s.messages_in,
+            "messages_out": s.messages_out,
+            "doorbells_in": s.doorbells_in,
+            "doorbells_out": s.doorbells_out,
+            "dropped": s.dropped,
+            "coalesced": s.coalesced,
+            "protocol_errors": s.protocol_errors,
+            "errors": list(s.errors),
+            "rings": rings,
+            "devices": [
+                {
+                    **d.snapshot(),
+                    "mapped_bytes": self.mem.mapped_bytes,
+                    "memory": self.mem.describe(),
+                    "refused": self.mem.refused,
+                }
+                for d in self.devices.values()
+            ],
+        }

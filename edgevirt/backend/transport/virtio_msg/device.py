@@ -1,0 +1,336 @@
+"""One virtio device behind the virtio-msg bus: the transport messages' device side.
+
+A :class:`MsgDevice` wraps an unchanged :class:`~edgevirt.backend.devices.VirtioDevice`
+(the same classes vhost-user serves) and answers the transport messages for its device
+number: device info, feature blocks, config space with a generation count, device status,
+virtqueues. Chains are served from rings in guest memory (the carve-out) through the same
+``SplitQueue`` as vhost-user.
+
+A well-formed request always gets a response, even when its content is refused: a
+GET_CONFIG outside the config space answers with zero bytes, a SET_CONFIG with a stale
+generation or bad range is rejected with size 0 (as the draft says), a feature set the
+device never offered makes FEATURES_OK not stick, a virtqueue outside the carve-out marks
+that queue broken and sets DEVICE_NEEDS_RESET. The driver can therefore always tell what
+happened, and nothing it sends can make the back-end touch memory outside the carve-out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.memory import GuestMemory
+from edgevirt.backend.transport.virtio_msg import protocol as p
+from edgevirt.backend.transport.virtio_msg.protocol import Message, MsgId
+from edgevirt.backend.virtq import SplitQueue
+from edgevirt.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+F_INDIRECT_DESC = 28
+F_EVENT_IDX = 29
+F_VERSION_1 = 32
+F_ACCESS_PLATFORM = 33
+#: Feature bits the transport reports: 64 (two blocks) covers everything offered here.
+NUM_FEATURE_BITS = 64
+#: ASCII "EDGE": the vendor ID in GET_DEVICE_INFO (virtio-mmio's VendorID equivalent).
+VENDOR_ID = 0x45474445
+MAX_QUEUE_SIZE = 256
+#: Feature blocks one answer can carry (8-byte header, 8 bytes of fields, 4 per block).
+MAX_FEATURE_BLOCKS = (p.MAX_MSG_SIZE - p.HEADER.size - 8) // 4
+#: Chains served per call before other queues get a turn.
+BATCH = 64
+SERVE_BUDGET = 256
+
+
+@dataclass
+class VQueue:
+    index: int
+    size: int = 0
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+    queue: SplitQueue | None = None
+    broken: str | None = None
+    served: int = 0
+
+    def clear(self) -> None:
+        self.size = self.desc = self.driver = self.device = 0
+        self.queue = None
+
+
+class MsgDevice:
+    def __init__(self, dev_num: int, device: VirtioDevice, mem: GuestMemory) -> None:
+        self.dev_num = dev_num
+        self.device = device
+        self.mem = mem
+        self.status = 0
+        self.driver_features = 0
+        self.generation = 0
+        self._config = device.config()
+        self.vqs = [VQueue(i) for i in range(device.num_queues)]
+        self.broken: list[str] = []
+
+    @property
+    def offered_features(self) -> int:
+        return (
+            self.device.features
+            | 1 << F_VERSION_1
+            | 1 << F_ACCESS_PLATFORM  # the guest must use the DMA API, hence the carve-out
+            | 1 << F_INDIRECT_DESC
+            | 1 << F_EVENT_IDX
+        )
+
+    @property
+    def name(self) -> str:
+        return f"{self.device.name}@{self.dev_num}"
+
+    def reset(self) -> None:
+        for vq in self.vqs:
+            vq.clear()
+            vq.broken = None
+        self.status = 0
+        self.driver_features = 0
+        self.device.reset()
+
+    def _config_now(self) -> bytes:
+        """The config space; a change since the driver last looked bumps the generation."""
+        cfg = self.device.config()
+        if cfg != self._config:
+            self._config = cfg
+            self.generation = (self.generation + 1) & 0xFFFFFFFF
+        return cfg
+
+    def _break(self, vq: VQueue, why: str) -> None:
+        vq.broken = why
+        vq.queue = None
+        self.status |= p.STATUS_DEVICE_NEEDS_RESET
+        msg = f"{self.name}: {why}"
+        self.broken.append(msg)
+        log.error(
+            "%s (queue marked broken, DEVICE_NEEDS_RESET set; other devices keep running)", msg
+        )
+
+    # -- messages -------------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> Message | None:  # noqa: C901 - one branch per message
+        """Answer one transport request (None for events). Raises VirtioMsgError for a
+        message the device side must not receive (which the bus discards and logs)."""
+        m = msg.msg_id
+        if m == MsgId.GET_DEVICE_INFO:
+            return p.respond(
+                msg,
+                device_id=self.device.device_id,
+                vendor_id=VENDOR_ID,
+                num_feature_bits=NUM_FEATURE_BITS,
+                config_size=len(self._config_now()),
+                max_virtqueues=len(self.vqs),
+                admin_vq_start=0,
+                admin_vq_count=0,
+            )
+        if m == MsgId.GET_DEVICE_FEATURES:
+            index, count = msg["index"], msg["num_blocks"]
+            if count > MAX_FEATURE_BLOCKS:
+                raise p.VirtioMsgError(
+                    f"{self.name}: GET_DEVICE_FEATURES of {count} blocks, an answer holds "
+                    f"at most {MAX_FEATURE_BLOCKS}"
+                )
+            words = p.features_to_words(self.offered_features, index, count)
+            return p.respond(msg, words, index=index, num_blocks=count)
+        if m == MsgId.SET_DRIVER_FEATURES:
+            index, count = msg["index"], msg["num_blocks"]
+            if self.status & p.STATUS_FEATURES_OK:
+                log.warning("%s: SET_DRIVER_FEATURES after FEATURES_OK ignored", self.name)
+            elif index + count <= NUM_FEATURE_BITS // 32:
+                mask = ((1 << (32 * count)) - 1) << (32 * index)
+                value = p.words_to_features(msg.data, index)
+                self.driver_features = (self.driver_features & ~mask) | value
+            elif any(msg.data):
+                # Bits beyond what we have can never be accepted: remember them so that
+                # FEATURES_OK does not stick.
+                self.driver_features |= 1 << NUM_FEATURE_BITS
+            return p.respond(msg)
+        if m == MsgId.GET_CONFIG:
+            cfg = self._config_now()
+            off, size = msg["offset"], msg["size"]
+            limit = p.MAX_MSG_SIZE - p.HEADER.size - 12
+            if off > len(cfg) or size > len(cfg) - off or size > limit:
+                log.warning(
+                    "%s: GET_CONFIG offset %d size %d outside config space of %d bytes",
+                    self.name,
+                    off,
+                    size,
+                    len(cfg),
+                )
+                size = 0
+            return p.respond(
+                msg, cfg[off : off + size], generation=self.generation, offset=off, size=size
+            )
+        if m == MsgId.SET_CONFIG:
+            cfg = self._config_now()
+            off, size = msg["offset"], msg["size"]
+            if msg["generation"] != self.generation or off > len(cfg) or size > len(cfg) - off:
+                log.warning(
+                    "%s: SET_CONFIG generation %d offset %d size %d rejected (generation %d, "
+                    "config space %d bytes)",
+                    self.name,
+                    msg["generation"],
+                    off,
+                    size,
+                    self.generation,
+                    len(cfg),
+                )
+                return p.respond(msg, generation=self.generation, offset=off, size=0)
+            self.device.write_config(off, msg.data)
+            cfg = self._config_now()
+            return p.respond(
+                msg, cfg[off : off + size], generation=self.generation, offset=off, size=size
+            )
+        if m == MsgId.GET_DEVICE_STATUS:
+            return p.respond(msg, status=self.status)
+        if m == MsgId.SET_DEVICE_STATUS:
+            self._set_status(msg["status"])
+            return p.respond(msg, status=self.status)
+        if m == MsgId.GET_VQUEUE:
+            index = msg["index"]
+            if index >= len(self.vqs):
+                return p.respond(msg, index=index, max_size=0, size=0, desc=0, driver=0, device=0)
+            vq = self.vqs[index]
+            return p.respond(
+                msg,
+                index=index,
+                max_size=MAX_QUEUE_SIZE,
+                size=vq.size,
+                desc=vq.desc,
+                driver=vq.driver,
+                device=vq.device,
+            )
+        if m == MsgId.SET_VQUEUE:
+            self._set_vqueue(msg)
+            return p.respond(msg)
+        if m == MsgId.RESET_VQUEUE:
+            if msg["index"] < len(self.vqs):
+                vq = self.vqs[msg["index"]]
+                vq.clear()
+                vq.broken = None
+            return p.respond(msg)
+        if m == MsgId.GET_SHM:
+            return p.respond(msg, index=msg["index"], length=0, address=0)  # none: length 0
+        if m == MsgId.EVENT_AVAIL:
+            return None  # the bus serves the queue: see serve()
+        raise p.VirtioMsgError(f"{self.name}: {msg.describe()} is not for the device side")
+
+    def _set_status(self, status: int) -> None:
+        if status == 0:
+            log.info("%s: reset by the driver", self.name)
+            self.reset()
+            return
+        if status & ~self.status & p.STATUS_FEATURES_OK:
+            extra = self.driver_features & ~self.offered_features
+            if extra or not self.driver_features >> F_VERSION_1 & 1:
+                log.error(
+                    "%s: FEATURES_OK refused: driver features %#x (%s)",
+                    self.name,
+                    self.driver_features,
+                    f"bits {extra:#x} never offered" if extra else "VERSION_1 not set",
+                )
+                status &= ~p.STATUS_FEATURES_OK
+            else:
+                self.device.acked_features = self.driver_features
+        # DEVICE_NEEDS_RESET is ours to set; the driver cannot clear it except by reset.
+        self.status = status | (self.status & p.STATUS_DEVICE_NEEDS_RESET)
+        if status & p.STATUS_DRIVER_OK:
+            log.info(
+                "%s: DRIVER_OK, features %#x, queues %s",
+                self.name,
+                self.driver_features,
+                [vq.size for vq in self.vqs],
+            )
+
+    def _set_vqueue(self, msg: Message) -> None:
+        index = msg["index"]
+        if index >= len(self.vqs):
+            log.error("%s: SET_VQUEUE for queue %d, device has %d", self.name, index, len(self.vqs))
+            return
+        vq = self.vqs[index]
+        size, desc, driver, device = msg["size"], msg["desc"], msg["driver"], msg["device"]
+        where = (
+            f"queue {index} (size {size}, desc {desc:#x}, driver {driver:#x}, device {device:#x})"
+        )
+        if vq.queue is not None and self.status & p.STATUS_DRIVER_OK:
+            log.error("%s: SET_VQUEUE on live %s refused; reset it first", self.name, where)
+            return
+        vq.clear()
+        vq.broken = None
+        if not (1 <= size <= MAX_QUEUE_SIZE and size & (size - 1) == 0):
+            self._break(vq, f"{where}: size is not a power of two in 1..{MAX_QUEUE_SIZE}")
+            return
+        try:
+            # Every area must lie in the carve-out: the ring code checks again on each access.
+            self.mem.translate(desc, 16 * size)
+            self.mem.translate(driver, 6 + 2 * size)
+            self.mem.translate(device, 6 + 8 * size)
+            event_idx = bool(self.driver_features >> F_EVENT_IDX & 1)
+            queue = SplitQueue(size, desc, driver, device, event_idx=event_idx)
+        except BackendError as e:  # outside the carve-out, or misaligned (RingError)
+            self._break(vq, f"{where}: {e}")
+            return
+        vq.size, vq.desc, vq.driver, vq.device, vq.queue = size, desc, driver, device, queue
+
+    # -- virtqueues -----------------------------------------------------------------------
+
+    def serve(self, index: int) -> tuple[bool, bool]:
+        """Serve queue ``index``: returns (the driver should be notified, work is left)."""
+        if index >= len(self.vqs):
+            raise p.VirtioMsgError(
+                f"{self.name}: EVENT_AVAIL for queue {index}, has {len(self.vqs)}"
+            )
+        vq = self.vqs[index]
+        q = vq.queue
+        if q is None or vq.broken or not self.status & p.STATUS_DRIVER_OK:
+            return False, False
+        notify = False
+        budget = SERVE_BUDGET
+        try:
+            while budget > 0:
+                chains = q.pop(self.mem, min(BATCH, budget))
+                if not chains:
+                    # Full fence inside: orders our earlier stores (used idx, the message
+                    # ring's consumer index) before re-reading avail idx.
+                    q.set_notification(self.mem, True)
+                    if not q.pending(self.mem):
+                        break
+                    continue
+                done = []
+                for head, readable, writable in chains:
+                    n = self.device.handle(index, Chain(head, readable, writable), self.mem)
+                    done.append((head, n))
+                q.push(self.mem, done)
+                vq.served += len(done)
+                budget -= len(done)
+                notify |= q.should_notify(self.mem)
+        except BackendError as e:
+            self._break(vq, f"queue {index}: {e}")
+            return notify, False
+        return notify, budget <= 0
+
+    def snapshot(self) -> dict:
+        d = self.device
+        return {
+            "device": d.name,
+            "dev_num": self.dev_num,
+            "status": self.status,
+            "features": self.driver_features,
+            "generation": self.generation,
+            "broken": list(self.broken),
+            "requests": d.stats.requests,
+            "bytes_read": d.stats.bytes_read,
+            "bytes_written": d.stats.bytes_written,
+            "errors": d.stats.errors,
+            "by_type": dict(d.stats.by_type),
+            "queues": [
+                {"index": v.index, "size": v.size, "served": v.served, "broken": v.broken}
+                for v in self.vqs
+            ],
+        }
