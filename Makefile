@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXT_SRC := edgevirt/backend/virtq/_ring.c
+EXT_SRC := $(wildcard edgevirt/backend/virtq/*.c edgevirt/backend/virtq/*.h)
 HOST_STAMP := $(VENV)/.host-packages
 PY_STAMP := $(VENV)/.installed
 

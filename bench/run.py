@@ -1,5 +1,8 @@
 """`make bench`: back-end benchmarks, printed as ratios against anchors measured in the same
-run (qemu-storage-daemon for blk, the pure-Python ring for the C ring)."""
+run (qemu-storage-daemon for blk, the pure-Python ring for the C ring).
+
+``--guest`` runs the in-guest benchmark instead (bench/guest.py: boots a QEMU guest, needs
+the cached kernel); ``--guest-keep DIR`` keeps its logs in DIR."""
 
 from __future__ import annotations
 
@@ -8,17 +11,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import blk, ring  # noqa: E402
+from bench import blk, guest, ring  # noqa: E402
 
 
 def table(rows: list[dict]) -> str:
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
 
 
 def main() -> None:
+    if "--guest" in sys.argv or "--guest-keep" in sys.argv:
+        keep = sys.argv[sys.argv.index("--guest-keep") + 1] if "--guest-keep" in sys.argv else None
+        print(table(guest.run(Path(keep) if keep else None)))
+        return
     print(table(ring.run()))
     print()
     print(table(blk.run()))

@@ -198,7 +198,9 @@ def test_multiqueue_both_queues_serve(blk, disk):
     assert request(fe, b.T_IN, 2, read_len=512, queue=0)[2] == c
     queues = be.snapshot()["queues"]
     assert [q["served"] for q in queues] == [2, 2]
-    assert all(q["kicks"] >= 2 and q["notifications"] >= 2 for q in queues), queues
+    # A request can be served by the serve loop of the previous kick before its own kick is
+    # read, so only one kick per queue is certain by now.
+    assert all(q["kicks"] >= 1 and q["notifications"] >= 2 for q in queues), queues
 
 
 def test_readonly_refuses_writes_and_offers_ro(tmp_path, disk):

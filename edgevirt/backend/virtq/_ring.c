@@ -1,7 +1,8 @@
 /* Split virtqueue, device side (virtio 1.x section 2.7), hardened per DESIGN section 6.
  *
  * Same API and the same error messages as pyring.py, the pure-Python reference; one test
- * suite runs against both, plus differential property tests. The guest is hostile: every
+ * suite runs against both, plus differential property tests. serve_blk(), the virtio-blk
+ * request path on top of the same walk, lives in _blk.c. The guest is hostile: every
  * value read from its memory is checked before use, every address is bounds checked against
  * mem.table without forming gpa + len, and the first violation marks the queue broken.
  *
@@ -9,83 +10,16 @@
  * avail = le16 flags, le16 idx, le16 ring[size], le16 used_event
  * used  = le16 flags, le16 idx, {le32 id, le32 len}[size], le16 avail_event
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_ring.h"
+
 #include <structmember.h>
 #include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-enum {
-    DESC_F_NEXT = 1, DESC_F_WRITE = 2, DESC_F_INDIRECT = 4,
-    AVAIL_F_NO_INTERRUPT = 1, USED_F_NO_NOTIFY = 1,
-    MAX_QUEUE_SIZE = 32768, MAX_INDIRECT = 65535,
-    POP_SEGMENT_BUDGET = 65536, /* pop() starts no new chain once it holds this many buffers */
-    MAX_WINDOWS_SHOWN = 8,
-};
-
-typedef struct {
-    PyObject *ring_error, *mem_error; /* edgevirt.errors.RingError, GuestMemoryError */
-    PyObject *log;                    /* logging.getLogger("edgevirt.backend.virtq") */
-    PyObject *queue_type;
-} ring_state;
-
-typedef struct {
-    PyObject_HEAD
-    unsigned long long desc, avail, used;
-    unsigned int size;
-    uint16_t last_avail_idx, used_idx, signalled_used;
-    char event_idx;
-    PyObject *broken; /* NULL or the str that broke the queue */
-} Queue;
-
-/* ---- little-endian access to guest memory, correct on any host byte order ---- */
-
-static inline uint64_t get_le(const uint8_t *p, int n)
-{
-    uint64_t v = 0;
-    for (int i = n - 1; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static inline void put_le(uint8_t *p, uint64_t v, int n)
-{
-    for (int i = 0; i < n; i++, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define LE16(v) __builtin_bswap16(v)
-#else
-#define LE16(v) (v)
-#endif
-
-/* Shared 16-bit fields (idx, flags, ring entries, events) are accessed once, single-copy
- * atomically when the host address is aligned, so a concurrently written idx is not torn. */
-static inline uint16_t ld16(const uint8_t *p)
-{
-    if (((uintptr_t)p & 1) == 0)
-        return LE16(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
-    return (uint16_t)get_le(p, 2);
-}
-
-static inline void st16(uint8_t *p, uint16_t v)
-{
-    if (((uintptr_t)p & 1) == 0)
-        __atomic_store_n((uint16_t *)p, (uint16_t)LE16(v), __ATOMIC_RELAXED);
-    else
-        put_le(p, v, 2);
-}
-
 /* ---- guest memory: the windows of mem.table, buffers held for one call ---- */
 
-typedef struct { uint64_t gpa, size; uint8_t *host; } window;
-typedef struct { PyObject *seq; Py_buffer *views; window *win; Py_ssize_t n, held; } guestmem;
-
-static void mem_release(guestmem *m)
+void mem_release(guestmem *m)
 {
     for (Py_ssize_t i = 0; i < m->held; i++)
         PyBuffer_Release(&m->views[i]);
@@ -139,7 +73,7 @@ static int mem_acquire(PyObject *mem, guestmem *m)
 }
 
 /* Host pointer of [gpa, gpa+len) if it lies inside one window; no gpa+len is ever formed. */
-static uint8_t *mem_find(const guestmem *m, uint64_t gpa, uint64_t len)
+uint8_t *mem_find(const guestmem *m, uint64_t gpa, uint64_t len)
 {
     for (Py_ssize_t i = 0; i < m->n; i++) {
         const window *w = &m->win[i];
@@ -150,9 +84,6 @@ static uint8_t *mem_find(const guestmem *m, uint64_t gpa, uint64_t len)
 }
 
 /* ---- errors found without the GIL: formatted into a buffer, raised afterwards ---- */
-
-enum { ERR_NONE, ERR_RING, ERR_MEM, ERR_NOMEM };
-typedef struct { int kind; const char *rule; char msg[1024]; } err_t;
 
 static int ring_fail(err_t *e, const char *rule, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -184,17 +115,6 @@ static int mem_fail(err_t *e, const guestmem *m, const char *what, uint64_t gpa,
     return -1;
 }
 
-/* A snapshot of the queue, so the GIL-free code never reads the Python object. */
-typedef struct {
-    unsigned long long desc_gpa, avail_gpa, used_gpa;
-    uint32_t size;
-    uint16_t last_avail_idx, used_idx;
-    int event_idx;
-    const guestmem *m;
-    uint8_t *desc, *avail, *used; /* host pointers, set by rings_map() */
-    err_t err;
-} ctx;
-
 static int rings_map(ctx *c)
 {
     uint64_t n = c->size;
@@ -219,15 +139,6 @@ static int avail_count(ctx *c, uint16_t *n)
 }
 
 /* ---- pop: runs without the GIL ---- */
-
-typedef struct { uint64_t addr; uint32_t len; } seg;
-typedef struct { uint16_t head; size_t first, nread, nwrite; } chainrec;
-typedef struct {
-    ctx *c;
-    size_t max_chains, nsegs, capsegs, nchains;
-    seg *segs;
-    chainrec *chains;
-} popjob;
 
 static int walk_chain(popjob *j, uint16_t head, chainrec *rec)
 {
@@ -277,7 +188,8 @@ static int walk_chain(popjob *j, uint16_t head, chainrec *rec)
         if (!(flags & DESC_F_WRITE) && rec->nwrite)
             return ring_fail(e, "write_before_read", "chain %u: %s %u: device-readable after "
                              "device-writable", head, kind, i);
-        if (!mem_find(j->c->m, addr, len)) {
+        uint8_t *host = mem_find(j->c->m, addr, len);
+        if (host == NULL) {
             snprintf(what, sizeof what, "chain %u: %s %u: buffer", head, kind, i);
             return mem_fail(e, j->c->m, what, addr, len);
         }
@@ -293,7 +205,7 @@ static int walk_chain(popjob *j, uint16_t head, chainrec *rec)
             j->segs = s;
             j->capsegs = cap;
         }
-        j->segs[j->nsegs++] = (seg){addr, len};
+        j->segs[j->nsegs++] = (seg){addr, host, len};
         *(flags & DESC_F_WRITE ? &rec->nwrite : &rec->nread) += 1;
         if (!(flags & DESC_F_NEXT))
             return 0;
@@ -304,7 +216,7 @@ static int walk_chain(popjob *j, uint16_t head, chainrec *rec)
     }
 }
 
-static void pop_run(popjob *j)
+void pop_run(popjob *j)
 {
     ctx *c = j->c;
     uint16_t n;
@@ -349,7 +261,7 @@ static PyObject *raise_ring(ring_state *st, PyObject *msg, const char *rule)
 }
 
 /* Raise what the C code found; a guest's fault marks the queue broken and is logged. */
-static PyObject *raise_err(Queue *q, const err_t *e)
+PyObject *raise_err(Queue *q, const err_t *e)
 {
     ring_state *st = PyType_GetModuleState(Py_TYPE(q));
     if (e->kind == ERR_NOMEM)
@@ -368,7 +280,7 @@ static PyObject *raise_err(Queue *q, const err_t *e)
 }
 
 /* Start of every ring call: refuse a broken queue, snapshot state, acquire guest memory. */
-static int begin(Queue *q, PyObject *mem, ctx *c, guestmem *m)
+int begin(Queue *q, PyObject *mem, ctx *c, guestmem *m)
 {
     memset(m, 0, sizeof *m);
     *c = (ctx){q->desc, q->avail, q->used, q->size, q->last_avail_idx, q->used_idx,
@@ -380,17 +292,52 @@ static int begin(Queue *q, PyObject *mem, ctx *c, guestmem *m)
     return mem_acquire(mem, m);
 }
 
+/* Tuples built directly: Py_BuildValue's format parsing would dominate a pop. */
+static PyObject *pair(PyObject *a, PyObject *b)
+{
+    PyObject *t = a != NULL && b != NULL ? PyTuple_New(2) : NULL;
+    if (t == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, a);
+    PyTuple_SET_ITEM(t, 1, b);
+    return t;
+}
+
 static PyObject *seg_list(const seg *s, size_t n)
 {
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list != NULL && i < n; i++) {
-        PyObject *t = Py_BuildValue("(KI)", (unsigned long long)s[i].addr, (unsigned)s[i].len);
+        PyObject *t = pair(PyLong_FromUnsignedLongLong(s[i].addr),
+                           PyLong_FromUnsignedLong(s[i].len));
         if (t == NULL)
             Py_CLEAR(list);
         else
             PyList_SET_ITEM(list, (Py_ssize_t)i, t);
     }
     return list;
+}
+
+/* Chain k of a finished pop job as (head, readable, writable). */
+PyObject *chain_tuple(const popjob *j, size_t k)
+{
+    const chainrec *r = &j->chains[k];
+    PyObject *rd = seg_list(j->segs + r->first, r->nread);
+    PyObject *wr = seg_list(j->segs + r->first + r->nread, r->nwrite);
+    PyObject *head = PyLong_FromLong(r->head), *t = PyTuple_New(3);
+    if (rd == NULL || wr == NULL || head == NULL || t == NULL) {
+        Py_XDECREF(rd);
+        Py_XDECREF(wr);
+        Py_XDECREF(head);
+        Py_XDECREF(t);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, head);
+    PyTuple_SET_ITEM(t, 1, rd);
+    PyTuple_SET_ITEM(t, 2, wr);
+    return t;
 }
 
 static PyObject *Queue_pop(Queue *q, PyObject *args, PyObject *kw)
@@ -418,9 +365,7 @@ static PyObject *Queue_pop(Queue *q, PyObject *args, PyObject *kw)
     }
     out = PyList_New((Py_ssize_t)j.nchains);
     for (size_t k = 0; out != NULL && k < j.nchains; k++) {
-        const chainrec *r = &j.chains[k];
-        PyObject *t = Py_BuildValue("(HNN)", r->head, seg_list(j.segs + r->first, r->nread),
-                                    seg_list(j.segs + r->first + r->nread, r->nwrite));
+        PyObject *t = chain_tuple(&j, k);
         if (t == NULL)
             Py_CLEAR(out);
         else
@@ -433,6 +378,21 @@ done: /* the single exit: guest buffers released, scratch freed */
     PyMem_RawFree(j.segs);
     PyMem_RawFree(j.chains);
     return out;
+}
+
+void used_write(ctx *c, const uint32_t *ids, size_t n)
+{
+    if (n == 0)
+        return;
+    for (size_t k = 0; k < n; k++) {
+        uint8_t el[8];
+        put_le(el, ids[2 * k], 4);
+        put_le(el + 4, ids[2 * k + 1], 4);
+        memcpy(c->used + 4 + 8 * ((c->used_idx + k) & (c->size - 1)), el, 8);
+    }
+    /* Release: the driver must see the used elements before the idx that publishes them. */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    st16(c->used + 2, (uint16_t)(c->used_idx + n));
 }
 
 /* One completion field as a C integer in 0..max, or -1 with ValueError/TypeError. */
@@ -476,7 +436,8 @@ static PyObject *Queue_push(Queue *q, PyObject *args, PyObject *kw)
         goto done;
     }
     for (Py_ssize_t k = 0; k < n; k++) { /* ids[2k] = head, ids[2k+1] = written length */
-        PyObject *pair = PySequence_Tuple(PyTuple_GET_ITEM(seq, k));
+        PyObject *item = PyTuple_GET_ITEM(seq, k), *pair;
+        pair = PyTuple_CheckExact(item) ? Py_NewRef(item) : PySequence_Tuple(item);
         int ok = pair != NULL && PyTuple_GET_SIZE(pair) == 2;
         if (pair != NULL && !ok)
             PyErr_SetString(PyExc_TypeError, "a completion must be a (head, len) pair");
@@ -491,17 +452,8 @@ static PyObject *Queue_push(Queue *q, PyObject *args, PyObject *kw)
     if (begin(q, mem, &c, &m) < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    if (rings_map(&c) == 0 && n > 0) {
-        for (Py_ssize_t k = 0; k < n; k++) {
-            uint8_t el[8];
-            put_le(el, ids[2 * k], 4);
-            put_le(el + 4, ids[2 * k + 1], 4);
-            memcpy(c.used + 4 + 8 * ((c.used_idx + (size_t)k) & (c.size - 1)), el, 8);
-        }
-        /* Release: the driver must see the used elements before the idx that publishes them. */
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        st16(c.used + 2, (uint16_t)(c.used_idx + n));
-    }
+    if (rings_map(&c) == 0)
+        used_write(&c, ids, (size_t)n);
     Py_END_ALLOW_THREADS
     if (c.err.kind != ERR_NONE) {
         raise_err(q, &c.err);
@@ -695,6 +647,9 @@ static PyMethodDef Queue_methods[] = {
     {"set_notification", (PyCFunction)(void (*)(void))Queue_set_notification,
      METH_VARARGS | METH_KEYWORDS, "set_notification(mem, enable): ask for kicks or not"},
     {"pending", (PyCFunction)Queue_pending, METH_O, "pending(mem) -> int: chains available"},
+    {"serve_blk", (PyCFunction)(void (*)(void))Queue_serve_blk, METH_VARARGS | METH_KEYWORDS,
+     "serve_blk(mem, fd, capacity, seg_max, readonly, max_chains=0, inflight=None, counter=0)"
+     " -> BlkResult: the virtio-blk request path of up to max_chains chains"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -734,10 +689,15 @@ static int ring_exec(PyObject *mod)
     st->queue_type = PyType_FromModuleAndSpec(mod, &Queue_spec, NULL);
     if (st->queue_type == NULL || PyModule_AddType(mod, (PyTypeObject *)st->queue_type) < 0)
         return -1;
+    st->blk_result_type = blk_result_type_new();
+    if (st->blk_result_type == NULL ||
+        PyModule_AddType(mod, (PyTypeObject *)st->blk_result_type) < 0)
+        return -1;
     return PyModule_AddIntConstant(mod, "POP_SEGMENT_BUDGET", POP_SEGMENT_BUDGET);
 }
 
-#define STATE_REFS(X, st) X(st->ring_error); X(st->mem_error); X(st->log); X(st->queue_type)
+#define STATE_REFS(X, st) \
+    X(st->ring_error); X(st->mem_error); X(st->log); X(st->queue_type); X(st->blk_result_type)
 
 static int ring_traverse(PyObject *mod, visitproc visit, void *arg)
 {

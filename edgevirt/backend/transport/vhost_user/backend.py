@@ -32,6 +32,11 @@ PAYLOAD_TIMEOUT = 5.0
 STATUS_NEEDS_RESET = 0x40
 
 
+def fastpath_enabled() -> bool:
+    """``EDGEVIRT_BLK_FASTPATH=0`` (or off/false/no) forces blk onto the Python path."""
+    return os.environ.get("EDGEVIRT_BLK_FASTPATH", "1").lower() not in ("0", "off", "false", "no")
+
+
 @dataclass
 class BackendStats:
     connections: int = 0
@@ -45,8 +50,13 @@ class BackendStats:
 class VhostUserBackend:
     """Serve ``device`` on the unix socket at ``path`` (QEMU connects as the front-end)."""
 
-    def __init__(self, device: VirtioDevice, path: str, loop: Loop) -> None:
+    def __init__(
+        self, device: VirtioDevice, path: str, loop: Loop, *, fastpath: bool | None = None
+    ) -> None:
         self.device = device
+        #: Serve file-backed blk with the C request path (``SplitQueue.serve_blk``);
+        #: default on, ``EDGEVIRT_BLK_FASTPATH=0`` forces the Python path.
+        self.fastpath = fastpath_enabled() if fastpath is None else fastpath
         self.path = path
         self.loop = loop
         self.stats = BackendStats()
@@ -497,7 +507,7 @@ class VhostUserBackend:
 
     def _serve(self, vr: Vring) -> None:
         try:
-            vr.serve(self.device, self.mem)
+            vr.serve(self.device, self.mem, self.fastpath)
         except BackendError as e:
             self._break(vr, f"vring {vr.index}: {e}")
         except OSError as e:  # the call eventfd went away: the front-end is resetting us

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass, field
 
 from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
 from edgevirt.backend.virtq import SplitQueue
@@ -118,14 +119,37 @@ class Vring:
         self.stats.resubmitted += len(chains)
         self.resubmit = chains
 
-    def serve(self, device: VirtioDevice, mem: GuestMemory) -> None:
-        """Serve available chains until none is left; BackendError on a guest fault."""
+    def serve(self, device: VirtioDevice, mem: GuestMemory, fastpath: bool = False) -> None:
+        """Serve available chains until none is left; BackendError on a guest fault.
+
+        With ``fastpath``, a file-backed blk device on the C ring is served by
+        ``SplitQueue.serve_blk`` (the request path in C); a batch it cannot finish comes
+        back as popped chains and is finished here exactly as without it.
+        """
         q = self.queue
         assert q is not None
         iq = self.inflight
+        serve_blk = getattr(q, "serve_blk", None) if fastpath else None
+        blk = device if isinstance(device, BlockDevice) and serve_blk is not None else None
+        fast = blk.fast_path_args() if blk is not None else None
         while True:
+            done: list[tuple[int, int]] = []
             if self.resubmit:  # taken by a predecessor: already marked in the region
                 chains, self.resubmit = self.resubmit, None
+            elif blk is not None and fast is not None and serve_blk is not None:
+                res = serve_blk(mem, *fast, BATCH,
+                                iq.buf if iq is not None else None,
+                                iq.counter if iq is not None else 0)  # fmt: skip
+                if iq is not None:
+                    iq.counter = res.counter  # every chain popped is marked taken
+                blk.account(res)
+                if res.pushed:
+                    self.stats.served += res.pushed
+                    self._notify(q, mem)
+                    continue
+                if not res.rest:
+                    return
+                done, chains = list(res.done), res.rest
             else:
                 chains = q.pop(mem, BATCH)
                 if not chains:
@@ -133,7 +157,6 @@ class Vring:
                 if iq is not None:
                     for head, _r, _w in chains:
                         iq.taken(head)
-            done = []
             for head, readable, writable in chains:
                 n = device.handle(self.index, Chain(head, readable, writable), mem)
                 done.append((head, n))
@@ -143,9 +166,12 @@ class Vring:
             if iq is not None:
                 iq.completed([h for h, _ in done], q.used_idx)
             self.stats.served += len(done)
-            if q.should_notify(mem) and self.call >= 0:
-                self.stats.notifications += 1  # counted first: observers wake on the call
-                os.write(self.call, _ONE)
+            self._notify(q, mem)
+
+    def _notify(self, q: SplitQueue, mem: GuestMemory) -> None:
+        if q.should_notify(mem) and self.call >= 0:
+            self.stats.notifications += 1  # counted first: observers wake on the call
+            os.write(self.call, _ONE)
 
     def signal_err(self) -> None:
         if self.err >= 0:
