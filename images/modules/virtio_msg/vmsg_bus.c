@@ -372,6 +372,28 @@ static int vmsg_check_header(struct vmsg_bus *bus, size_t len)
 	return 0;
 }
 
+/*
+ * The device side may start after us (a service VM that boots late): all-zero memory means
+ * "not laid out yet", so wait up to timeout_ms for the magic; anything else is checked now.
+ */
+static int vmsg_wait_header(struct vmsg_bus *bus, size_t len)
+{
+	const struct vmsg_mem_header *mh = bus->mem;
+	unsigned long deadline = jiffies + msecs_to_jiffies(timeout_ms);
+
+	while (!READ_ONCE(mh->magic)) {
+		if (time_after(jiffies, deadline)) {
+			dev_err(bus->dev, "virtio-msg: no message memory header within %u ms: device side (back-end or service VM) not running? bus not created\n",
+				timeout_ms);
+			return -ETIMEDOUT;
+		}
+		msleep(20);
+	}
+	/* Acquire: the header's other fields are read after the magic that publishes them. */
+	smp_rmb();
+	return vmsg_check_header(bus, len);
+}
+
 static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	resource_size_t start = pci_resource_start(pdev, 2), len = pci_resource_len(pdev, 2);
@@ -407,7 +429,7 @@ static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	init_completion(&bus->done);
 	INIT_LIST_HEAD(&bus->devices);
 	timer_setup(&bus->poll_timer, vmsg_poll, 0);
-	ret = vmsg_check_header(bus, len);
+	ret = vmsg_wait_header(bus, len);
 	if (ret)
 		goto free;
 	bus->own_id = readl(bus->regs + IVSHMEM_IVPOSITION);

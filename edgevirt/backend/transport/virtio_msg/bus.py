@@ -42,6 +42,7 @@ from edgevirt.backend.transport.virtio_msg.channel import (
 )
 from edgevirt.backend.transport.virtio_msg.device import MsgDevice
 from edgevirt.backend.transport.virtio_msg.ivshmem import Client, IvshmemServer, drain
+from edgevirt.backend.transport.virtio_msg.pcilink import PciDoorbellLink
 from edgevirt.backend.transport.virtio_msg.protocol import BusMsgId, Message, MsgId, VirtioMsgError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ DEVICE_PEER = 0
 VECTORS = 2
 VECTOR_MESSAGES = 0  # both directions: "messages are waiting in your ring"
 BACKSTOP = 0.05
+POLL_FALLBACK = 0.002  # peer mode without doorbells
 ROUNDS = 16  # round-robin passes over pending queues per poll
 
 
@@ -84,16 +86,31 @@ class MsgBus:
         nslots: int = DEFAULT_SLOTS,
         vectors: int = VECTORS,
         poll_interval: float | None = None,
+        link: PciDoorbellLink | None = None,
     ) -> None:
         self.mem = mem
         self.loop = loop
         self.stats = BusStats()
         self.devices = {n: MsgDevice(n, d, mem) for n, d in enumerate(devices)}
-        self.shm_fd = os.memfd_create("edgevirt-virtio-msg", os.MFD_CLOEXEC)
         self.server: IvshmemServer | None = None
+        self.link = link
+        self.adopted = False
         self._work: dict[tuple[int, int], None] = {}  # queues to serve, in arrival order
         self._used_pos: dict[tuple[int, int], int] = {}  # last EVENT_USED's ring position
         self._kick = False
+        if link is not None:  # peer mode: memory and doorbells belong to a PCI device
+            self.shm_fd = -1
+            self._open = True
+            self.msgmem, self.adopted = MessageMemory.adopt_or_create(
+                link.buffer, nslots, link.own_id
+            )
+            for fd in link.fds():
+                loop.add_reader(fd, functools.partial(self._link_doorbell, fd))
+            interval = poll_interval or (BACKSTOP if link.fds() else POLL_FALLBACK)
+            loop.every(interval, self.poll)
+            return
+        self.shm_fd = os.memfd_create("edgevirt-virtio-msg", os.MFD_CLOEXEC)
+        self._open = True
         try:
             os.ftruncate(self.shm_fd, size)
             self._map = mmap.mmap(self.shm_fd, size, mmap.MAP_SHARED)
@@ -139,6 +156,14 @@ class MsgBus:
         self._used_pos.clear()
 
     def close(self) -> None:
+        if self.link is not None:
+            for fd in self.link.fds():
+                self.loop.remove_reader(fd)
+            if self._open:
+                self.msgmem.close()
+            self.link.close()
+            self.link = None
+            self._open = False
         if self.server is not None:
             self.loop.remove_reader(self.server.listener.fileno())
             for fd in self.server.own_eventfds:
@@ -150,6 +175,7 @@ class MsgBus:
             self._map.close()
             os.close(self.shm_fd)
             self.shm_fd = -1
+            self._open = False
         for dev in self.devices.values():
             dev.device.close()
 
@@ -159,9 +185,14 @@ class MsgBus:
         self.stats.doorbells_in += drain(fd)
         self.poll()
 
+    def _link_doorbell(self, fd: int) -> None:
+        if self.link is not None:
+            self.stats.doorbells_in += self.link.drain(fd)
+        self.poll()
+
     def poll(self) -> None:
         """Drain the to-device ring, serve the queues it named, notify the driver once."""
-        if self.shm_fd < 0:
+        if not self._open:
             return
         self.stats.polls += 1
         ring = self.msgmem.to_device
@@ -182,6 +213,8 @@ class MsgBus:
         if self._kick:
             self._kick = False
             if self.server is not None and self.server.interrupt(VECTOR_MESSAGES):
+                self.stats.doorbells_out += 1
+            elif self.link is not None and self.link.notify():
                 self.stats.doorbells_out += 1
 
     def _ring_broken(self, e: VirtioMsgError) -> None:
@@ -305,16 +338,22 @@ class MsgBus:
                 r.name: {"head": r.head, "tail": r.tail, "broken": r.broken}
                 for r in (self.msgmem.to_device, self.msgmem.to_driver)
             }
-            if self.shm_fd >= 0
+            if self._open
             else {}
         )
+        if self.link is not None:
+            size = len(self.link.buffer) if self._open else 0
+        else:
+            size = self._map.size() if self.shm_fd >= 0 else 0
         return {
             "transport": "virtio-msg",
             "socket": self.server.path if self.server else None,
+            "link": self.link.describe() if self.link else None,
+            "adopted": self.adopted,
             "connected": client is not None,
             "peer": client.id if client else None,
             "connections": self.server.connections if self.server else 0,
-            "message_memory": self._map.size() if self.shm_fd >= 0 else 0,
+            "message_memory": size,
             "messages_in": s.messages_in,
             "messages_out": s.messages_out,
             "doorbells_in": s.doorbells_in,

@@ -247,9 +247,31 @@ class MessageMemory:
     ) -> MessageMemory:
         """The device side lays the memory out: zeroed rings, then the header."""
         geo = Geometry.plan(len(buf), nslots, device_peer)
+        header = geo.pack()
         buf[:] = bytes(len(buf))
-        buf[: HEADER.size] = geo.pack()
+        buf[4 : HEADER.size] = header[4:]
+        # ordering: release - the magic goes last: a driver waiting for it (the guest module
+        # polls while the device side is not up yet) then finds the rest complete (TSO).
+        buf[:4] = header[:4]
         return cls(buf, geo)
+
+    @classmethod
+    def adopt_or_create(
+        cls, buf: memoryview, nslots: int = DEFAULT_SLOTS, device_peer: int = 0
+    ) -> tuple[MessageMemory, bool]:
+        """Peer mode: memory that outlives us (a restarted device side finds its own layout
+        and the driver's indices); keep a valid, sane layout of ours, else lay it out anew.
+        Returns the memory and whether it was adopted."""
+        try:
+            geo = Geometry.parse(buf, len(buf))
+            if geo.nslots == nslots and geo.device_peer == device_peer:
+                mm = cls(buf, geo)
+                mm.to_device.available()  # raises if the indices are insane
+                mm.to_driver.free()
+                return mm, True
+        except VirtioMsgError:
+            pass
+        return cls.create(buf, nslots, device_peer), False
 
     @classmethod
     def attach(cls, buf: memoryview) -> MessageMemory:

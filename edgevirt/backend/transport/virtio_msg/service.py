@@ -1,10 +1,12 @@
 """The virtio-msg back-end process: carve-out mapping, one bus, a stats file.
 
 The carve-out is a file (QEMU's ``memory-backend-file``, or a hypervisor's shared-memory
-device) mapped at its guest-physical address; it is the only guest memory the back-end
-maps. The message memory is the bus's own memfd. Statistics are rewritten atomically to
-``stats_path`` whenever they change (at most every 0.2 s), as :mod:`edgevirt.backend.service`
-does for vhost-user, with the same per-device keys so launchers can check both alike.
+device such as an ivshmem BAR in sysfs) mapped at its guest-physical address; it is the
+only guest memory the back-end maps. The message memory is the bus's own memfd (server
+mode) or a PCI BAR (peer mode, :mod:`.pcilink`, used inside the service VM). Statistics
+are rewritten atomically to ``stats_path`` whenever they change (at most every 0.2 s), as
+:mod:`edgevirt.backend.service` does for vhost-user, with the same per-device keys so
+launchers can check both alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from edgevirt.backend.devices import VirtioDevice, parse_device
 from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg.bus import MsgBus
+from edgevirt.backend.transport.virtio_msg.pcilink import PciDoorbellLink
 from edgevirt.backend.virtq import SplitQueue
 from edgevirt.errors import BackendError, EdgevirtError
 
@@ -50,16 +53,25 @@ class MsgService:
         self,
         devices: Sequence[VirtioDevice],
         mem: GuestMemory,
-        socket_path: str,
+        socket_path: str | None,
         stats_path: Path | None = None,
         poll_interval: float | None = None,
+        *,
+        link: PciDoorbellLink | None = None,
     ) -> None:
+        """Server mode (``socket_path``: we are the ivshmem server) or peer mode (``link``:
+        a PCI device of the VM we run in, see :mod:`.pcilink`)."""
         self.loop = Loop()
         self.mem = mem
         self.stats_path = stats_path
         self._last = ""
         self.bus = MsgBus(
-            devices, mem, self.loop, socket_path=socket_path, poll_interval=poll_interval
+            devices,
+            mem,
+            self.loop,
+            socket_path=socket_path,
+            poll_interval=poll_interval,
+            link=link,
         )
         self.loop.every(0.2, self.write_stats)
 
