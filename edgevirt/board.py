@@ -300,6 +300,8 @@ def _console(c: dict[str, Any], where: str) -> ConsoleSettings:
 def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
     names = ("kernel", "ramdisk", "fdt", "fit")
     allowed = {"kind", "prompt"} | {f"{n}_addr_r" for n in names} | {f"{n}_size" for n in names}
+    # How to stop autoboot belongs to the U-Boot driver (edgevirt.deploy.target parses it).
+    allowed |= {"autoboot", "interrupt", "retries"}
     check_keys(b, allowed, where)
     kind = get_key(b, "kind", str, where)
     if kind != "u-boot":

@@ -137,3 +137,17 @@ def test_board_schema_errors_name_file_and_key(tmp_path, old, new, message):
     with pytest.raises(ConfigError, match=message) as exc:
         load_board(write(tmp_path, REAL_BOARD.replace(old, new)))
     assert "b.toml" in str(exc.value)
+
+
+def test_bootloader_autoboot_keys_reach_the_uboot_driver(tmp_path):
+    from edgevirt.deploy.target import _uboot_settings
+
+    p = tmp_path / "b.toml"
+    p.write_text(
+        'name = "x"\n[qemu]\nmachine = "virt"\nram = "448M"\ncarveout = "64M"\n'
+        '[console]\nkernel = "ttyAMA0"\n'
+        '[bootloader]\nkind = "u-boot"\nkernel_addr_r = 0x40400000\n'
+        'autoboot = "Press SPACE to abort autoboot"\ninterrupt = " "\nretries = 4\n'
+    )
+    s = _uboot_settings(load_board(str(p)))
+    assert (s.autoboot, s.interrupt, s.retries) == ("Press SPACE to abort autoboot", " ", 4)

@@ -27,6 +27,7 @@ FAILURE_PATTERNS = [
     re.compile(rb"Kernel panic - not syncing[^\n]*"),
     re.compile(rb"Internal error: Oops[^\n]*"),
     re.compile(rb"Unable to handle kernel [^\n]*"),
+    re.compile(rb"Login incorrect[^\n]*"),
 ]
 POLL = 0.1
 
@@ -80,6 +81,8 @@ class Console:
         self.pos = 0  # everything before this offset has been consumed by an expect
         self._scan = 0  # failure patterns already checked up to here
         self._ids = itertools.count(1)
+        #: Extra failure patterns for the current phase (a bootloader adds its own).
+        self.extra_failures: list[re.Pattern[bytes]] = []
 
     @classmethod
     def open(
@@ -114,8 +117,14 @@ class Console:
 
     def _read(self) -> None:
         try:
-            data = self.port.read(65536)
-        except serial.SerialException as e:
+            # pyserial's read(n) waits for all n bytes or the timeout: ask for one byte
+            # (returns as soon as anything arrives), then for what is known to be waiting.
+            data = self.port.read(1)
+            if data:
+                n = self.port.in_waiting
+                if n:
+                    data += self.port.read(min(n, 1 << 20))
+        except (serial.SerialException, OSError) as e:
             raise ConsoleError(
                 f"{self.name}: disconnected ({e}); last lines:\n{self.tail()}"
             ) from e
@@ -126,19 +135,27 @@ class Console:
 
     def _check_failures(self) -> None:
         start = max(0, self._scan - 256)
-        for pat in FAILURE_PATTERNS:
+        for pat in [*FAILURE_PATTERNS, *self.extra_failures]:
             m = pat.search(self.buffer, start)
             if m:
                 # Give the rest of the report a moment to arrive, then quote it.
                 end = time.monotonic() + 1.0
                 while time.monotonic() < end:
-                    more = self.port.read(65536)
+                    more = self.port.read(max(1, self.port.in_waiting))
                     if more:
                         self.buffer += more
                         self.log.feed(more)
                 text = self.buffer[m.start() : m.start() + 2000].decode("utf-8", "replace")
                 raise ConsoleError(f"{self.name}: target failed: {text.strip()}")
         self._scan = len(self.buffer)
+
+    def _explain_disconnect(self, abort: Callable[[], None], grace: float = 1.0) -> None:
+        """A console that drops usually means the target died: give the abort check (QEMU
+        exited, quoting its stderr) a moment to say so; its error is the better one."""
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            abort()
+            time.sleep(0.05)
 
     def tail(self, lines: int = 15) -> str:
         text = self.buffer[-4000:].decode("utf-8", "replace").replace("\r", "")
@@ -168,13 +185,41 @@ class Console:
                 )
             if abort is not None:
                 abort()
+            try:
+                self._read()
+            except ConsoleError:
+                if abort is not None:
+                    self._explain_disconnect(abort)
+                raise
+
+    def getc(self, timeout: float) -> int | None:
+        """Next unconsumed byte (binary protocols such as ymodem), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.pos >= len(self.buffer):
+            if time.monotonic() >= deadline:
+                return None
             self._read()
+        c = self.buffer[self.pos]
+        self.pos += 1
+        return c
+
+    def drain(self, quiet: float = 0.2, limit: float = 5.0) -> None:
+        """Read until the line has been silent for ``quiet`` seconds; consume it all."""
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            n = len(self.buffer)
+            t = time.monotonic() + quiet
+            while time.monotonic() < t and len(self.buffer) == n:
+                self._read()
+            if len(self.buffer) == n:
+                break
+        self.pos = len(self.buffer)
 
     # -- writing --------------------------------------------------------------------------
 
-    def send(self, text: str) -> None:
+    def send(self, text: str | bytes) -> None:
         try:
-            self.port.write(text.encode())
+            self.port.write(text.encode() if isinstance(text, str) else text)
             self.port.flush()
         except serial.SerialException as e:
             raise ConsoleError(f"{self.name}: write failed ({e})") from e

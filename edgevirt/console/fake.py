@@ -7,11 +7,14 @@ with the subset of pyserial's API the expect engine uses (``read``, ``write``, `
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
 import signal
+import struct
 import subprocess
+import termios
 
 import serial
 
@@ -51,6 +54,16 @@ class PtyShellPort:
         if not data:
             raise serial.SerialException("pty closed")
         return data
+
+    @property
+    def in_waiting(self) -> int:
+        if not self.is_open:
+            raise serial.SerialException("port closed")
+        try:
+            buf = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError as e:
+            raise serial.SerialException(f"pty gone: {e}") from e
+        return int(struct.unpack("i", buf)[0])
 
     def write(self, data: bytes) -> int:
         if not self.is_open:

@@ -43,10 +43,31 @@ class QemuConfig:
     append: str = ""
     console_socket: Path | None = None
     qmp_socket: Path | None = None
+    #: Firmware to run instead of a direct kernel boot (U-Boot's ``u-boot.bin``).
+    firmware: Path | None = None
+    #: RAM for the firmware, as a third NUMA node above the carve-out (see memory_args).
+    firmware_ram: int = 0
+    #: Serve this directory over QEMU's user-network TFTP (10.0.2.2) to a virtio-net NIC.
+    tftp_dir: Path | None = None
+    #: Console on a pseudo-terminal (a serial device for ser2net) instead of a socket.
+    console_pty: bool = False
 
     def memory_args(self) -> list[str]:
         s = self.settings
-        total = s.ram + s.carveout
+        total = s.ram + s.carveout + self.firmware_ram
+        # U-Boot takes the first memory node of QEMU's DTB as its only RAM bank, and QEMU
+        # lists the nodes highest first: without a third node U-Boot would run (and load
+        # images) in the carve-out. Node 2 sits above the carve-out and is U-Boot's.
+        extra = (
+            [
+                "-object",
+                f"memory-backend-ram,id=ev-fwram,size={self.firmware_ram // (1 << 20)}M",
+                "-numa",
+                "node,nodeid=2,memdev=ev-fwram",
+            ]
+            if self.firmware_ram
+            else []
+        )
         return [
             "-m",
             f"{total // (1 << 20)}M",
@@ -61,6 +82,7 @@ class QemuConfig:
             "node,nodeid=0,memdev=ev-ram",
             "-numa",
             "node,nodeid=1,memdev=ev-carveout",
+            *extra,
         ]
 
     def machine_args(self, extra_machine: str = "") -> list[str]:
@@ -92,12 +114,12 @@ class QemuConfig:
             ]
         return args
 
-    def command(self) -> list[str]:
-        if not (self.kernel and self.initrd and self.dtb and self.console_socket):
-            raise DeployError("QEMU command needs kernel, initrd, dtb and a console socket")
-        cmd = [
-            *self.machine_args(),
-            *self.device_args(),
+    def boot_args(self) -> list[str]:
+        if self.firmware is not None:
+            return ["-bios", str(self.firmware)]
+        if not (self.kernel and self.initrd and self.dtb):
+            raise DeployError("QEMU direct boot needs kernel, initrd and dtb")
+        return [
             "-kernel",
             str(self.kernel),
             "-initrd",
@@ -106,10 +128,34 @@ class QemuConfig:
             str(self.dtb),
             "-append",
             self.append,
+        ]
+
+    def net_args(self) -> list[str]:
+        if self.tftp_dir is None:
+            return []
+        # After the vhost-user devices: they keep the highest virtio-mmio slots.
+        return [
+            "-netdev",
+            f"user,id=ev-net,tftp={self.tftp_dir}",
+            "-device",
+            "virtio-net-device,netdev=ev-net",
+        ]
+
+    def command(self) -> list[str]:
+        if not self.console_socket:
+            raise DeployError("QEMU command needs a console socket")
+        cmd = [
+            *self.machine_args(),
+            *self.device_args(),
+            *self.net_args(),
+            *self.boot_args(),
             "-no-reboot",
             # The console is a server that waits for us: no early boot output is lost.
+            # A pty (for ser2net) cannot wait, so the machine starts paused (-S) instead.
             "-chardev",
-            f"socket,id=ev-con,path={self.console_socket},server=on,wait=on",
+            "pty,id=ev-con"
+            if self.console_pty
+            else f"socket,id=ev-con,path={self.console_socket},server=on,wait=on",
             "-serial",
             "chardev:ev-con",
             "-monitor",
@@ -117,6 +163,8 @@ class QemuConfig:
         ]
         if self.qmp_socket:
             cmd += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        if self.console_pty:
+            cmd += ["-S"]
         return cmd
 
 
@@ -145,6 +193,10 @@ def dump_dtb(config: QemuConfig, out: Path) -> bytes:
     out.unlink(missing_ok=True)
     # Devices are not needed: virt always creates all 32 virtio-mmio transports.
     cmd = config.machine_args(f"dumpdtb={out}")
+    if config.firmware is not None:
+        # With firmware virt leaves out devices (the pl061 GPIO): a node for a device QEMU
+        # did not create crashes the guest, so dump the DTB of the machine that will run.
+        cmd += ["-bios", str(config.firmware)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if not out.exists():
         raise DeployError(

@@ -6,7 +6,10 @@ pyserial finds this module through ``serial.protocol_handler_packages``; it reus
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 import urllib.parse
 
 from serial.serialutil import SerialException
@@ -38,6 +41,14 @@ class Serial(protocol_socket.Serial):
         if parts.scheme != "unix" or not parts.path:
             raise SerialException(f"expected unix:///path/to/socket, got {url!r}")
         return parts.path
+
+    @property
+    def in_waiting(self) -> int:
+        """Bytes readable now (the socket handler's own answer is only 0 or 1)."""
+        if not self.is_open:
+            raise SerialException("port not open")
+        buf = fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
 
     def close(self) -> None:
         if self.is_open and self._socket is not None:

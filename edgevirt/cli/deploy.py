@@ -1,0 +1,97 @@
+"""`edgevirt deploy --board B [--image DIR]`: bring a target to its shell."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgevirt.cli.common import EXIT_OK, RichReporter, err, fail, out
+from edgevirt.cli.test import EXIT_INTERRUPTED, board_options, deploy_options, stop_on_sigterm
+from edgevirt.errors import EdgevirtError
+
+
+@click.command()
+@board_options
+@click.option(
+    "--state",
+    type=click.Choice(["bootloader", "kernel", "shell"]),
+    default="shell",
+    show_default=True,
+    help="Stop in this state of the boot strategy.",
+)
+@click.option(
+    "--interactive",
+    "-i",
+    is_flag=True,
+    help="Then attach the console (Ctrl-] ends, and powers a QEMU target off).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def deploy(
+    board: str,
+    build_dir: Path | None,
+    image: Path | None,
+    load: str | None,
+    boot_timeout: float,
+    state: str,
+    interactive: bool,
+    as_json: bool,
+) -> None:
+    """Deploy the images to a board and boot it to STATE (default: its shell).
+
+    \b
+    QEMU boards are powered off when the command ends (use -i to work on them);
+    a real board keeps running with what was deployed.
+    Examples:
+      edgevirt deploy --board qemu-virt-uboot --load ymodem
+      edgevirt deploy --board rpi4b --image out/rpi4b/image --state bootloader -i
+    """
+    import time
+
+    from edgevirt.board import load_board
+    from edgevirt.console.interact import interact
+    from edgevirt.deploy.target import Target
+
+    stop_on_sigterm()
+    t0 = time.monotonic()
+    try:
+        b = load_board(board)
+        build = build_dir or Path("out") / b.name
+        target = Target(
+            b,
+            deploy_options(build, image, load, boot_timeout),
+            RichReporter(quiet=as_json),
+        )
+        try:
+            target.prepare()
+            target.transition(state)
+            seconds = time.monotonic() - t0
+            result = {
+                "board": b.name,
+                "state": state,
+                "strategy": target.strategy.name,
+                "load": target.load if target.uboot else "direct",
+                "seconds": seconds,
+                "console_log": str(target.build / "console.log"),
+            }
+            if as_json:
+                click.echo(json.dumps(result, indent=2))
+            else:
+                out.print(
+                    f"[bold green]{b.name}[/] is in state [bold]{state}[/] "
+                    f"({target.strategy.name}, {seconds:.1f}s) — log {result['console_log']}"
+                )
+            if interactive:
+                err.print("[dim]console attached; Ctrl-] to leave[/]")
+                interact(target.console)
+        finally:
+            if target.machine is not None:
+                target.close()
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted:[/] target powered off")
+        sys.exit(EXIT_INTERRUPTED)
+    except EdgevirtError as e:
+        fail(e)
+    sys.exit(EXIT_OK)

@@ -1,0 +1,282 @@
+"""A QEMU virt target with edgevirt's guest: its images, its back-end, its power.
+
+:meth:`QemuMachine.prepare` gets the kernel (cached build, or ``--image DIR``), the
+initramfs, the carve-out DTB for this exact topology, and a FIT when U-Boot wants one.
+As a :class:`~edgevirt.deploy.power.Power`, ``on`` starts the vhost-user back-end and
+QEMU (console on a unix socket that waits for us), ``off`` stops both, and ``check``
+raises as soon as either has died or the back-end has refused the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgevirt.board import Board
+from edgevirt.console.ser2net import Ser2net
+from edgevirt.deploy.backend_process import BackendProcess, backend_socket
+from edgevirt.deploy.power import Power
+from edgevirt.deploy.qemu import (
+    QemuConfig,
+    QemuProcess,
+    VhostUserDevice,
+    dump_dtb,
+    virtio_mmio_slots,
+    wait_for_path,
+)
+from edgevirt.deploy.qmp import Qmp
+from edgevirt.devicetree import compose as dtcompose
+from edgevirt.devicetree.fdt import Fdt
+from edgevirt.errors import DeployError
+from edgevirt.report import Reporter
+
+log = logging.getLogger(__name__)
+
+#: The back-end devices every edgevirt QEMU guest gets (the smoke suite checks them).
+DEVICES = [("blk", "vhost-user-blk"), ("rng", "vhost-user-rng")]
+
+
+@dataclass
+class Images:
+    kernel: Path
+    initrd: Path
+    dtb: Path
+    fit: Path | None = None
+    #: DT paths of the virtio-mmio nodes the carve-out serves.
+    nodes: list[str] = field(default_factory=list)
+
+
+def compose_dtb(
+    board: Board, qcfg: QemuConfig, build: Path, restrict: bool, nodes: list[str]
+) -> Path:
+    """Dump virt's DTB for this topology; overlay the carve-out onto the nodes in use."""
+    raw = dump_dtb(qcfg, build / "qemu-virt.raw.dtb")
+    base = Fdt.from_bytes(raw)
+    if not restrict:
+        out = build / "guest.dtb"
+        out.write_bytes(base.to_bytes())  # compacted: a padded DTB hangs the boot
+        return out
+    q = board.qemu
+    overlay = dtcompose.compose_carveout(base, q.carveout_base, q.carveout, nodes)
+    paths = dtcompose.write_outputs(base, overlay, build, "guest")
+    return Path(paths["dtb"])
+
+
+class QemuMachine(Power):
+    def __init__(
+        self,
+        board: Board,
+        build: Path,
+        *,
+        firmware: Path | None = None,
+        firmware_ram: int = 0,
+        tftp: bool = False,
+        disk_size: int = 64 << 20,
+        ser2net: bool = False,
+    ) -> None:
+        self.board = board
+        self.build = build
+        build.mkdir(parents=True, exist_ok=True)
+        self.shm = Path("/dev/shm") / f"edgevirt-{os.getpid()}-{secrets.token_hex(4)}"
+        self.sock_dir = build / "sockets"
+        self.sock_dir.mkdir(exist_ok=True)
+        devices = [
+            VhostUserDevice(kind, backend_socket(self.sock_dir, i, name), f"vu{i}")
+            for i, (name, kind) in enumerate(DEVICES)
+        ]
+        self.config = QemuConfig(
+            board.qemu,
+            self.shm,
+            devices,
+            firmware=firmware,
+            firmware_ram=firmware_ram,
+            tftp_dir=build / "tftp" if tftp else None,
+            console_pty=ser2net,
+        )
+        #: Export the console through Debian's ser2net (RFC2217 on loopback), like a lab.
+        self.ser2net: Ser2net | None = None
+        self.use_ser2net = ser2net
+        self.disk = build / "disk.img"
+        self.disk_size = disk_size
+        self.images: Images | None = None
+        self.qemu: QemuProcess | None = None
+        self.backend: BackendProcess | None = None
+        self.boots = 0
+
+    # -- images -------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        reporter: Reporter,
+        *,
+        image_dir: Path | None = None,
+        restrict: bool = True,
+        kernel_fragment: Path | None = None,
+        fit: bool = False,
+    ) -> Images:
+        from edgevirt.image.kernel import build_kernel
+
+        if image_dir is not None:
+            kernel, initrd = image_dir / "Image", image_dir / "initramfs.cpio.gz"
+            for p in (kernel, initrd):
+                if not p.is_file():
+                    raise DeployError(f"--image {image_dir}: {p.name} is missing")
+        else:
+            reporter.step("kernel: build or reuse the cached one")
+            kernel = build_kernel(kernel_fragment, progress=reporter.progress).image
+            initrd = build_initramfs(self.build / "initramfs.cpio.gz", reporter)
+        nodes = [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(len(DEVICES))]
+        reporter.step(
+            "device tree: "
+            + ("carve-out overlay on " + ", ".join(nodes) if restrict else "QEMU's own")
+        )
+        dtb = compose_dtb(self.board, self.config, self.build, restrict, nodes)
+        self.images = Images(kernel, initrd, dtb, nodes=nodes)
+        if self.config.tftp_dir is not None:
+            tftp = self.config.tftp_dir
+            tftp.mkdir(exist_ok=True)
+            for src, name in ((kernel, "Image"), (initrd, "initramfs.cpio.gz"), (dtb, "guest.dtb")):
+                shutil.copyfile(src, tftp / name)
+        if fit:
+            self.images.fit = self._fit(reporter)
+        with open(self.disk, "wb") as f:
+            f.truncate(self.disk_size)
+        return self.images
+
+    def _fit(self, reporter: Reporter) -> Path:
+        from edgevirt.image.fit import FitLayout, build_fit
+
+        assert self.images is not None
+        reporter.step("FIT: kernel + initramfs + DTB (mkimage)")
+        bl = self.board.raw.get("bootloader", {})
+        # fdt and ramdisk get load addresses: used in place inside the FIT they would be
+        # misaligned, and arm64 needs an 8-byte aligned DTB (the kernel dies silently).
+        layout = FitLayout(
+            kernel_load=int(bl.get("kernel_addr_r", 0x40400000)),
+            ramdisk_load=bl.get("ramdisk_addr_r"),
+            fdt_load=bl.get("fdt_addr_r"),
+        )
+        out = (self.config.tftp_dir or self.build) / "guest.itb"
+        build_fit(
+            out,
+            kernel=self.images.kernel,
+            ramdisk=self.images.initrd,
+            fdt=self.images.dtb,
+            layout=layout,
+        )
+        return out
+
+    # -- power --------------------------------------------------------------------------
+
+    @property
+    def console_socket(self) -> Path:
+        return self.build / "console.sock"
+
+    @property
+    def console_url(self) -> str:
+        if self.ser2net is not None:
+            return self.ser2net.url
+        return f"unix://{self.console_socket}"
+
+    def connected(self) -> None:
+        """The console is attached: a machine started paused for ser2net may run now."""
+        if self.use_ser2net and self.config.qmp_socket is not None:
+            qmp = Qmp(self.config.qmp_socket)
+            try:
+                qmp.execute("cont")
+            finally:
+                qmp.close()
+
+    def _start_ser2net(self) -> None:
+        assert self.qemu is not None
+        deadline = time.monotonic() + 30
+        while not (
+            m := re.search(r"char device redirected to (/dev/pts/\d+)", self.qemu.output_tail(50))
+        ):
+            self.qemu.check_alive()
+            if time.monotonic() > deadline:
+                raise DeployError("QEMU did not report its console pty within 30s")
+            time.sleep(0.05)
+        self.ser2net = Ser2net(f"serialdev,{m.group(1)},115200n81,local", self.build)
+
+    def on(self) -> None:
+        if self.images is None:
+            raise DeployError("QEMU machine: prepare() the images before powering on")
+        if self.qemu is not None:
+            self.off()
+        self.backend = BackendProcess(
+            [f"blk:path={self.disk}", "rng"],
+            self.sock_dir,
+            self.build / "backend-stats.json",
+            self.build / "backend.log",
+        )
+        self.backend.wait_ready()
+        c = self.config
+        c.kernel, c.initrd, c.dtb = self.images.kernel, self.images.initrd, self.images.dtb
+        c.console_socket = self.console_socket
+        c.qmp_socket = self.build / "qmp.sock"
+        c.append = f"console={self.board.console_kernel} panic=-1"
+        self.console_socket.unlink(missing_ok=True)
+        self.qemu = QemuProcess(c, self.build / "qemu.log")
+        self.boots += 1
+        if self.use_ser2net:
+            self._start_ser2net()
+        else:
+            wait_for_path(self.console_socket, 30, "QEMU console socket", self.qemu)
+
+    def reset(self) -> None:
+        """A warm reset through QMP: the same QEMU and back-end, the CPU starts over."""
+        if self.qemu is None or not self.qemu.alive() or self.config.qmp_socket is None:
+            super().reset()
+            return
+        qmp = Qmp(self.config.qmp_socket)
+        try:
+            qmp.execute("system_reset")
+        finally:
+            qmp.close()
+
+    def check(self) -> None:
+        if self.qemu is not None:
+            self.qemu.check_alive()
+        if self.backend is not None:
+            self.backend.check_healthy()
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait for the guest to power itself off (QEMU exits with -no-reboot)."""
+        return self.qemu is None or self.qemu.wait(timeout) is not None
+
+    def off(self) -> None:
+        if self.ser2net is not None:
+            self.ser2net.stop()
+            self.ser2net = None
+        if self.qemu is not None:
+            self.qemu.stop()
+            self.qemu = None
+        if self.backend is not None:
+            self.backend.stop()
+
+    def close(self) -> None:
+        self.off()
+        self.shm.unlink(missing_ok=True)
+
+
+def build_initramfs(out: Path, reporter: Reporter) -> Path:
+    from edgevirt.image import initramfs as initramfs_mod
+    from edgevirt.paths import images_dir
+
+    reporter.step("initramfs: busybox (arm64) + /init + agent")
+    busybox = initramfs_mod.fetch_busybox()
+    src = images_dir() / "initramfs"
+    initramfs_mod.build_initramfs(
+        out,
+        busybox=busybox,
+        init_script=src / "init",
+        extra_files={"/bin/edgevirt-agent": (src / "edgevirt-agent", 0o755)},
+    )
+    return out

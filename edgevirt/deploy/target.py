@@ -1,0 +1,284 @@
+"""A target: a board's console, its power and its boot strategy, assembled from the profile.
+
+QEMU boards get a :class:`~edgevirt.deploy.machine.QemuMachine` as power; real boards get
+``[power]`` (commands or manual) and the console URL from ``[console]``. A board with a
+``[bootloader]`` boots through U-Boot, loading the images over TFTP (files or a FIT) or
+over the console with ymodem; a QEMU board without one boots the kernel directly.
+
+Sections parsed here (from ``Board.raw``; the rest of the profile is board.py's)::
+
+    [power]  kind = "qemu" | "command" | "manual"
+             firmware = "/usr/lib/u-boot/qemu_arm64/u-boot.bin"   (QEMU + [bootloader])
+             firmware_ram = "128M"      (RAM node U-Boot runs and loads in, above the carve-out)
+             on / off / reset / timeout (kind = "command")
+    [tftp]   server = "qemu"            (QEMU's user network serves build/tftp)
+             server = "192.168.1.10"    (a TFTP server the board reaches; dir = what it serves)
+             dir = "/srv/tftp/edgevirt"; ipaddr = "dhcp" | "192.168.1.50"; load = "files" | "fit"
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from edgevirt.board import Board, get_key, parse_size
+from edgevirt.console.expect import Console
+from edgevirt.deploy.machine import Images, QemuMachine
+from edgevirt.deploy.power import Power, board_power
+from edgevirt.deploy.strategy import BootStrategy, State, UBootStrategy
+from edgevirt.deploy.uboot import UBoot, UBootSettings
+from edgevirt.errors import ConfigError, DeployError
+from edgevirt.report import Reporter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FIRMWARE = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+LOAD_METHODS = ("tftp", "fit", "ymodem")
+#: Keep the images where they were loaded: U-Boot would otherwise copy them below its
+#: notion of the top of RAM, which on QEMU is not all of the guest's RAM.
+NO_RELOCATE = "0xffffffffffffffff"
+
+
+@dataclass
+class DeployOptions:
+    build_dir: Path
+    image_dir: Path | None = None
+    #: U-Boot boards: "tftp" (kernel, initramfs, DTB), "fit" (one .itb over TFTP), "ymodem".
+    load: str | None = None
+    restrict: bool = True
+    boot_timeout: float = 120.0
+    kernel_fragment: Path | None = None
+    #: Manual power: shows the request to a person and returns when they are done.
+    ask: Callable[[str], None] | None = None
+    uboot: UBootSettings | None = None
+    #: Reach the console through this URL instead (ser2net/RFC2217 in front of the target).
+    console_url: str | None = None
+    #: QEMU boards: export the console with ser2net and use it over rfc2217:// (a lab's way).
+    ser2net: bool = False
+
+
+def _uboot_settings(board: Board) -> UBootSettings:
+    bl: dict[str, Any] = board.raw.get("bootloader", {})
+    w = board.where("bootloader")
+    d = UBootSettings()
+    return UBootSettings(
+        prompt=get_key(bl, "prompt", str, w, d.prompt),
+        autoboot=get_key(bl, "autoboot", str, w, d.autoboot),
+        interrupt=get_key(bl, "interrupt", str, w, d.interrupt),
+        retries=get_key(bl, "retries", int, w, d.retries),
+    )
+
+
+class Target:
+    """Use as a context manager: leaving it powers off and stops all it started."""
+
+    def __init__(self, board: Board, opts: DeployOptions, reporter: Reporter | None = None):
+        self.board = board
+        self.opts = opts
+        self.reporter = reporter or Reporter()
+        self.build = opts.build_dir.resolve()
+        self.build.mkdir(parents=True, exist_ok=True)
+        self.raw = board.raw
+        self.uboot = "bootloader" in self.raw
+        self.tftp: dict[str, Any] = self.raw.get("tftp", {})
+        self.load = opts.load or (
+            ("fit" if self.tftp.get("load") == "fit" else "tftp") if self.tftp else "ymodem"
+        )
+        if self.load not in LOAD_METHODS:
+            raise ConfigError(f"load method {self.load!r}: expected one of {LOAD_METHODS}")
+        if self.load in ("tftp", "fit") and not self.tftp:
+            raise ConfigError(f"{board.where('tftp')}: load over TFTP needs a [tftp] section")
+        self.machine: QemuMachine | None = None
+        self.images: Images | None = None
+        power: Power
+        if board.is_qemu:
+            pw = self.raw.get("power", {})
+            w = board.where("power")
+            firmware = None
+            if self.uboot:
+                firmware = Path(get_key(pw, "firmware", str, w, str(DEFAULT_FIRMWARE)))
+                if not firmware.is_file():
+                    from edgevirt.errors import SetupError
+
+                    raise SetupError(
+                        f"U-Boot firmware {firmware} not found", hint="apt-get install u-boot-qemu"
+                    )
+            fw_ram = get_key(pw, "firmware_ram", (str, int), w, "128M" if self.uboot else 0)
+            self.machine = QemuMachine(
+                board,
+                self.build,
+                firmware=firmware,
+                firmware_ram=parse_size(fw_ram, f"{w}.firmware_ram") if fw_ram else 0,
+                tftp=self.uboot and self.tftp.get("server") == "qemu",
+                ser2net=opts.ser2net,
+            )
+            power = self.machine
+        else:
+            if not self.uboot:
+                raise ConfigError(f"{board.path}: a real board needs a [bootloader] section")
+            power = board_power(board, opts.ask)
+        self.power = power
+        self.strategy: BootStrategy
+        if self.uboot:
+            self.strategy = UBootStrategy(
+                power,
+                self._connect,
+                self._load_and_boot,
+                opts.uboot or _uboot_settings(board),
+                boot_timeout=opts.boot_timeout,
+            )
+        else:
+            self.strategy = BootStrategy(power, self._connect, boot_timeout=opts.boot_timeout)
+        self.boot_seconds: float = 0.0
+
+    # -- assembly -------------------------------------------------------------------------
+
+    def _connect(self) -> Console:
+        url = (
+            self.opts.console_url
+            or self.power.console_url
+            or (self.board.console.url if self.board.console else None)
+        )
+        if not url:
+            raise ConfigError(f"{self.board.where('console')}: no url for the board's console")
+        baud = self.board.console.baudrate if self.board.console else 115200
+        console = Console.open(
+            url,
+            log_path=self.build / "console.log",
+            baudrate=baud,
+            name=f"{self.board.name} console",
+        )
+        if self.machine is not None:
+            self.machine.connected()
+        return console
+
+    def prepare(self) -> None:
+        """Images for the target: built or taken from ``--image``; staged for TFTP."""
+        if self.machine is not None:
+            self.images = self.machine.prepare(
+                self.reporter,
+                image_dir=self.opts.image_dir,
+                restrict=self.opts.restrict,
+                kernel_fragment=self.opts.kernel_fragment,
+                fit=self.load == "fit",
+            )
+            return
+        d = self.opts.image_dir
+        if d is None:
+            raise DeployError(
+                f"board {self.board.name}: pass --image DIR (Image, "
+                "initramfs.cpio.gz, guest.dtb or guest.itb)"
+            )
+        fit = d / "guest.itb"
+        self.images = Images(
+            d / "Image", d / "initramfs.cpio.gz", d / "guest.dtb", fit if fit.exists() else None
+        )
+        if self.load in ("tftp", "fit"):
+            dest = Path(get_key(self.tftp, "dir", str, self.board.where("tftp")))
+            dest.mkdir(parents=True, exist_ok=True)
+            names = (
+                ["guest.itb"] if self.load == "fit" else ["Image", "initramfs.cpio.gz", "guest.dtb"]
+            )
+            for name in names:
+                shutil.copyfile(d / name, dest / name)
+
+    def _addr(self, key: str, default: int | None = None) -> int:
+        bl = self.raw.get("bootloader", {})
+        v = bl.get(f"{key}_addr_r", default)
+        if v is None:
+            raise ConfigError(
+                f"{self.board.where('bootloader')}: {key}_addr_r is needed to load over {self.load}"
+            )
+        return int(v, 16) if isinstance(v, str) else int(v)
+
+    def bootargs(self) -> str:
+        con = self.board.console_kernel
+        baud = self.board.console.baudrate if self.board.console else 115200
+        return f"console={con},{baud} panic=-1"
+
+    def _load_and_boot(self, u: UBoot, abort: Callable[[], None]) -> None:
+        assert self.images is not None
+        self.reporter.step(f"U-Boot: load over {self.load}, boot")
+        u.setenv(initrd_high=NO_RELOCATE, fdt_high=NO_RELOCATE)
+        u.check(f"setenv bootargs '{self.bootargs()}'")
+        k, r, f = self._addr("kernel"), self._addr("ramdisk"), self._addr("fdt")
+        if self.load in ("tftp", "fit"):
+            server = self.tftp.get("server")
+            ip = self.tftp.get("ipaddr", "dhcp")
+            u.setenv(autoload="no")
+            if server == "qemu" or ip == "dhcp":
+                u.check("dhcp", 60, abort)
+            else:
+                u.setenv(ipaddr=ip)
+            if server and server != "qemu":
+                u.setenv(serverip=server)
+        if self.load == "fit":
+            fa = self._addr("fit")
+            u.tftp(fa, "guest.itb", abort)
+            u.boot(f"bootm {fa:#x}")
+            return
+        if self.load == "tftp":
+            u.tftp(k, "Image", abort)
+            rsize = u.tftp(r, "initramfs.cpio.gz", abort)
+            u.tftp(f, "guest.dtb", abort)
+        else:
+            u.loady(k, self.images.kernel, abort)
+            rsize = u.loady(r, self.images.initrd, abort)
+            u.loady(f, self.images.dtb, abort)
+        u.boot(f"booti {k:#x} {r:#x}:{rsize:#x} {f:#x}")
+
+    # -- use ------------------------------------------------------------------------------
+
+    @property
+    def console(self) -> Console:
+        if self.strategy.console is None:
+            raise DeployError(f"{self.board.name}: target is off (no console)")
+        return self.strategy.console
+
+    def transition(self, state: State | str) -> Console | None:
+        return self.strategy.transition(state)
+
+    def boot(self) -> Console:
+        """Power on and bring the target to its shell; returns the console."""
+        if self.images is None:
+            self.prepare()
+        self.reporter.step(f"boot {self.board.name} ({self.strategy.name})")
+        t0 = time.monotonic()
+        self.strategy.transition(State.SHELL)
+        self.boot_seconds = time.monotonic() - t0
+        return self.console
+
+    def reboot(self) -> Console:
+        self.strategy.power_off()
+        return self.boot()
+
+    def vars(self) -> dict[str, str]:
+        """Values suites refer to as ``${name}``."""
+        from edgevirt.smoke import smoke_vars
+
+        v = {"board": self.board.name, "kernel_console": self.board.console_kernel}
+        if self.board.is_qemu:
+            q = self.board.qemu
+            nodes = self.images.nodes if self.images else []
+            v |= smoke_vars(q.carveout_base, q.carveout, nodes)
+        return v
+
+    def close(self) -> None:
+        try:
+            self.strategy.power_off()
+        finally:
+            self.power.close()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""YAML test suites: :mod:`.model` (parse and validate), :mod:`.runner`, :mod:`.junit`."""

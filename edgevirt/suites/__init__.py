@@ -1,0 +1,1 @@
+"""Test suites shipped with edgevirt (YAML package data); see edgevirt.suite.model."""

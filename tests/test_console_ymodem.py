@@ -1,0 +1,103 @@
+"""YMODEM sender against a receiver written from the protocol (U-Boot's loady is the e2e one)."""
+
+import binascii
+import queue
+import threading
+
+import pytest
+
+from edgevirt.console import ymodem
+from edgevirt.console.ymodem import ACK, CRC, EOT, NAK, SOH, STX, YmodemError
+
+
+class Receiver:
+    """Receives one file; NAKs block ``nak_block`` once (to exercise retries)."""
+
+    def __init__(self, nak_block=None):
+        self.to_sender: queue.Queue[int] = queue.Queue()
+        self.buf = bytearray()
+        self.cond = threading.Condition()
+        self.nak_block = nak_block
+        self.name = b""
+        self.data = bytearray()
+        self.size = 0
+
+    # sender side
+    def getc(self, timeout):
+        try:
+            return self.to_sender.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def put(self, data):
+        with self.cond:
+            self.buf += data
+            self.cond.notify()
+
+    # receiver side
+    def _take(self, n):
+        with self.cond:
+            while len(self.buf) < n:
+                self.cond.wait(5)
+            out = bytes(self.buf[:n])
+            del self.buf[:n]
+            return out
+
+    def _block(self):
+        head = self._take(1)[0]
+        if head == EOT:
+            return None, None
+        size = 1024 if head == STX else 128
+        seq, inv = self._take(2)
+        data = self._take(size)
+        crc = int.from_bytes(self._take(2), "big")
+        assert head in (SOH, STX) and seq == 0xFF - inv
+        assert crc == binascii.crc_hqx(data, 0)
+        return seq, data
+
+    def run(self):
+        self.to_sender.put(CRC)
+        _, meta = self._block()
+        name, rest = meta.split(b"\0", 1)
+        self.name, self.size = name, int(rest.split(b" ")[0])
+        self.to_sender.put(ACK)
+        self.to_sender.put(CRC)
+        naked = False
+        while True:
+            seq, data = self._block()
+            if seq is None:
+                self.to_sender.put(NAK)  # first EOT is NAKed, as many receivers do
+                assert self._take(1)[0] == EOT
+                self.to_sender.put(ACK)
+                break
+            if seq == self.nak_block and not naked:
+                naked = True
+                self.to_sender.put(NAK)
+                continue
+            self.data += data
+            self.to_sender.put(ACK)
+        self.to_sender.put(CRC)
+        seq, data = self._block()
+        assert seq == 0 and data == bytes(128)  # end of batch
+        self.to_sender.put(ACK)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1024, 5000])
+def test_file_arrives_whole_with_name_and_size(tmp_path, size):
+    f = tmp_path / "guest.dtb"
+    f.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    rx = Receiver(nak_block=2)
+    t = threading.Thread(target=rx.run)
+    t.start()
+    assert ymodem.send(rx.getc, rx.put, f) == size
+    t.join(5)
+    assert rx.name == b"guest.dtb" and rx.size == size
+    assert bytes(rx.data[:size]) == f.read_bytes()
+    assert set(rx.data[size:]) <= {0x1A}  # CPMEOF padding
+
+
+def test_silent_receiver_is_a_clear_error(tmp_path):
+    f = tmp_path / "x"
+    f.write_bytes(b"x")
+    with pytest.raises(YmodemError, match="no 'C' \\(receiver ready\\) from the receiver"):
+        ymodem.send(lambda t: None, lambda d: None, f, start_timeout=0.3)
