@@ -1,5 +1,6 @@
 """The pytest plugin, run the way a user runs it: pytest on a file of device tests."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +24,18 @@ def test_without_a_board():
 
 def run_pytest(tmp_path, *args, env_board=None):
     (tmp_path / "test_device.py").write_text(DEVICE_TESTS)
-    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(ROOT), "HOME": "/root"}
+    env = {
+        "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+        "PYTHONPATH": str(ROOT),
+        "HOME": os.environ.get("HOME", "/root"),
+    }
     if env_board:
         env["EDGEVIRT_BOARD"] = env_board
     return subprocess.run(
         [
             sys.executable,
             "-m",
-            "pytest",
-            "-p",
-            "edgevirt.pytest_plugin",
+            "pytest",  # the plugin comes from the installed pytest11 entry point
             "-q",
             "-rs",
             "-p",
