@@ -2,7 +2,10 @@
 run (qemu-storage-daemon for blk, the pure-Python ring for the C ring).
 
 ``--guest`` runs the in-guest benchmark instead (bench/guest.py: boots a QEMU guest, needs
-the cached kernel); ``--guest-keep DIR`` keeps its logs in DIR."""
+the cached kernel); ``--guest-msg`` the in-guest benchmark with the virtio-msg transport
+side by side with vhost-user and qemu-storage-daemon (bench/msg.py; also builds the guest
+module); ``--guest-keep DIR`` keeps either one's logs in DIR, ``--repeat N`` sets the
+repetitions per disk (default 9)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import blk, guest, ring  # noqa: E402
+from bench import blk, guest, msg, ring  # noqa: E402
 
 
 def table(rows: list[dict]) -> str:
@@ -22,8 +25,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if "--guest" in sys.argv or "--guest-keep" in sys.argv:
-        keep = sys.argv[sys.argv.index("--guest-keep") + 1] if "--guest-keep" in sys.argv else None
+    keep = sys.argv[sys.argv.index("--guest-keep") + 1] if "--guest-keep" in sys.argv else None
+    if "--guest-msg" in sys.argv:
+        repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 9
+        print(table(msg.run(Path(keep) if keep else None, repeat)))
+        return
+    if "--guest" in sys.argv or keep:
         print(table(guest.run(Path(keep) if keep else None)))
         return
     print(table(ring.run()))

@@ -67,3 +67,7 @@ class RingError(BackendError):
 
 class VhostUserError(BackendError):
     """A vhost-user message was malformed or out of sequence."""
+
+
+class VirtioMsgError(BackendError):
+    """A virtio-msg message or the message memory carrying it broke the protocol."""

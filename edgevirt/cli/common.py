@@ -6,6 +6,7 @@ import sys
 from typing import NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from edgevirt.errors import ConfigError, EdgevirtError, SetupError
@@ -18,9 +19,10 @@ err = Console(stderr=True)
 
 
 def fail(e: EdgevirtError) -> NoReturn:
-    err.print(f"[bold red]error:[/] {e}")
+    # Messages quote TOML keys like [qemu] or [[device]]: never let rich read them as markup.
+    err.print(f"[bold red]error:[/] {escape(str(e))}")
     if e.hint:
-        err.print(f"[yellow]hint:[/] {e.hint}")
+        err.print(f"[yellow]hint:[/] {escape(e.hint)}")
     code = (
         EXIT_SETUP
         if isinstance(e, SetupError)

@@ -24,7 +24,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from edgevirt.errors import BackendError
+# Re-exported: the class lives in edgevirt.errors with the other layers' errors.
+from edgevirt.errors import VirtioMsgError as VirtioMsgError
 
 HEADER = struct.Struct("<BBHHH")  # type, msg_id, dev_num, token, msg_size
 TYPE_RESPONSE = 1 << 0
@@ -50,10 +51,6 @@ STATUS_FAILED = 128
 # BUS_MSG_EVENT_DEVICE states.
 DEVICE_BUS_STATE_READY = 0x1
 DEVICE_BUS_STATE_REMOVED = 0x2
-
-
-class VirtioMsgError(BackendError):
-    """A virtio-msg message or the message memory carrying it broke the protocol."""
 
 
 class MsgId(enum.IntEnum):
