@@ -112,7 +112,7 @@ def _collect(peer: ivshmem.Peer, pid: int) -> bool:
     return len(peer.eventfds.get(pid, [])) == 2
 
 
-def test_hypervisor_refuses_second_connection_and_announces_hangup(
+def test_hypervisor_refuses_second_connection_and_keeps_doorbells_over_a_hangup(
     hv: Hypervisor, tmp_path: Path
 ) -> None:
     svc = ivshmem.connect(str(tmp_path / "svc.sock"), 2)
@@ -122,10 +122,19 @@ def test_hypervisor_refuses_second_connection_and_announces_hangup(
         with pytest.raises(VirtioMsgError):
             ivshmem.connect(str(tmp_path / "fe.sock"), 2, timeout=2)
         fe.close()
-        _wait(lambda: not _collect(svc, 2) and 2 not in svc.eventfds)
+
+        def detached() -> bool:
+            return not json.loads((tmp_path / "state.json").read_text())["peers"]["front-end"][
+                "attached"
+            ]
+
+        _wait(detached)
+        # not announced (QEMU 7.2's ivshmem crashes on a re-used ID after a disconnect)
+        assert _collect(svc, 2) and len(svc.eventfds[2]) == 2
         state = json.loads((tmp_path / "state.json").read_text())
         assert state["peers"]["front-end"] == {**state["peers"]["front-end"], "attached": False,
-                                              "connections": 1, "refused": 1}  # fmt: skip
+                                              "connections": 1, "refused": 1,
+                                              "detaches": 1}  # fmt: skip
     finally:
         svc.close()
 
@@ -294,3 +303,110 @@ def test_extension_sources_are_read_from_setup_py(tmp_path: Path) -> None:
     (tmp_path / "setup.py").write_text("setup()\n")
     with pytest.raises(Exception, match="no Extension"):
         pc.extension_sources(tmp_path / "setup.py", "x")
+
+
+def test_peer_mode_restart_bumps_the_epoch_skips_stale_messages_and_rings_the_driver(
+    tmp_path: Path,
+) -> None:
+    dev = fake_pci(tmp_path, "0000:00:05.0", 64 << 10)
+    link = PciDoorbellLink("0000:00:05.0", 2, sysfs=tmp_path)
+    first = MsgBus([RngDevice()], GuestMemory(), Loop(), link=link)
+    drv_map = mmap.mmap(os.open(dev / "resource2_wc", os.O_RDWR), 64 << 10)
+    drv = MessageMemory.attach(memoryview(drv_map))
+    try:
+        assert drv.epoch == first.msgmem.epoch == 1
+        # the driver negotiates with the first device side, which then dies
+        drv.to_device.put(p.encode(p.request(MsgId.SET_DEVICE_STATUS, 0, 1, status=1)))
+        first.poll()
+        assert first.devices[0].status == 1
+        assert p.decode(drv.to_driver.get() or b"").token == 1
+        first.close()
+        # requests the driver sent meanwhile are for the dead device side
+        for token in (2, 3):
+            drv.to_device.put(p.encode(p.request(MsgId.GET_DEVICE_STATUS, 0, token)))
+        (dev / "resource0").write_bytes(bytes(256))  # clear the doorbell register
+        with open(dev / "resource0", "r+b") as f:
+            f.write(struct.pack("<III", 0, 0, 1))  # IVPosition 1 again: the same peer
+        again = MsgBus([RngDevice()], GuestMemory(), Loop(),
+                       link=PciDoorbellLink("0000:00:05.0", 2, sysfs=tmp_path))  # fmt: skip
+        try:
+            assert again.adopted and drv.epoch == again.msgmem.epoch == 2
+            assert again.msgmem.skipped == 2 and again.snapshot()["skipped"] == 2
+            # the hello doorbell: driver peer 2, vector 0
+            assert struct.unpack_from("<I", (dev / "resource0").read_bytes(), 12)[0] == 2 << 16
+            assert again.stats.doorbells_out == 1
+            again.poll()
+            assert drv.to_driver.get() is None  # the stale requests got no answers
+            # the new device side starts clean and answers what the driver sends now
+            assert again.devices[0].status == 0
+            drv.to_device.put(p.encode(p.request(MsgId.GET_DEVICE_STATUS, 0, 4)))
+            again.poll()
+            answer = p.decode(drv.to_driver.get() or b"")
+            assert (answer.token, answer["status"]) == (4, 0)
+        finally:
+            again.close()
+    finally:
+        drv.close()
+        drv_map.close()
+
+
+def test_fresh_layout_over_a_foreign_one_is_still_a_new_epoch() -> None:
+    shared = bytearray(64 << 10)
+    old = MessageMemory.create(memoryview(shared), 64, device_peer=1)
+    old.epoch = 7
+    old.close()
+    # other geometry: laid out anew, but a driver attached to the old one must notice
+    mm, adopted = MessageMemory.adopt_or_create(memoryview(shared), 32, device_peer=1)
+    try:
+        assert not adopted and mm.epoch == 8 and mm.geometry.nslots == 32
+    finally:
+        mm.close()
+    # insane indices in a layout of ours: laid out anew too (the views are not leaked)
+    bad = MessageMemory.create(memoryview(shared), 32, device_peer=1)
+    bad.to_device.poke("prod", 1000)
+    bad.close()
+    mm, adopted = MessageMemory.adopt_or_create(memoryview(shared), 32, device_peer=1)
+    try:
+        assert not adopted and mm.epoch == 10 and mm.to_device.available() == 0
+    finally:
+        mm.close()
+
+
+def test_hypervisor_restarted_peer_gets_the_same_id_and_fresh_doorbells(
+    hv: Hypervisor, tmp_path: Path
+) -> None:
+    fe = ivshmem.connect(str(tmp_path / "fe.sock"), 2)
+    svc = ivshmem.connect(str(tmp_path / "svc.sock"), 2)
+    try:
+        _wait(lambda: _collect(fe, 1))
+        svc.close()  # the service VM's QEMU is killed
+        ivshmem.ring(fe.eventfds[1][0])  # the front-end rings it meanwhile: nobody listens
+        svc = ivshmem.connect(str(tmp_path / "svc.sock"), 2)
+        assert svc.id == 1  # the same peer ID as before
+        # the front-end was told nothing (no disconnect, no new eventfds) and its doorbell,
+        # unchanged, reaches the new peer: the kept eventfds (one ring pending from before)
+        assert _collect(fe, 1) and len(fe.eventfds[1]) == 2
+        ivshmem.ring(fe.eventfds[1][0])
+        assert ivshmem.drain(svc.own[0]) == 2
+        # and the new peer can ring the front-end, whose eventfds did not change
+        ivshmem.ring(svc.eventfds[2][0])
+        assert ivshmem.drain(fe.own[0]) == 1
+        # the shared memory is the same file: what the old peer wrote is still there
+        a = mmap.mmap(fe.shm_fd, 4096)
+        b = mmap.mmap(svc.shm_fd, 4096)
+        a[:4] = b"VMSG"
+        assert b[:4] == b"VMSG"
+        a.close()
+        b.close()
+
+        def service() -> tuple:
+            s = json.loads((tmp_path / "state.json").read_text())["peers"]["service"]
+            return s["id"], s["connections"], s["detaches"], s["attached"]
+
+        try:
+            _wait(lambda: service() == (1, 2, 1, True))  # the state file follows the attach
+        except AssertionError:
+            raise AssertionError(service()) from None
+    finally:
+        svc.close()
+        fe.close()

@@ -11,8 +11,16 @@ never reads the shared memory). It plays what a Type-1 hypervisor does for two p
   to ring and a restarted VM comes back under the same ID. On connect a peer gets the
   version (0), its ID, the message-memory fd (-1 + fd), every other connected peer's
   eventfds (ID + fd per vector), then its own; the others learn the newcomer's eventfds.
-  A hang-up is announced as the bare ID. QEMU rings a peer by writing that peer's eventfd
-  directly: after setup no doorbell passes through this process.
+  QEMU rings a peer by writing that peer's eventfd directly: after setup no doorbell passes
+  through this process.
+* it **survives a VM's restart**: a peer's doorbells (eventfds) are created on its first
+  attach and kept until this process exits, like a hypervisor's fixed doorbell IDs. A
+  hang-up (its QEMU was killed) is *not* announced; the next QEMU on that socket is the
+  same peer ID and gets the same eventfds, so the others keep ringing it unchanged. (QEMU
+  7.2's ivshmem frees a peer's eventfd array on a disconnect message and writes into it on
+  the next connect of that ID: announcing the hang-up crashed the other VM's QEMU.) The
+  shared files are kept too: what the VMs agreed on in shared memory outlives either of
+  them (the virtio-msg epoch does the rest).
 
 Its state (who is connected, how often) is rewritten to a JSON file on every change, which
 is how the launcher tells "the service VM never attached" from "its back-end died".
@@ -26,10 +34,12 @@ import array
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +59,9 @@ class PeerSlot:
     conn: socket.socket | None = None
     eventfds: list[int] = field(default_factory=list)
     connections: int = 0
+    detaches: int = 0
     refused: int = 0
+    changed: float = 0.0  # time.time() of the last attach or detach
 
 
 def _send(sock: socket.socket, value: int, fd: int | None = None) -> None:
@@ -98,35 +110,46 @@ class Hypervisor:
     def _connected(self) -> list[PeerSlot]:
         return [s for s in self.slots if s.conn is not None]
 
+    def _known(self) -> list[PeerSlot]:
+        """Peers with doorbells: attached now, or earlier (kept for their return)."""
+        return [s for s in self.slots if s.eventfds]
+
     def accept(self, slot: PeerSlot) -> None:
         assert slot.listener is not None
         try:
             conn, _ = slot.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        if slot.conn is not None and self._gone(slot.conn):
+            self.hangup(slot)  # its EOF is still queued: the restart came first
         if slot.conn is not None:
             log.warning("%s: second connection refused (peer %d is attached)", slot.role, slot.id)
             slot.refused += 1
             conn.close()
             return
         conn.settimeout(5.0)
-        fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.vectors)]
+        returning = bool(slot.eventfds)
+        fds = slot.eventfds or [
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.vectors)
+        ]
         try:
             _send(conn, VERSION)
             _send(conn, slot.id)
             _send(conn, -1, self.msg_fd)
-            for other in self._connected():
-                for fd in other.eventfds:
-                    _send(conn, other.id, fd)
+            for other in self._known():
+                if other is not slot:
+                    for fd in other.eventfds:
+                        _send(conn, other.id, fd)
             for fd in fds:
                 _send(conn, slot.id, fd)
         except OSError as e:
             log.error("%s: setup of peer %d failed: %s", slot.role, slot.id, e)
-            for fd in fds:
-                os.close(fd)
+            if not returning:
+                for fd in fds:
+                    os.close(fd)
             conn.close()
             return
-        for other in self._connected():
+        for other in [] if returning else self._connected():  # a returning peer: known
             assert other.conn is not None
             try:
                 for fd in fds:
@@ -135,27 +158,31 @@ class Hypervisor:
                 log.error("%s: cannot tell peer %d about %d: %s", other.role, other.id, slot.id, e)
         slot.conn, slot.eventfds = conn, fds
         slot.connections += 1
+        slot.changed = time.time()
         self.sel.register(conn, selectors.EVENT_READ, ("hangup", slot))
         log.info("%s: peer %d attached (connection %d)", slot.role, slot.id, slot.connections)
         self.write_state()
 
+    @staticmethod
+    def _gone(conn: socket.socket) -> bool:
+        if not select.select([conn], [], [], 0)[0]:
+            return False  # (recv would wait: the socket has a timeout)
+        try:
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def hangup(self, slot: PeerSlot) -> None:
-        """A peer never sends anything: readable means gone (EOF) or misbehaving."""
+        """A peer never sends anything: readable means gone (EOF) or misbehaving. Its
+        doorbells stay (not announced): the same peer may come back (module docstring)."""
         if slot.conn is None:
             return
         self.sel.unregister(slot.conn)
         slot.conn.close()
         slot.conn = None
-        for fd in slot.eventfds:
-            os.close(fd)
-        slot.eventfds = []
-        for other in self._connected():
-            assert other.conn is not None
-            try:
-                _send(other.conn, slot.id)
-            except OSError:
-                pass
-        log.info("%s: peer %d detached", slot.role, slot.id)
+        slot.detaches += 1
+        slot.changed = time.time()
+        log.info("%s: peer %d detached (its doorbells are kept for its return)", slot.role, slot.id)
         self.write_state()
 
     def write_state(self) -> None:
@@ -171,7 +198,9 @@ class Hypervisor:
                     "socket": str(s.socket_path),
                     "attached": s.conn is not None,
                     "connections": s.connections,
+                    "detaches": s.detaches,
                     "refused": s.refused,
+                    "changed": s.changed,
                 }
                 for s in self.slots
             },
@@ -185,13 +214,19 @@ class Hypervisor:
         while self.running:
             for key, _ in self.sel.select(0.5):
                 what, slot = key.data
-                (self.accept if what == "accept" else self.hangup)(slot)
+                if what == "accept":
+                    self.accept(slot)
+                elif key.fileobj is slot.conn:  # not one already replaced in this batch
+                    self.hangup(slot)
         self.close()
 
     def close(self) -> None:
         self.running = False
         for slot in self.slots:
             self.hangup(slot)
+            for fd in slot.eventfds:
+                os.close(fd)
+            slot.eventfds = []
             if slot.listener is not None:
                 slot.listener.close()
                 slot.listener = None

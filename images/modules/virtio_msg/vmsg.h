@@ -13,6 +13,7 @@
 #include <linux/mutex.h>
 #include <linux/spinlock.h>
 #include <linux/timer.h>
+#include <linux/workqueue.h>
 #include <linux/types.h>
 #include <linux/virtio.h>
 
@@ -38,6 +39,7 @@ struct vmsg_mem_header {
 	__le32 to_device;
 	__le32 to_driver;
 	__le32 revision;
+	__le32 epoch;		/* bumped by every (re)start of the device side; 0 = none */
 } __packed;
 
 /* virtio-msg header (draft "Common Message Format"). */
@@ -51,6 +53,7 @@ struct vmsg_hdr {
 
 #define VMSG_TYPE_RESPONSE	BIT(0)
 #define VMSG_TYPE_BUS		BIT(1)
+#define VMSG_BUS_PING		0x03
 
 enum {
 	VIRTIO_MSG_GET_DEVICE_INFO = 0x02,
@@ -90,9 +93,10 @@ struct vmsg_bus {
 	struct vmsg_ring rx;	/* to-driver: we consume */
 	spinlock_t tx_lock;
 	spinlock_t rx_lock;	/* also guards the request in flight below */
-	struct mutex req_lock;	/* one request in flight */
+	struct mutex req_lock;	/* one request in flight; also serialises a restart */
 	u16 token;
 	bool waiting;
+	u8 want_type;		/* VMSG_TYPE_BUS for a bus request, else 0 */
 	u8 want_id;
 	u16 want_dev;
 	u8 resp[VMSG_SLOT_SIZE];
@@ -102,6 +106,12 @@ struct vmsg_bus {
 	bool broken;		/* a ring index went out of range */
 	bool polling;		/* no MSI-X: a timer drains the ring */
 	struct timer_list poll_timer;
+	size_t mem_len;
+	u32 epoch;		/* the device side's epoch we are attached to */
+	bool closing;		/* teardown: schedule no more work */
+	struct work_struct reset_work;	/* new epoch: reset and re-probe every device */
+	struct work_struct sweep_work;	/* fail the buffers of stale queues */
+	struct delayed_work watch;	/* liveness: epoch, stalled queues, stragglers */
 	spinlock_t dev_lock;	/* devices, and their vq tables */
 	struct list_head devices;
 	unsigned int total_vqs;
@@ -117,6 +127,11 @@ struct vmsg_device {
 	struct virtqueue **vqs;	/* by queue index, for EVENT_USED */
 	u32 *avail_pos;		/* ring position of each queue's last EVENT_AVAIL */
 	bool *avail_sent;
+	u32 *watch;		/* per queue: used idx | busy << 16 at the last watch tick */
+	bool stale;		/* its queues belong to a device side that is gone */
+	unsigned long failed;	/* buffers failed on stale queues */
+	phys_addr_t pool_base;	/* the carve-out pool: the only memory a sweep may write */
+	size_t pool_size;
 };
 
 /* vmsg_bus.c */
@@ -126,9 +141,16 @@ struct vmsg_bus *vmsg_bus_get(void);
 void vmsg_bus_put(struct vmsg_bus *bus);
 int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, u16 req_len,
 		 void *ans, u16 ans_min, u16 ans_max);
-bool vmsg_event_avail(struct vmsg_bus *bus, struct vmsg_device *vmdev, u32 index);
+int vmsg_event_avail(struct vmsg_bus *bus, struct vmsg_device *vmdev, u32 index);
+void vmsg_bus_quiesce(struct vmsg_bus *bus);
+void vmsg_bus_sweep_now(struct vmsg_bus *bus);
 
 /* vmsg_virtio.c: event delivery from the bus (called with bus->dev_lock held) */
 void vmsg_device_event(struct vmsg_device *vmdev, u8 msg_id, const u8 *payload, u16 len);
+/* vmsg_virtio.c: restart support (dev_lock held unless noted) */
+void vmsg_device_gone(struct vmsg_device *vmdev);
+unsigned int vmsg_device_sweep(struct vmsg_device *vmdev);
+bool vmsg_device_stalled(struct vmsg_device *vmdev);
+void vmsg_device_reprobe(struct vmsg_device *vmdev);	/* process context, no locks */
 
 #endif

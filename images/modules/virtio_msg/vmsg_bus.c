@@ -10,6 +10,13 @@
  * The device side is not trusted: its ring index must stay within the ring, each message
  * is copied out of shared memory before it is looked at, and a request without an answer
  * times out (module parameter timeout_ms) instead of hanging the boot.
+ *
+ * Restarts (PROTOCOL.md, "Restart"): the device side bumps the header's epoch every time it
+ * (re)starts and rings us. When we see a new epoch (doorbell, watch tick or a timed-out
+ * request) the bus re-attaches and every virtio device is reset and re-probed: its driver
+ * comes back without a reboot. While the device side is gone (a request timed out, or
+ * queues with buffers made no progress and a PING went unanswered), the buffers on its
+ * queues are failed here ("swept") so drivers see I/O errors instead of hanging.
  */
 #include <linux/delay.h>
 #include <linux/interrupt.h>
@@ -29,8 +36,14 @@ static unsigned int timeout_ms = 5000;
 module_param(timeout_ms, uint, 0644);
 MODULE_PARM_DESC(timeout_ms, "How long to wait for the device side to answer a request");
 
+static unsigned int watch_ms = 1000;
+module_param(watch_ms, uint, 0644);
+MODULE_PARM_DESC(watch_ms, "Liveness check period: new epoch, queues without progress");
+
 static DEFINE_MUTEX(vmsg_bus_lock);
 static struct vmsg_bus *vmsg_the_bus;	/* one bus: the first ivshmem device with our header */
+
+static int vmsg_check_header(struct vmsg_bus *bus, size_t len);
 
 static u32 *ring_word(struct vmsg_ring *r, unsigned int off)
 {
@@ -45,9 +58,32 @@ static u8 *ring_slot(struct vmsg_ring *r, u32 pos)
 static void vmsg_bus_broken(struct vmsg_bus *bus, const char *ring, u32 peer, u32 ours)
 {
 	if (!bus->broken)
-		dev_err(bus->dev, "virtio-msg: %s ring: device side index %u is %u slots from ours (%u), more than the %u slots; bus stopped\n",
+		dev_err(bus->dev, "virtio-msg: %s ring: device side index %u is %u slots from ours (%u), more than the %u slots; bus stopped until the device side restarts\n",
 			ring, peer, ours - peer, ours, bus->nslots);
 	bus->broken = true;
+	schedule_work(&bus->sweep_work);	/* its devices' buffers fail from now on */
+}
+
+static u32 vmsg_header_epoch(struct vmsg_bus *bus)
+{
+	const struct vmsg_mem_header *mh = bus->mem;
+
+	return le32_to_cpu(READ_ONCE(mh->epoch));
+}
+
+/* Did the device side restart since we attached? Any context. */
+static bool vmsg_epoch_changed(struct vmsg_bus *bus)
+{
+	const struct vmsg_mem_header *mh = bus->mem;
+
+	return READ_ONCE(mh->magic) == cpu_to_le32(VMSG_MAGIC) &&
+	       vmsg_header_epoch(bus) != READ_ONCE(bus->epoch);
+}
+
+static void vmsg_kick_reset(struct vmsg_bus *bus)
+{
+	if (!READ_ONCE(bus->closing))
+		schedule_work(&bus->reset_work);
 }
 
 /* Messages in the to-device ring the device side has not consumed yet. tx_lock held. */
@@ -118,7 +154,8 @@ static void vmsg_handle(struct vmsg_bus *bus, const u8 *buf)
 	}
 	if (h->type & VMSG_TYPE_RESPONSE) {
 		if (bus->waiting && h->msg_id == bus->want_id && dev_num == bus->want_dev &&
-		    le16_to_cpu(h->token) == bus->token && !(h->type & VMSG_TYPE_BUS)) {
+		    le16_to_cpu(h->token) == bus->token &&
+		    (h->type & VMSG_TYPE_BUS) == bus->want_type) {
 			memcpy(bus->resp, buf, size);
 			bus->resp_len = size;
 			bus->waiting = false;
@@ -149,6 +186,8 @@ static void vmsg_drain(struct vmsg_bus *bus)
 	unsigned int budget;
 	u32 prod, ready;
 
+	if (vmsg_epoch_changed(bus))
+		vmsg_kick_reset(bus);	/* its doorbell after a restart lands here */
 	spin_lock_irqsave(&bus->rx_lock, flags);
 	for (budget = 2 * bus->nslots; budget && !bus->broken; budget--) {
 		/* Acquire: the slot is read only after the index that published it. */
@@ -190,8 +229,8 @@ static void vmsg_poll(struct timer_list *t)
  * Send a request and wait for its answer; copies the answer's payload (ans_min..ans_max
  * bytes) to ans and returns its length, or a negative errno. May sleep.
  */
-int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, u16 req_len,
-		 void *ans, u16 ans_min, u16 ans_max)
+static int __vmsg_request(struct vmsg_bus *bus, u8 type, u16 dev_num, u8 msg_id,
+			  const void *req, u16 req_len, void *ans, u16 ans_min, u16 ans_max)
 {
 	u8 msg[VMSG_SLOT_SIZE];
 	struct vmsg_hdr *h = (void *)msg;
@@ -208,7 +247,7 @@ int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, 
 	}
 	if (!++bus->token)
 		bus->token = 1;	/* 0 is for events */
-	h->type = 0;
+	h->type = type;
 	h->msg_id = msg_id;
 	h->dev_num = cpu_to_le16(dev_num);
 	h->token = cpu_to_le16(bus->token);
@@ -219,6 +258,7 @@ int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, 
 	reinit_completion(&bus->done);
 	bus->want_id = msg_id;
 	bus->want_dev = dev_num;
+	bus->want_type = type;
 	bus->waiting = true;
 	spin_unlock_irq(&bus->rx_lock);
 
@@ -245,9 +285,19 @@ int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, 
 	len = bus->resp_len - (int)sizeof(*h);
 	spin_unlock_irq(&bus->rx_lock);
 	if (ret == -ETIMEDOUT || ret == -EAGAIN) {
-		dev_err(bus->dev, "virtio-msg: no answer to message %#x for device %u within %u ms: device side dead? bus disabled\n",
+		if (vmsg_epoch_changed(bus)) {
+			dev_warn(bus->dev, "virtio-msg: device side restarted while message %#x for device %u was in flight\n",
+				 msg_id, dev_num);
+			vmsg_kick_reset(bus);
+			ret = -ECONNRESET;
+			goto out;
+		}
+		dev_err(bus->dev, "virtio-msg: no answer to message %#x for device %u within %u ms: device side dead? its devices fail I/O until it restarts\n",
 			msg_id, dev_num, timeout_ms);
+		spin_lock_irq(&bus->tx_lock);
 		bus->dead = true;
+		spin_unlock_irq(&bus->tx_lock);
+		schedule_work(&bus->sweep_work);
 		ret = -ETIMEDOUT;
 		goto out;
 	}
@@ -266,13 +316,32 @@ out:
 	return ret;
 }
 
+int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, u16 req_len,
+		 void *ans, u16 ans_min, u16 ans_max)
+{
+	return __vmsg_request(bus, 0, dev_num, msg_id, req, req_len, ans, ans_min, ans_max);
+}
+
+/* BUS_MSG_PING: is the device side still there? (times out like any request) */
+static int vmsg_ping(struct vmsg_bus *bus)
+{
+	__le32 data = cpu_to_le32(0x45444745), echo;	/* "EDGE" */
+	int ret;
+
+	ret = __vmsg_request(bus, VMSG_TYPE_BUS, 0, VMSG_BUS_PING, &data, 4, &echo, 4, 4);
+	if (ret == 4 && echo != data)
+		dev_warn(bus->dev, "virtio-msg: PING answered with %#x, sent %#x\n",
+			 le32_to_cpu(echo), le32_to_cpu(data));
+	return ret < 0 ? ret : 0;
+}
+
 /*
  * The driver's notification (virtqueue kick): EVENT_AVAIL, unless the previous one for
  * this queue is still waiting in the ring: the device side reads the avail ring after
  * consuming it, and virtqueue_kick_prepare's full barrier ordered our avail index store
  * before the consumer index load below. Any context; never sleeps.
  */
-bool vmsg_event_avail(struct vmsg_bus *bus, struct vmsg_device *vmdev, u32 index)
+int vmsg_event_avail(struct vmsg_bus *bus, struct vmsg_device *vmdev, u32 index)
 {
 	struct {
 		struct vmsg_hdr h;
@@ -307,7 +376,163 @@ bool vmsg_event_avail(struct vmsg_bus *bus, struct vmsg_device *vmdev, u32 index
 		dev_err_ratelimited(bus->dev, "virtio-msg: to-device ring full, EVENT_AVAIL lost\n");
 	else if (!ret && pos != U32_MAX)
 		vmsg_doorbell(bus);
-	return !ret;
+	return ret;
+}
+
+/* Fail what sits on stale queues; mark every device stale while the device side is gone. */
+static void vmsg_sweep(struct work_struct *work)
+{
+	struct vmsg_bus *bus = container_of(work, struct vmsg_bus, sweep_work);
+	struct vmsg_device *vmdev;
+	unsigned long flags;
+	bool gone;
+
+	spin_lock_irqsave(&bus->tx_lock, flags);
+	gone = bus->dead || bus->broken;
+	spin_unlock_irqrestore(&bus->tx_lock, flags);
+	spin_lock_irqsave(&bus->dev_lock, flags);
+	list_for_each_entry(vmdev, &bus->devices, node) {
+		if (gone && !vmdev->stale)
+			vmsg_device_gone(vmdev);
+		if (vmdev->stale)
+			vmsg_device_sweep(vmdev);
+	}
+	spin_unlock_irqrestore(&bus->dev_lock, flags);
+}
+
+/* Also while closing: a driver being removed may still queue buffers on stale queues. */
+void vmsg_bus_sweep_now(struct vmsg_bus *bus)
+{
+	schedule_work(&bus->sweep_work);
+}
+
+/* The header after a restart: same geometry as before, else the bus stays down. */
+static int vmsg_reattach(struct vmsg_bus *bus)
+{
+	struct vmsg_ring tx = bus->tx, rx = bus->rx;
+	u32 nslots = bus->nslots, peer = bus->device_peer;
+	int ret;
+
+	spin_lock_irq(&bus->tx_lock);
+	spin_lock(&bus->rx_lock);
+	ret = vmsg_check_header(bus, bus->mem_len);
+	if (!ret && (bus->nslots != nslots || bus->device_peer != peer)) {
+		dev_err(bus->dev, "virtio-msg: the restarted device side has %u slots, peer %u; we were attached with %u slots, peer %u\n",
+			bus->nslots, bus->device_peer, nslots, peer);
+		ret = -EINVAL;
+	}
+	if (ret) {
+		bus->tx = tx;
+		bus->rx = rx;
+		bus->nslots = nslots;
+		bus->device_peer = peer;
+		bus->dead = true;
+	} else {
+		/* Whatever the old device side left for us is stale: skip it. */
+		bus->rx.shadow = smp_load_acquire(ring_word(&bus->rx, VMSG_RING_PROD));
+		smp_store_release(ring_word(&bus->rx, VMSG_RING_CONS), bus->rx.shadow);
+		bus->dead = false;
+		bus->broken = false;
+	}
+	spin_unlock(&bus->rx_lock);
+	spin_unlock_irq(&bus->tx_lock);
+	return ret;
+}
+
+/*
+ * A new epoch: the device side restarted and knows none of our devices' state. Re-attach,
+ * mark every device's queues stale (their buffers fail), then reset and re-probe each.
+ */
+static void vmsg_reset_work(struct work_struct *work)
+{
+	struct vmsg_bus *bus = container_of(work, struct vmsg_bus, reset_work);
+	struct vmsg_device *vmdev, **devs;
+	unsigned int n = 0, i;
+	unsigned long flags;
+	u32 old, now;
+	int ret;
+
+	mutex_lock(&bus->req_lock);
+	old = bus->epoch;
+	now = vmsg_header_epoch(bus);
+	if (now == old || READ_ONCE(bus->closing) || !vmsg_epoch_changed(bus)) {
+		mutex_unlock(&bus->req_lock);
+		return;
+	}
+	smp_rmb();	/* the header fields after the epoch that announced them */
+	WRITE_ONCE(bus->epoch, now);
+	ret = vmsg_reattach(bus);
+	spin_lock_irqsave(&bus->dev_lock, flags);
+	list_for_each_entry(vmdev, &bus->devices, node)
+		n++;
+	devs = kcalloc(max(n, 1U), sizeof(*devs), GFP_ATOMIC);
+	n = 0;
+	list_for_each_entry(vmdev, &bus->devices, node) {
+		if (!vmdev->stale)
+			vmsg_device_gone(vmdev);
+		if (devs) {
+			get_device(&vmdev->vdev.dev);
+			devs[n++] = vmdev;
+		}
+	}
+	spin_unlock_irqrestore(&bus->dev_lock, flags);
+	mutex_unlock(&bus->req_lock);
+	schedule_work(&bus->sweep_work);
+	if (ret) {
+		dev_err(bus->dev, "virtio-msg: device side restarted (epoch %u -> %u) with an incompatible message memory: bus stays down\n",
+			old, now);
+	} else if (!devs) {
+		dev_err(bus->dev, "virtio-msg: device side restarted (epoch %u -> %u): out of memory, devices not reset\n",
+			old, now);
+	} else {
+		dev_info(bus->dev, "virtio-msg: device side restarted (epoch %u -> %u): resetting and re-probing %u devices\n",
+			 old, now, n);
+	}
+	for (i = 0; i < n; i++) {
+		if (!ret && !READ_ONCE(bus->closing))
+			vmsg_device_reprobe(devs[i]);
+		put_device(&devs[i]->vdev.dev);
+	}
+	kfree(devs);
+}
+
+/* Liveness: a new epoch, queues whose buffers make no progress (PING), stragglers. */
+static void vmsg_watch(struct work_struct *work)
+{
+	struct vmsg_bus *bus = container_of(to_delayed_work(work), struct vmsg_bus, watch);
+	struct vmsg_device *vmdev;
+	bool stalled = false, gone, stale = false;
+	unsigned long flags;
+
+	if (READ_ONCE(bus->closing))
+		return;
+	spin_lock_irqsave(&bus->tx_lock, flags);
+	gone = bus->dead || bus->broken;
+	spin_unlock_irqrestore(&bus->tx_lock, flags);
+	spin_lock_irqsave(&bus->dev_lock, flags);
+	list_for_each_entry(vmdev, &bus->devices, node) {
+		stale |= vmdev->stale;
+		if (!gone && !vmdev->stale)
+			stalled |= vmsg_device_stalled(vmdev);
+	}
+	spin_unlock_irqrestore(&bus->dev_lock, flags);
+	if (vmsg_epoch_changed(bus))
+		vmsg_kick_reset(bus);
+	else if (gone || stale)
+		schedule_work(&bus->sweep_work);
+	else if (stalled && vmsg_ping(bus) == -ETIMEDOUT)
+		dev_err(bus->dev, "virtio-msg: queues with buffers made no progress for %u ms and PING went unanswered\n",
+			watch_ms);
+	if (!READ_ONCE(bus->closing))
+		schedule_delayed_work(&bus->watch, msecs_to_jiffies(watch_ms));
+}
+
+/* No more work after this: teardown (platform remove, then PCI remove). */
+void vmsg_bus_quiesce(struct vmsg_bus *bus)
+{
+	WRITE_ONCE(bus->closing, true);
+	cancel_delayed_work_sync(&bus->watch);
+	cancel_work_sync(&bus->reset_work);
 }
 
 struct vmsg_bus *vmsg_bus_get(void)
@@ -324,7 +549,10 @@ struct vmsg_bus *vmsg_bus_get(void)
 
 static void vmsg_bus_free(struct kref *ref)
 {
-	kfree(container_of(ref, struct vmsg_bus, ref));
+	struct vmsg_bus *bus = container_of(ref, struct vmsg_bus, ref);
+
+	cancel_work_sync(&bus->sweep_work);
+	kfree(bus);
 }
 
 void vmsg_bus_put(struct vmsg_bus *bus)
@@ -369,6 +597,7 @@ static int vmsg_check_header(struct vmsg_bus *bus, size_t len)
 	/* Adopt the indices: after a guest reboot the device side continues from them. */
 	bus->tx.shadow = READ_ONCE(*ring_word(&bus->tx, VMSG_RING_PROD));
 	bus->rx.shadow = READ_ONCE(*ring_word(&bus->rx, VMSG_RING_CONS));
+	bus->mem_len = len;
 	return 0;
 }
 
@@ -429,9 +658,13 @@ static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	init_completion(&bus->done);
 	INIT_LIST_HEAD(&bus->devices);
 	timer_setup(&bus->poll_timer, vmsg_poll, 0);
+	INIT_WORK(&bus->reset_work, vmsg_reset_work);
+	INIT_WORK(&bus->sweep_work, vmsg_sweep);
+	INIT_DELAYED_WORK(&bus->watch, vmsg_watch);
 	ret = vmsg_wait_header(bus, len);
 	if (ret)
 		goto free;
+	bus->epoch = vmsg_header_epoch(bus);
 	bus->own_id = readl(bus->regs + IVSHMEM_IVPOSITION);
 	pci_set_master(pdev);	/* MSI-X messages are bus-master writes */
 	nvec = pci_alloc_irq_vectors(pdev, 1, 2, PCI_IRQ_MSIX);
@@ -450,8 +683,10 @@ static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (!vmsg_the_bus)
 		vmsg_the_bus = bus;
 	mutex_unlock(&vmsg_bus_lock);
-	dev_info(&pdev->dev, "virtio-msg bus: %u slots per direction, we are peer %u, device side peer %u, %s\n",
-		 bus->nslots, bus->own_id, bus->device_peer, bus->polling ? "polling" : "MSI-X");
+	schedule_delayed_work(&bus->watch, msecs_to_jiffies(watch_ms));
+	dev_info(&pdev->dev, "virtio-msg bus: %u slots per direction, we are peer %u, device side peer %u, epoch %u, %s\n",
+		 bus->nslots, bus->own_id, bus->device_peer, bus->epoch,
+		 bus->polling ? "polling" : "MSI-X");
 	return 0;
 free:
 	kfree(bus);
@@ -466,6 +701,7 @@ static void vmsg_pci_remove(struct pci_dev *pdev)
 	if (vmsg_the_bus == bus)
 		vmsg_the_bus = NULL;
 	mutex_unlock(&vmsg_bus_lock);
+	vmsg_bus_quiesce(bus);
 	mutex_lock(&bus->req_lock);
 	spin_lock_irq(&bus->tx_lock);
 	bus->dead = true;	/* devices still bound fail fast; the mapping goes away below */
@@ -477,6 +713,8 @@ static void vmsg_pci_remove(struct pci_dev *pdev)
 		free_irq(pci_irq_vector(pdev, VMSG_VECTOR), bus);
 		pci_free_irq_vectors(pdev);
 	}
+	cancel_work_sync(&bus->reset_work);	/* the IRQ may have queued one meanwhile */
+	cancel_work_sync(&bus->sweep_work);
 	vmsg_bus_put(bus);
 }
 

@@ -10,13 +10,22 @@
  *
  * Config reads and writes, status, features and queue setup are requests (they sleep);
  * a kick is an EVENT_AVAIL; the device side's EVENT_USED runs the queue's callback.
+ *
+ * When the device side is gone, a device's queues become "stale": the buffers on them are
+ * completed here with zero length (virtio-blk: status VIRTIO_BLK_S_IOERR written into the
+ * request's status byte), so the driver fails them instead of waiting forever. When the
+ * device side is back (new epoch), each device is reset and its driver re-probed.
  */
+#include <linux/dma-direct.h>
 #include <linux/dma-mapping.h>
 #include <linux/module.h>
 #include <linux/of.h>
+#include <linux/of_reserved_mem.h>
 #include <linux/platform_device.h>
 #include <linux/slab.h>
 #include <linux/virtio_config.h>
+#include <linux/virtio_ids.h>
+#include <linux/virtio_blk.h>
 #include <linux/virtio_ring.h>
 #include <asm/unaligned.h>
 
@@ -170,8 +179,188 @@ static void vmsg_reset(struct virtio_device *vdev)
 static bool vmsg_notify(struct virtqueue *vq)
 {
 	struct vmsg_device *vmdev = to_vmsg(vq->vdev);
+	int ret;
 
-	return vmsg_event_avail(vmdev->bus, vmdev, vq->index);
+	/* Stale or gone: the sweep fails the buffer. Returning false would break the queue
+	 * and strand the buffer (a broken queue hands nothing back), so say "notified". */
+	if (READ_ONCE(vmdev->stale)) {
+		vmsg_bus_sweep_now(vmdev->bus);
+		return true;
+	}
+	ret = vmsg_event_avail(vmdev->bus, vmdev, vq->index);
+	if (ret == -ENODEV)
+		vmsg_bus_sweep_now(vmdev->bus);
+	return ret != -EAGAIN;
+}
+
+/* ---- the device side is gone: fail buffers, detect stalls, re-probe ---------------- */
+
+/* CPU address of driver-owned memory the device side may also see: the pool only. */
+static void *vmsg_guest_ptr(struct vmsg_device *vmdev, u64 dma, u32 len)
+{
+	phys_addr_t pa = dma_to_phys(vmdev->vdev.dev.parent, dma);
+
+	if (!len || pa + len < pa)
+		return NULL;
+	if (vmdev->pool_size) {
+		if (pa < vmdev->pool_base || pa + len > vmdev->pool_base + vmdev->pool_size)
+			return NULL;
+	} else if (!pfn_valid(PHYS_PFN(pa)) || !pfn_valid(PHYS_PFN(pa + len - 1))) {
+		return NULL;
+	}
+	return phys_to_virt(pa);
+}
+
+/*
+ * virtio-blk: the status byte is the last byte of the chain's last device-writable
+ * buffer; make it VIRTIO_BLK_S_IOERR. The descriptors sit in shared memory: every index,
+ * length and address is checked, and the walk is bounded.
+ */
+static void vmsg_fail_blk_chain(struct vmsg_device *vmdev, const struct vring *vr, u16 head)
+{
+	const struct vring_desc *tbl = vr->desc;
+	u32 n = vr->num, i = head, steps;
+	u64 addr = 0;
+	u32 len = 0;
+	u8 *status;
+
+	for (steps = 0; steps < vr->num + 1024 && i < n; steps++) {
+		u16 flags = le16_to_cpu(READ_ONCE(tbl[i].flags));
+		u64 a = le64_to_cpu(READ_ONCE(tbl[i].addr));
+		u32 l = le32_to_cpu(READ_ONCE(tbl[i].len));
+
+		if (flags & VRING_DESC_F_INDIRECT) {
+			if (tbl != vr->desc || !l || l % sizeof(*tbl) || l / sizeof(*tbl) > 1024)
+				return;
+			tbl = vmsg_guest_ptr(vmdev, a, l);
+			if (!tbl)
+				return;
+			n = l / sizeof(*tbl);
+			i = 0;
+			continue;
+		}
+		if (flags & VRING_DESC_F_WRITE) {
+			addr = a;
+			len = l;
+		}
+		if (!(flags & VRING_DESC_F_NEXT))
+			break;
+		i = le16_to_cpu(READ_ONCE(tbl[i].next));
+	}
+	status = len ? vmsg_guest_ptr(vmdev, addr + len - 1, 1) : NULL;
+	if (status)
+		WRITE_ONCE(*status, VIRTIO_BLK_S_IOERR);
+}
+
+/* The device side is gone: from now on this device's buffers fail. dev_lock held. */
+void vmsg_device_gone(struct vmsg_device *vmdev)
+{
+	vmdev->stale = true;
+	dev_err(&vmdev->vdev.dev, "virtio-msg: device %u (%s, virtio id %u): device side gone: its requests fail with I/O errors until the device side restarts\n",
+		vmdev->dev_num, dev_name(&vmdev->vdev.dev), vmdev->vdev.id.device);
+}
+
+/*
+ * Complete every buffer the driver made available and the device side never used, with
+ * length 0, as the device would: used entries for avail[used.idx .. avail.idx) (the
+ * device side completes in order), then the used index, then the driver's callback.
+ * dev_lock held (EVENT_USED delivery holds it too; del_vqs clears vqs[] under it first).
+ */
+unsigned int vmsg_device_sweep(struct vmsg_device *vmdev)
+{
+	unsigned int q, k, total = 0;
+
+	if (!vmdev->vqs)
+		return 0;
+	for (q = 0; q < vmdev->max_vqs; q++) {
+		struct virtqueue *vq = vmdev->vqs[q];
+		const struct vring *vr;
+		u16 avail, used, pending, head;
+
+		if (!vq)
+			continue;
+		vr = virtqueue_get_vring(vq);
+		avail = le16_to_cpu(READ_ONCE(vr->avail->idx));
+		used = le16_to_cpu(READ_ONCE(vr->used->idx));
+		smp_rmb();	/* avail ring entries after the index that published them */
+		pending = avail - used;
+		if (pending > vr->num) {
+			dev_err_ratelimited(&vmdev->vdev.dev, "virtio-msg: device %u queue %u: avail %u, used %u: more than %u in flight, cannot fail them\n",
+					    vmdev->dev_num, q, avail, used, vr->num);
+			continue;
+		}
+		for (k = 0; k < pending; k++) {
+			u16 at = (u16)(used + k) % vr->num;
+
+			head = le16_to_cpu(READ_ONCE(vr->avail->ring[at]));
+			if (head >= vr->num)
+				break;
+			if (vmdev->vdev.id.device == VIRTIO_ID_BLOCK)
+				vmsg_fail_blk_chain(vmdev, vr, head);
+			vr->used->ring[at].id = cpu_to_le32(head);
+			vr->used->ring[at].len = 0;
+		}
+		/* Ask for a kick at every new buffer (EVENT_IDX), and interrupts stay on. */
+		WRITE_ONCE(vring_avail_event(vr), cpu_to_le16(avail));
+		WRITE_ONCE(vr->used->flags, 0);
+		if (!k)
+			continue;
+		/* Release: entries (and status bytes) before the index that hands them back. */
+		smp_wmb();
+		WRITE_ONCE(vr->used->idx, cpu_to_le16(used + k));
+		vmdev->failed += k;
+		total += k;
+		dev_warn_ratelimited(&vmdev->vdev.dev, "virtio-msg: device %u (%s) queue %u: %u in-flight buffers failed (device side gone)\n",
+				     vmdev->dev_num, dev_name(&vmdev->vdev.dev), q, k);
+		vring_interrupt(0, vq);
+	}
+	return total;
+}
+
+/*
+ * Queues holding buffers whose used index did not move since the last tick: the device
+ * side may be dead without a request to time out. dev_lock held.
+ */
+bool vmsg_device_stalled(struct vmsg_device *vmdev)
+{
+	bool stalled = false;
+	unsigned int q;
+
+	if (!vmdev->vqs)
+		return false;
+	for (q = 0; q < vmdev->max_vqs; q++) {
+		const struct vring *vr;
+		u16 avail, used;
+		u32 now;
+
+		if (!vmdev->vqs[q])
+			continue;
+		vr = virtqueue_get_vring(vmdev->vqs[q]);
+		avail = le16_to_cpu(READ_ONCE(vr->avail->idx));
+		used = le16_to_cpu(READ_ONCE(vr->used->idx));
+		now = used | (avail != used ? BIT(16) : 0);
+		if (avail != used && vmdev->watch[q] == now)
+			stalled = true;
+		vmdev->watch[q] = now;
+	}
+	return stalled;
+}
+
+/* A new device side: reset the device and run its driver's probe again. No locks held. */
+void vmsg_device_reprobe(struct vmsg_device *vmdev)
+{
+	struct virtio_device *vdev = &vmdev->vdev;
+	int ret;
+
+	dev_info(&vdev->dev, "virtio-msg: device %u (%s): reset, re-probing its driver\n",
+		 vmdev->dev_num, dev_name(&vdev->dev));
+	ret = device_reprobe(&vdev->dev);
+	if (ret || !vdev->dev.driver)
+		dev_err(&vdev->dev, "virtio-msg: device %u (%s): re-probe failed (%d): device not reconnected\n",
+			vmdev->dev_num, dev_name(&vdev->dev), ret);
+	else
+		dev_info(&vdev->dev, "virtio-msg: device %u (%s): reconnected, driver %s\n",
+			 vmdev->dev_num, dev_name(&vdev->dev), vdev->dev.driver->name);
 }
 
 static void vmsg_del_vqs(struct virtio_device *vdev)
@@ -230,6 +419,7 @@ static struct virtqueue *vmsg_setup_vq(struct vmsg_device *vmdev, unsigned int i
 	spin_lock_irqsave(&bus->dev_lock, flags);
 	vmdev->vqs[index] = vq;
 	vmdev->avail_sent[index] = false;
+	vmdev->watch[index] = 0;
 	spin_unlock_irqrestore(&bus->dev_lock, flags);
 	return vq;
 }
@@ -239,8 +429,19 @@ static int vmsg_find_vqs(struct virtio_device *vdev, unsigned int nvqs, struct v
 			 struct irq_affinity *desc)
 {
 	struct vmsg_device *vmdev = to_vmsg(vdev);
+	struct vmsg_bus *bus = vmdev->bus;
 	unsigned int i, index = 0;
+	unsigned long flags;
 
+	/* Queues created now belong to the device side that answers now. */
+	spin_lock_irqsave(&bus->dev_lock, flags);
+	if (vmdev->stale && !bus->dead && !bus->broken) {
+		vmdev->stale = false;
+		if (vmdev->failed)
+			dev_info(&vdev->dev, "virtio-msg: device %u (%s): fresh queues; %lu buffers were failed while the device side was gone\n",
+				 vmdev->dev_num, dev_name(&vdev->dev), vmdev->failed);
+	}
+	spin_unlock_irqrestore(&bus->dev_lock, flags);
 	for (i = 0; i < nvqs; i++) {
 		if (!names[i]) {
 			vqs[i] = NULL;
@@ -285,6 +486,7 @@ static void vmsg_release(struct device *dev)
 	kfree(vmdev->vqs);
 	kfree(vmdev->avail_pos);
 	kfree(vmdev->avail_sent);
+	kfree(vmdev->watch);
 	kfree(vmdev);
 }
 
@@ -296,6 +498,17 @@ static void vmsg_unlink(struct vmsg_device *vmdev)
 	list_del(&vmdev->node);
 	vmdev->bus->total_vqs -= vmdev->max_vqs;
 	spin_unlock_irqrestore(&vmdev->bus->dev_lock, flags);
+}
+
+/* The carve-out pool (memory-region) of the bus node: where a sweep may write. */
+static void vmsg_pool_bounds(struct platform_device *pdev, phys_addr_t *base, size_t *size)
+{
+	struct device_node *mr = of_parse_phandle(pdev->dev.of_node, "memory-region", 0);
+	struct reserved_mem *rmem = mr ? of_reserved_mem_lookup(mr) : NULL;
+
+	of_node_put(mr);
+	*base = rmem ? rmem->base : 0;
+	*size = rmem ? rmem->size : 0;
 }
 
 /* Ask the device side what dev_num is, and register it as a virtio device. */
@@ -336,15 +549,18 @@ static struct vmsg_device *vmsg_add(struct platform_device *pdev, struct vmsg_bu
 	vmdev->vqs = kcalloc(nvqs, sizeof(*vmdev->vqs), GFP_KERNEL);
 	vmdev->avail_pos = kcalloc(nvqs, sizeof(*vmdev->avail_pos), GFP_KERNEL);
 	vmdev->avail_sent = kcalloc(nvqs, sizeof(*vmdev->avail_sent), GFP_KERNEL);
-	if (!vmdev->vqs || !vmdev->avail_pos || !vmdev->avail_sent) {
+	vmdev->watch = kcalloc(nvqs, sizeof(*vmdev->watch), GFP_KERNEL);
+	if (!vmdev->vqs || !vmdev->avail_pos || !vmdev->avail_sent || !vmdev->watch) {
 		kfree(vmdev->vqs);
 		kfree(vmdev->avail_pos);
 		kfree(vmdev->avail_sent);
+		kfree(vmdev->watch);
 		kfree(vmdev);
 		return ERR_PTR(-ENOMEM);
 	}
 	vmdev->bus = bus;
 	vmdev->dev_num = dev_num;
+	vmsg_pool_bounds(pdev, &vmdev->pool_base, &vmdev->pool_size);
 	vmdev->max_vqs = nvqs;
 	vmdev->vdev.id.device = le32_to_cpu(info.device_id);
 	vmdev->vdev.id.vendor = le32_to_cpu(info.vendor_id);
@@ -430,11 +646,17 @@ put:
 static int vmsg_platform_remove(struct platform_device *pdev)
 {
 	struct vmsg_platform *vp = platform_get_drvdata(pdev);
+	struct vmsg_device *vmdev;
 	unsigned int i;
 
+	vmsg_bus_quiesce(vp->bus);	/* no restart re-probes a device going away */
 	for (i = vp->count; i-- > 0;) {
-		vmsg_unlink(vp->devs[i]);
-		unregister_virtio_device(&vp->devs[i]->vdev);
+		vmdev = vp->devs[i];
+		/* Still on the bus while its driver goes: a stale queue must still be swept. */
+		get_device(&vmdev->vdev.dev);
+		unregister_virtio_device(&vmdev->vdev);
+		vmsg_unlink(vmdev);
+		put_device(&vmdev->vdev.dev);
 	}
 	vmsg_bus_put(vp->bus);
 	return 0;

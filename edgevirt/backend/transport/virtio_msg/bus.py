@@ -16,6 +16,12 @@ queue is not sent again while the previous one is still unconsumed (the guest mo
 the same with EVENT_AVAIL). Full fences order each check (the C ring's
 ``should_notify``/``set_notification``).
 
+Restart (peer mode): the message memory outlives the device side, so a restarted bus finds
+its own layout, adopts it, drops what the driver had sent its predecessor, bumps the
+header's epoch and rings the driver once; the driver then resets and re-probes each device
+(PROTOCOL.md, "Restart"). The devices start from a clean state; what they store (a disk
+file) is untouched.
+
 Everything the driver sends is hostile: a malformed message is discarded and counted (the
 draft: "SHOULD be discarded ... SHOULD NOT generate further protocol traffic"), a broken ring
 index stops that ring until the driver reconnects, and no exception a message can cause
@@ -104,10 +110,19 @@ class MsgBus:
             self.msgmem, self.adopted = MessageMemory.adopt_or_create(
                 link.buffer, nslots, link.own_id
             )
+            if self.adopted:
+                log.info(
+                    "restart: adopted the message memory, epoch %d, %d stale to-device "
+                    "messages skipped; ringing the driver to reset its devices",
+                    self.msgmem.epoch, self.msgmem.skipped,
+                )  # fmt: skip
             for fd in link.fds():
                 loop.add_reader(fd, functools.partial(self._link_doorbell, fd))
             interval = poll_interval or (BACKSTOP if link.fds() else POLL_FALLBACK)
             loop.every(interval, self.poll)
+            # Hello: a driver attached to an earlier epoch learns of this one now.
+            if link.notify():
+                self.stats.doorbells_out += 1
             return
         self.shm_fd = os.memfd_create("edgevirt-virtio-msg", os.MFD_CLOEXEC)
         self._open = True
@@ -350,6 +365,8 @@ class MsgBus:
             "socket": self.server.path if self.server else None,
             "link": self.link.describe() if self.link else None,
             "adopted": self.adopted,
+            "epoch": self.msgmem.epoch if self._open else None,
+            "skipped": self.msgmem.skipped if self._open else 0,
             "connected": client is not None,
             "peer": client.id if client else None,
             "connections": self.server.connections if self.server else 0,

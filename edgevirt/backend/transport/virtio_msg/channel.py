@@ -4,7 +4,7 @@ Layout (little endian; offsets in bytes; see PROTOCOL.md for the full contract):
 
     0x000  header   u32 magic "VMSG", u16 version, u16 slot_size, u32 nslots,
                     u32 device_peer, u32 max_msg_size, u32 to_device, u32 to_driver,
-                    u32 revision, then zeros up to 0x100
+                    u32 revision, u32 epoch (0x24), then zeros up to 0x100
     to_device       ring the driver produces and the device consumes
     to_driver       ring the device produces and the driver consumes
 
@@ -16,6 +16,11 @@ Each side writes only its own index and keeps a private shadow of it; the other 
 is hostile: ``prod - cons`` (mod 2**32) must stay within ``0..nslots`` or the ring is broken.
 A slot is copied out whole before it is decoded, so a peer rewriting it meanwhile can only
 make that one message malformed.
+
+``epoch`` counts the device side's (re)starts: a device side that finds its own layout
+(peer mode: the memory outlives it) adopts it, skips what the driver left in the to-device
+ring for its predecessor and bumps the epoch; the driver, seeing a new epoch, resets and
+re-probes its devices (PROTOCOL.md, "Restart").
 
 Ordering (each point pairs with the mirror point on the other side):
 
@@ -50,6 +55,7 @@ MAGIC = 0x47534D56  # b"VMSG" read as a little-endian u32
 VERSION = 1
 SLOT_SIZE = MAX_MSG_SIZE
 HEADER = struct.Struct("<IHHIIIIII")
+EPOCH_OFFSET = HEADER.size  # 0x24: a u32 in the once-reserved area (old drivers ignore it)
 HEADER_AREA = 0x100
 RING_PROD = 0
 RING_CONS = 64  # its own cache line: producer and consumer never write the same line
@@ -57,6 +63,17 @@ RING_SLOTS = 128
 DEFAULT_SIZE = 64 << 10  # ivshmem BAR2 sizes are powers of two
 DEFAULT_SLOTS = 64
 MIN_SLOTS, MAX_SLOTS = 4, 1024
+
+
+def _word(buf: memoryview, offset: int) -> int:
+    """One aligned 32-bit load (never torn, unlike a byte-wise copy)."""
+    with buf.cast("I") as words:
+        return int(words[offset // 4])
+
+
+def _set_word(buf: memoryview, offset: int, value: int) -> None:
+    with buf.cast("I") as words:
+        words[offset // 4] = value & 0xFFFFFFFF
 
 
 def ring_bytes(nslots: int, slot_size: int = SLOT_SIZE) -> int:
@@ -152,8 +169,7 @@ class Ring:
         self.broken: str | None = None
 
     def release(self) -> None:
-        self._words.release()
-        self._bytes.release()
+        self._words.release()  # our cast only: the buffer is the MessageMemory's to release
 
     def reset(self) -> None:
         """Both indices to zero: only while no peer is attached."""
@@ -205,6 +221,14 @@ class Ring:
     def free(self) -> int:
         return self.nslots - self._used()
 
+    def skip(self) -> int:
+        """Consumer end: drop everything published so far (a restarted device side does not
+        serve what the driver sent its predecessor). Returns how many were dropped."""
+        n = self.available()
+        self.tail = (self.tail + n) & 0xFFFFFFFF
+        self._words[self._cons] = self.tail
+        return n
+
     # -- consumer end ---------------------------------------------------------------------
 
     def available(self) -> int:
@@ -238,6 +262,7 @@ class MessageMemory:
     def __init__(self, buf: memoryview, geometry: Geometry) -> None:
         self.geometry = geometry
         self._buf = buf
+        self.skipped = 0  # to-device messages left by a previous device side, not served
         self.to_device = Ring(buf, geometry.to_device, geometry.nslots, "to-device")
         self.to_driver = Ring(buf, geometry.to_driver, geometry.nslots, "to-driver")
 
@@ -248,8 +273,13 @@ class MessageMemory:
         """The device side lays the memory out: zeroed rings, then the header."""
         geo = Geometry.plan(len(buf), nslots, device_peer)
         header = geo.pack()
+        # A layout of somebody else's (other slots, other peer): still a new epoch for a
+        # driver that was attached to it.
+        old = _word(buf, 0) == MAGIC and len(buf) >= HEADER_AREA
+        epoch = (_word(buf, EPOCH_OFFSET) + 1) & 0xFFFFFFFF if old else 1
         buf[:] = bytes(len(buf))
         buf[4 : HEADER.size] = header[4:]
+        _set_word(buf, EPOCH_OFFSET, epoch or 1)
         # ordering: release - the magic goes last: a driver waiting for it (the guest module
         # polls while the device side is not up yet) then finds the rest complete (TSO).
         buf[:4] = header[:4]
@@ -266,8 +296,17 @@ class MessageMemory:
             geo = Geometry.parse(buf, len(buf))
             if geo.nslots == nslots and geo.device_peer == device_peer:
                 mm = cls(buf, geo)
-                mm.to_device.available()  # raises if the indices are insane
-                mm.to_driver.free()
+                try:
+                    mm.to_device.available()  # raises if the indices are insane
+                    mm.to_driver.free()
+                except VirtioMsgError:
+                    mm.to_device.release()
+                    mm.to_driver.release()
+                    raise
+                mm.skipped = mm.to_device.skip()
+                # ordering: release - the skipped consumer index is visible before the new
+                # epoch that tells the driver to start over (TSO).
+                mm.epoch = (mm.epoch + 1) & 0xFFFFFFFF or 1
                 return mm, True
         except VirtioMsgError:
             pass
@@ -277,6 +316,14 @@ class MessageMemory:
     def attach(cls, buf: memoryview) -> MessageMemory:
         """The driver side checks the header the device wrote."""
         return cls(buf, Geometry.parse(buf, len(buf)))
+
+    @property
+    def epoch(self) -> int:
+        return _word(self._buf, EPOCH_OFFSET)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        _set_word(self._buf, EPOCH_OFFSET, value)
 
     def reset(self) -> None:
         self.to_device.reset()
