@@ -18,10 +18,15 @@ Validated with messages that name the file, the key and what was expected. Examp
     align = "2M"          # default 2M; at least 4K (the kernel's page)
     pool = "restricted-dma-pool"   # or "shared-dma-pool"
 
+    backend = "host"      # `edgevirt up`: "host" or "service-vm" (default: host)
+
     [msg]                 # only needed when a device uses transport "msg"
-    doorbell = 0x0c000000 # MMIO window the front-end writes to notify the back-end
+    doorbell = 0x0c000000 # MMIO window the front-end writes to notify the back-end, and
+                          # the rings at the top of the carve-out; or "ivshmem-pci": an
+                          # ivshmem-doorbell PCI device brings doorbells (register, MSI-X)
+                          # and the message memory (BAR2; layout in PROTOCOL.md)
     ring_slots = 64       # message slots per direction
-    slot_size = 64        # bytes per slot
+    slot_size = 64        # bytes per slot (ivshmem-pci: 264, the message memory's slot)
 
     [[device]]
     type = "blk"          # blk, net, rng, console, gpio, i2c, vsock, … or id = <n>
@@ -42,7 +47,18 @@ from typing import Any
 from edgevirt.board import check_keys, get_key, parse_address, parse_size
 from edgevirt.errors import ConfigError
 
-__all__ = ["Carveout", "Device", "MsgSettings", "SystemSpec", "Vm", "VIRTIO_IDS", "load_spec"]
+__all__ = [
+    "BACKENDS",
+    "Carveout",
+    "Device",
+    "IVSHMEM_PCI",
+    "IVSHMEM_SLOT_SIZE",
+    "MsgSettings",
+    "SystemSpec",
+    "Vm",
+    "VIRTIO_IDS",
+    "load_spec",
+]
 
 #: Virtio device IDs (virtio spec §5 "Device Types").
 VIRTIO_IDS = {
@@ -66,6 +82,13 @@ VIRTIO_IDS = {
 POOLS = ("restricted-dma-pool", "shared-dma-pool")
 TRANSPORTS = ("mmio", "msg")
 ROLES = ("frontend", "service")
+BACKENDS = ("host", "service-vm")
+#: ``[msg] doorbell`` value for the ivshmem-doorbell PCI device (QEMU; a hypervisor with an
+#: equivalent shared-memory + doorbell device): no MMIO window, no ring in the carve-out.
+IVSHMEM_PCI = "ivshmem-pci"
+#: Slot size of the ivshmem message memory: 8-byte virtio-msg header + the largest payload
+#: (edgevirt.backend.transport.virtio_msg.channel.SLOT_SIZE; PROTOCOL.md).
+IVSHMEM_SLOT_SIZE = 264
 PAGE = 0x1000
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,30}\Z")
 
@@ -92,14 +115,22 @@ class Carveout:
 
 @dataclass(frozen=True)
 class MsgSettings:
-    doorbell: int
+    doorbell: int | None  # the MMIO doorbell window; None with ivshmem-pci
     doorbell_size: int
     ring_slots: int
     slot_size: int
 
     @property
+    def mode(self) -> str:
+        """``mmio`` (doorbell window + ring in the carve-out) or ``ivshmem-pci``."""
+        return IVSHMEM_PCI if self.doorbell is None else "mmio"
+
+    @property
     def ring_bytes(self) -> int:
-        """Two rings (to and from the back-end), each a 64-byte header + slots, page-rounded."""
+        """Two rings (to and from the back-end), each a 64-byte header + slots, page-rounded;
+        0 with ivshmem-pci (the message memory is the PCI device's BAR, not carve-out)."""
+        if self.doorbell is None:
+            return 0
         raw = 2 * (64 + self.ring_slots * self.slot_size)
         return (raw + PAGE - 1) & ~(PAGE - 1)
 
@@ -124,6 +155,12 @@ class SystemSpec:
     carveouts: tuple[Carveout, ...]
     devices: tuple[Device, ...]
     msg: MsgSettings | None
+    backend: str | None = None  # where `edgevirt up` runs the back-end (BACKENDS)
+
+    @property
+    def transports(self) -> list[str]:
+        """The device transports in use, in spec order, each once."""
+        return list(dict.fromkeys(d.transport for d in self.devices))
 
     def where(self, what: str) -> str:
         return f"{self.path}: {what}"
@@ -170,8 +207,11 @@ def load_spec(path: str | Path) -> SystemSpec:
         raise ConfigError(f"system spec {p} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: {e}") from e
-    check_keys(data, {"name", "vm", "carveout", "device", "msg"}, f)
+    check_keys(data, {"name", "vm", "carveout", "device", "msg", "backend"}, f)
     name = get_key(data, "name", str, f, p.stem)
+    backend = get_key(data, "backend", str, f, None)
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigError(f"{f}: backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
 
     vms: list[Vm] = []
     for i, t in enumerate(_tables(data, "vm", f)):
@@ -277,19 +317,27 @@ def load_spec(path: str | Path) -> SystemSpec:
         if not isinstance(m, dict):
             raise ConfigError(f"{w}: expected a table")
         check_keys(m, {"doorbell", "doorbell_size", "ring_slots", "slot_size"}, w)
+        raw_db = get_key(m, "doorbell", (int, str), w)
+        pci = raw_db == IVSHMEM_PCI
+        if pci and "doorbell_size" in m:
+            raise ConfigError(f"{w}.doorbell_size: no doorbell window with {IVSHMEM_PCI!r}")
         msg = MsgSettings(
-            doorbell=parse_address(get_key(m, "doorbell", (int, str), w), f"{w}.doorbell"),
-            doorbell_size=parse_size(m.get("doorbell_size", PAGE), f"{w}.doorbell_size"),
+            doorbell=None
+            if pci
+            else parse_address(raw_db, f'{w}.doorbell (an address or "{IVSHMEM_PCI}")'),
+            doorbell_size=0
+            if pci
+            else parse_size(m.get("doorbell_size", PAGE), f"{w}.doorbell_size"),
             ring_slots=get_key(m, "ring_slots", int, w, 64),
-            slot_size=get_key(m, "slot_size", int, w, 64),
+            slot_size=get_key(m, "slot_size", int, w, IVSHMEM_SLOT_SIZE if pci else 64),
         )
         if not 1 <= msg.ring_slots <= 4096 or msg.ring_slots & (msg.ring_slots - 1):
             raise ConfigError(f"{w}.ring_slots: expected a power of two in 1..4096")
         if msg.slot_size < 40 or msg.slot_size % 8 or msg.slot_size > 4096:
             # 40: 8-byte header + SET_VQUEUE payload (index, size, three u64 addresses)
             raise ConfigError(f"{w}.slot_size: expected a multiple of 8 in 40..4096")
-        if msg.doorbell % PAGE:
+        if msg.doorbell is not None and msg.doorbell % PAGE:
             raise ConfigError(f"{w}.doorbell: {msg.doorbell:#x} is not {PAGE:#x}-aligned")
     if any(d.transport == "msg" for d in devices) and msg is None:
         raise ConfigError(f"{f}: devices with transport 'msg' need a [msg] table (doorbell)")
-    return SystemSpec(name, p, tuple(vms), tuple(carveouts), tuple(devices), msg)
+    return SystemSpec(name, p, tuple(vms), tuple(carveouts), tuple(devices), msg, backend)

@@ -1,62 +1,121 @@
-"""`edgevirt up`: the whole path on QEMU virt, each step a library function.
+"""`edgevirt up`: the whole path on QEMU virt, for every transport and back-end placement.
 
-device tree → kernel + initramfs → back-end process → QEMU → smoke suite on the console →
-power-off → report. Every process started here is stopped here, on success or failure.
+::
+
+    images (build_guest_image) + device tree → back-end side → front-end boot → smoke suite
+    on the console → power-off → host checks → report (result.json)
+
+Two choices, each a strategy:
+
+* **transport** — ``vhost-user`` (vhost-user devices on virt's virtio-mmio bus) or ``msg``
+  (virtio-msg over an ``ivshmem-doorbell`` PCI device; the guest's ``virtio_msg`` module
+  binds to the composer's ``edgevirt,virtio-msg`` node). The front-end is a
+  :class:`~edgevirt.deploy.target.Target` whose QEMU machine knows the transport.
+* **back-end placement** — :class:`HostBackend` (a process on the host that the machine
+  starts: ``edgevirt backend run`` or the virtio-msg bus server) or
+  :class:`edgevirt.servicevm.up.ServiceVmBackend` (the back-end inside an aarch64 service
+  VM; the host only owns the shared files and wires the doorbells).
+
+The same smoke suite (``edgevirt/suites/smoke.yaml``) and the same host checks
+(:mod:`edgevirt.smoke`) judge every combination; one :class:`UpResult` reports it. Every
+process started here is stopped here, on success or failure.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from edgevirt.board import load_board
+from edgevirt.board import Board, load_board
+from edgevirt.console.expect import Console
 from edgevirt.deploy.backend_process import BackendProcess, backend_socket
-from edgevirt.deploy.machine import build_initramfs, compose_dtb
+from edgevirt.deploy.machine import QemuMachine, build_initramfs, compose_dtb
+from edgevirt.deploy.system_dt import default_spec
 from edgevirt.deploy.target import DeployOptions, Target
 from edgevirt.errors import ConfigError, DeployError, EdgevirtError, SetupError
 from edgevirt.report import Reporter
-from edgevirt.smoke import DISK_STEP, DISK_TEST_BYTES, Check, smoke_suite
+from edgevirt.smoke import (
+    DISK_STEP,
+    POOL_STEP,
+    Check,
+    backend_checks,
+    disk_check,
+    msg_bus_check,
+    smoke_suite,
+)
+from edgevirt.spec import SystemSpec, load_spec
 from edgevirt.suite.runner import run_suite
 
 __all__ = [
     "BackendProcess",
+    "HostBackend",
+    "Placement",
+    "UpOptions",
+    "UpResult",
     "backend_socket",
     "build_initramfs",
     "compose_dtb",
     "up",
-    "UpOptions",
-    "UpResult",
 ]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
+TRANSPORTS = ("vhost-user", "msg")
+BACKENDS = ("host", "service-vm")
+#: The devices the edgevirt back-end serves and the smoke suite checks, in dev_num order.
+DEVICES = ("blk", "rng")
+#: ``workload(console, abort)`` runs on the front-end after a passing smoke suite.
+Workload = Callable[[Console, Callable[[], None]], dict]
 
 
 @dataclass
 class UpOptions:
     build_dir: Path
     board: str = "qemu-virt"
+    #: None: the spec's (its devices' transport), else vhost-user (msg for a service VM).
+    transport: str | None = None
+    #: None: the spec's ``backend``, else host.
+    backend: str | None = None
+    spec: Path | None = None
     restrict: bool = True
     disk_size: int = 64 << 20
     boot_timeout: float = 120.0
     kernel_fragment: Path | None = None
+    #: service-vm only: "late-service" or "backend-crash" (see edgevirt.servicevm.up).
+    fault: str | None = None
+    workload: Workload | None = None
 
 
 @dataclass
 class UpResult:
     board: str
-    restrict: bool
+    transport: str = "vhost-user"
+    backend_in: str = "host"
+    restrict: bool = True
+    #: Front-end checks carry a "front-end: " prefix when a service VM runs, whose own
+    #: checks start with "service VM: " (and "host: " for the host's).
     checks: list[Check] = field(default_factory=list)
+    #: The back-end's statistics (read on the host, or inside the service VM).
     backend: dict = field(default_factory=dict)
     carveout: tuple[int, int] = (0, 0)
     error: str | None = None
+    #: Which VM failed ("service" or "front-end"), when a service VM runs; else None.
+    failed_vm: str | None = None
+    fault: str | None = None
+    hypervisor: dict = field(default_factory=dict)
+    #: The service VM's rootfs manifest (service-vm only).
+    image: dict = field(default_factory=dict)
+    #: The front-end's image: manifest and modules.
+    frontend: dict = field(default_factory=dict)
+    #: Rows of the front-end's memory map: {"what", "base" (None: not RAM), "size"}.
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    workload: dict = field(default_factory=dict)
     artefacts: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -71,62 +130,170 @@ class UpResult:
         return d
 
 
-# -- steps ----------------------------------------------------------------------------------
+# -- back-end placement -----------------------------------------------------------------------
 
 
-def host_checks(result: UpResult, disk: Path, disk_output: str | None, stats: dict) -> list[Check]:
-    checks = []
-    if disk_output is not None:
-        hashes = re.findall(r"^([0-9a-f]{64})\b", disk_output, re.M)
-        with open(disk, "rb") as f:
-            host = hashlib.sha256(f.read(DISK_TEST_BYTES)).hexdigest()
-        ok = bool(hashes) and hashes[0] == host
-        checks.append(
-            Check(
-                "disk image on host",
-                ok,
-                f"host sha256 of first 8 MiB {host[:16]}… "
-                + ("matches the guest" if ok else "differs from the guest"),
+class Placement:
+    """Where the back-end runs; the hooks the core calls around the front-end's life."""
+
+    name = "?"
+    #: Prefix of the front-end's check names.
+    prefix = ""
+
+    def frontend_dir(self, build: Path) -> Path:
+        return build
+
+    def deploy_options(self) -> dict[str, Any]:
+        """Extra :class:`DeployOptions` for the front-end (an external bus)."""
+        return {}
+
+    def prepare(self, reporter: Reporter, result: UpResult) -> None:
+        """Images of the back-end side (before the front-end's)."""
+
+    def start(self, reporter: Reporter, result: UpResult) -> None:
+        """Bring the back-end side up (before the front-end boots)."""
+
+    def watchers(self) -> list[Callable[[], None]]:
+        """Raise while the front-end runs if the back-end side has died."""
+        return []
+
+    def after_suite(self, reporter: Reporter, result: UpResult, frontend_ok: bool) -> None:
+        """Checks of the back-end side while everything still runs."""
+
+    def power_off(self, reporter: Reporter) -> None:
+        """Shut the back-end side down cleanly (after the front-end)."""
+
+    def host_checks(
+        self, machine: QemuMachine, result: UpResult, disk_output: str | None, frontend_ok: bool
+    ) -> list[Check]:
+        return []
+
+    def close(self, result: UpResult) -> None:
+        """Stop whatever is left (always called)."""
+
+    def blame(self, result: UpResult) -> str | None:
+        return None
+
+
+class HostBackend(Placement):
+    """The back-end is a process on the host, started and stopped by the QEMU machine."""
+
+    name = "host"
+
+    def host_checks(
+        self, machine: QemuMachine, result: UpResult, disk_output: str | None, frontend_ok: bool
+    ) -> list[Check]:
+        assert machine.backend is not None
+        result.backend = machine.backend.stats()
+        checks = [disk_check(machine.disk, disk_output)] if disk_output is not None else []
+        return checks + backend_checks(result.backend, result.carveout[1])
+
+
+def _placement(backend: str, board: Board, build: Path, opts: UpOptions) -> Placement:
+    if backend == "host":
+        if opts.fault is not None:
+            raise ConfigError(f"fault {opts.fault!r} applies to --backend service-vm only")
+        return HostBackend()
+    from edgevirt.servicevm.up import ServiceVmBackend
+
+    return ServiceVmBackend(board, build, opts)
+
+
+# -- choosing ---------------------------------------------------------------------------------
+
+
+def resolve(opts: UpOptions, board: Board) -> tuple[str, str, SystemSpec | None]:
+    """Transport, back-end placement and spec from the options and the spec file."""
+    spec = load_spec(opts.spec) if opts.spec is not None else None
+    spec_transport = None
+    if spec is not None:
+        kinds = spec.transports
+        if len(kinds) != 1:
+            raise ConfigError(
+                f"{spec.where('[[device]]')}: transports {', '.join(kinds) or 'none'}; "
+                "`up` runs one transport (all devices mmio, or all msg)"
             )
+        spec_transport = "msg" if kinds[0] == "msg" else "vhost-user"
+        types = sorted(d.type for d in spec.devices)
+        if types != sorted(DEVICES):
+            raise ConfigError(
+                f"{spec.where('[[device]]')}: devices {', '.join(types)}; `up` serves and "
+                f"checks exactly {' + '.join(DEVICES)}"
+            )
+    for what, given, from_spec in (
+        ("transport", opts.transport, spec_transport),
+        ("backend", opts.backend, spec.backend if spec else None),
+    ):
+        if given is not None and from_spec is not None and given != from_spec:
+            raise ConfigError(f"--{what} {given} contradicts the spec's {what} {from_spec}")
+    backend = opts.backend or (spec.backend if spec else None) or "host"
+    transport = opts.transport or spec_transport or ("msg" if backend == "service-vm" else None)
+    transport = transport or "vhost-user"
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "service-vm" and transport != "msg":
+        raise ConfigError(
+            "the back-end in a service VM is reached by messages only: use --transport msg"
         )
+    if not opts.restrict and (transport == "msg" or spec is not None):
+        raise ConfigError("--no-restrict applies to the vhost-user transport without --spec")
+    if spec is None and transport == "msg":
+        spec = default_spec(board, transport, list(DEVICES), service_vm=backend == "service-vm")
+    return transport, backend, spec
+
+
+def memory_rows(board: Board, result: UpResult) -> list[dict[str, Any]]:
+    q = board.qemu
     base, size = result.carveout
-    devs = stats.get("devices", [])
-    for d in devs:
-        mapped, refused = d.get("mapped_bytes", 0), d.get("refused", 0)
-        ok = mapped == size and refused == 0 and d.get("requests", 0) > 0 and not d.get("broken")
-        checks.append(
-            Check(
-                f"back-end {d['device']}",
-                ok,
-                f"mapped {mapped:#x} bytes (carve-out {size:#x}), {d.get('requests', 0)} requests, "
-                f"{refused} refused" + (f", broken: {d['broken']}" if d.get("broken") else ""),
-            )
-        )
-    if not devs:
-        checks.append(Check("back-end", False, "no statistics from the back-end"))
-    return checks
+    pool = "restricted-dma-pool" if result.restrict else "no restricted pool"
+    rows: list[dict[str, Any]] = [
+        {"what": "private RAM (NUMA node 0)", "base": q.ram_base, "size": base - q.ram_base},
+        {"what": f"carve-out: shared file (NUMA node 1), {pool}", "base": base, "size": size},
+    ]
+    if result.transport == "msg":
+        rows.append(
+            {"what": "message memory: ivshmem-doorbell BAR2 (PCI, not RAM)", "base": None,
+             "size": 64 << 10}
+        )  # fmt: skip
+    return rows
+
+
+# -- the whole path ---------------------------------------------------------------------------
 
 
 def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
     reporter = reporter or Reporter()
     t0 = time.monotonic()
     board = load_board(opts.board)
+    transport, backend, spec = resolve(opts, board)
     build = opts.build_dir.resolve()
+    placement = _placement(backend, board, build, opts)
     build.mkdir(parents=True, exist_ok=True)
+    q = board.qemu
     result = UpResult(
         board=board.name,
+        transport=transport,
+        backend_in=backend,
         restrict=opts.restrict,
-        carveout=(board.qemu.carveout_base, board.qemu.carveout),
+        carveout=(q.carveout_base, q.carveout),
+        fault=opts.fault,
     )
+    result.memory = memory_rows(board, result)
     target: Target | None = None
     try:
+        placement.prepare(reporter, result)
         target = Target(
             board,
             DeployOptions(
-                build,
+                placement.frontend_dir(build),
                 restrict=opts.restrict,
                 boot_timeout=opts.boot_timeout,
                 kernel_fragment=opts.kernel_fragment,
+                transport=transport,
+                spec=spec,
+                **placement.deploy_options(),
             ),
             reporter,
         )
@@ -134,41 +301,89 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         if machine is None:
             raise ConfigError(f"{board.path}: `up` needs a QEMU board")
         target.prepare()
+        if machine.guest_image is not None:
+            gi = machine.guest_image
+            result.frontend = {
+                "manifest": str(gi.manifest),
+                "modules": [m.name for m in gi.modules],
+                "release": gi.release,
+            }
+        placement.start(reporter, result)
+        target.strategy.watchers += placement.watchers()
         console = target.boot()
-        reporter.step("smoke suite over the serial console")
-        sr = run_suite(
-            smoke_suite(),
-            console,
-            variables=target.vars(),
-            abort=target.strategy.abort,
-            target=board.name,
-        )
-        result.checks += [Check(s.name, s.ok, s.detail) for s in sr.steps if s.outcome != "skipped"]
-        if sr.error is not None:
-            raise DeployError(sr.error)
-        reporter.step("power-off")
-        console.sendline("poweroff -f")
-        if not machine.wait_exit(20):
-            raise DeployError("guest did not power off within 20s")
-        machine.off()
-        assert machine.backend is not None
-        stats = machine.backend.stats()
-        result.backend = stats
-        disk = next((s.output for s in sr.steps if s.name == DISK_STEP), None)
-        result.checks += host_checks(result, machine.disk, disk, stats)
+        result.timings["frontend_boot"] = target.boot_seconds
+        _frontend(target, console, placement, result, spec, reporter, opts.workload)
     except (SetupError, ConfigError):
         raise  # the host or an input file is at fault, not the target: exit codes 3 and 4
     except EdgevirtError as e:
-        result.error = str(e)
-        if e.hint:
-            result.error += f" (hint: {e.hint})"
+        result.error = str(e) + (f" (hint: {e.hint})" if e.hint else "")
     finally:
-        if target is not None:
-            target.close()
-            m = target.machine
-            if m is not None and m.backend is not None:
-                result.backend = result.backend or m.backend.stats()
-        result.seconds = time.monotonic() - t0
-        result.artefacts = {p.name: str(p) for p in sorted(build.iterdir()) if p.is_file()}
-        (build / "result.json").write_text(json.dumps(result.to_json(), indent=2))
+        try:
+            if target is not None:
+                target.close()
+                m = target.machine
+                if m is not None and m.backend is not None:
+                    result.backend = result.backend or m.backend.stats()
+        finally:
+            placement.close(result)
+            result.failed_vm = placement.blame(result)
+            result.seconds = time.monotonic() - t0
+            result.artefacts = {p.name: str(p) for p in sorted(build.iterdir()) if p.is_file()}
+            (build / "result.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
+
+
+def _frontend(
+    target: Target,
+    console: Console,
+    placement: Placement,
+    result: UpResult,
+    spec: SystemSpec | None,
+    reporter: Reporter,
+    workload: Workload | None,
+) -> None:
+    """Smoke suite, transport checks, workload, back-end side checks, power-off, host checks."""
+    machine = target.machine
+    assert machine is not None
+    reporter.step("smoke suite over the serial console")
+    t = time.monotonic()
+    sr = run_suite(
+        smoke_suite(),
+        console,
+        variables=target.vars(),
+        abort=target.strategy.abort,
+        target=target.board.name,
+    )
+    result.timings["frontend_suite"] = time.monotonic() - t
+    pre = placement.prefix
+    fe = [Check(pre + s.name, s.ok, s.detail) for s in sr.steps if s.outcome != "skipped"]
+    result.checks += fe
+    if sr.error is not None:
+        raise DeployError(sr.error)
+    outputs = {s.name: s.output for s in sr.steps}
+    if result.transport == "msg":
+        count = len(spec.devices) if spec else len(DEVICES)
+        result.checks.append(msg_bus_check(outputs.get(POOL_STEP, ""), count, pre))
+    frontend_ok = all(c.ok for c in result.checks)
+    if frontend_ok and workload is not None:
+        reporter.step("front-end: workload")
+        result.workload = workload(console, target.strategy.abort)
+    if not frontend_ok and result.transport == "msg":
+        why = _module_error(console)
+        if why:
+            result.checks.append(Check(f"{pre}virtio-msg module", False, why))
+    placement.after_suite(reporter, result, frontend_ok)
+    reporter.step("power-off")
+    console.sendline("poweroff -f")
+    if not machine.wait_exit(20):
+        raise DeployError("guest did not power off within 20s")
+    machine.off()
+    placement.power_off(reporter)
+    disk = outputs.get(DISK_STEP) if workload is None else None  # a workload rewrites it
+    result.checks += placement.host_checks(machine, result, disk, frontend_ok)
+
+
+def _module_error(console: Console) -> str:
+    """The virtio-msg module's own words when the bus did not come up."""
+    out = console.run("dmesg | grep 'virtio-msg' | grep -iE 'no |dead|timeout|error'", 20)
+    return out.output.strip().splitlines()[0] if out.output.strip() else ""

@@ -61,3 +61,14 @@ def test_dt_compose_matches_fdtoverlay(tmp_path):
     # What QEMU is handed is compact: totalsize equals the file size (DESIGN §3).
     data = (tmp_path / "guest.dtb").read_bytes()
     assert int.from_bytes(data[4:8], "big") == len(data) < 64 * 1024
+
+
+def test_up_offers_transport_backend_spec_and_servicevm_alias():
+    r = CliRunner().invoke(cli, ["up", "--help"])
+    assert r.exit_code == 0
+    for word in ("--transport", "vhost-user|msg", "--backend", "host|service-vm", "--spec"):
+        assert word in r.output, word
+    r = CliRunner().invoke(cli, ["servicevm", "up", "--help"])
+    assert r.exit_code == 0 and "Alias of `edgevirt up --transport msg --backend" in r.output
+    r = CliRunner().invoke(cli, ["up", "--transport", "vhost-user", "--fault", "late-service"])
+    assert r.exit_code == 4  # a service-VM fault without a service VM

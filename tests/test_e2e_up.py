@@ -95,6 +95,42 @@ def test_up_without_restriction_fails_fast_and_clearly(tmp_path):
     assert not leftover_processes(build)
 
 
+MSG_SPEC = """name = "msg-on-host"
+[[carveout]]
+name = "carveout"
+size = "64M"
+placement = 0x5c000000
+[msg]
+doorbell = "ivshmem-pci"
+[[device]]
+type = "blk"
+transport = "msg"
+[[device]]
+type = "rng"
+transport = "msg"
+"""
+
+
+def test_up_takes_transport_and_dt_from_the_spec(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(MSG_SPEC)
+    build = tmp_path / "build"
+    code, result, stderr = run_up(build, "--spec", str(spec))
+    assert code == 0, f"up failed: {result.get('error')}\n{stderr[-2000:]}"
+    assert (result["transport"], result["backend_in"], result["failed_vm"]) == ("msg", "host", None)
+    checks = {c["name"]: c for c in result["checks"]}
+    assert "assigned to virtio-msg" in checks["restricted DMA pool"]["detail"]
+    assert checks["virtio-msg bus"]["ok"] and "MSI-X" in checks["virtio-msg bus"]["detail"]
+    assert checks["back-end blk (dev 0)"]["ok"] and checks["virtio-msg protocol"]["ok"]
+    # the composer's node, in ivshmem-pci mode, is what the guest bound to
+    dts = (build / "guest.dts").read_text()
+    assert 'edgevirt,doorbell = "ivshmem-pci"' in dts and "virtio_mmio" not in dts
+    assert json.loads((build / "plan.json").read_text())["msg_nodes"] == {"guest": "/virtio-msg"}
+    assert "virtio_msg.ko" in result["frontend"]["modules"]
+    assert any("message memory" in row["what"] for row in result["memory"])
+    assert not leftover_processes(build)
+
+
 def _is_pytest(line: str) -> bool:
     # Temporary paths contain "pytest-of-…": match the test runner's own command only.
     args = line.split(None, 1)[1] if " " in line.strip() else ""

@@ -88,3 +88,52 @@ def test_spec_errors_name_file_key_and_expectation(tmp_path, old, new, message):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(ConfigError, match="system spec .* not found"):
         load_spec(tmp_path / "nope.toml")
+
+
+IVSHMEM = """name = "q"
+backend = "service-vm"
+[[carveout]]
+size = "64M"
+[msg]
+doorbell = "ivshmem-pci"
+[[device]]
+type = "blk"
+transport = "msg"
+[[device]]
+type = "rng"
+transport = "msg"
+"""
+
+
+def test_ivshmem_pci_doorbell_mode(tmp_path):
+    s = load_spec(write(tmp_path, IVSHMEM))
+    assert s.backend == "service-vm" and s.transports == ["msg"]
+    assert s.msg is not None and s.msg.mode == "ivshmem-pci" and s.msg.doorbell is None
+    # the message memory is the PCI BAR: nothing is taken off the carve-out
+    assert s.msg.ring_bytes == 0
+    assert (s.msg.ring_slots, s.msg.slot_size) == (64, 264)
+
+
+def test_ivshmem_pci_geometry_matches_the_message_memory():
+    from edgevirt.backend.transport.virtio_msg import channel
+    from edgevirt.deploy.system_dt import DEFAULT_SLOTS
+    from edgevirt.spec import IVSHMEM_SLOT_SIZE
+
+    assert IVSHMEM_SLOT_SIZE == channel.SLOT_SIZE
+    assert DEFAULT_SLOTS == channel.DEFAULT_SLOTS
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (('backend = "service-vm"', 'backend = "cloud"'), "backend: expected one of host"),
+        (('doorbell = "ivshmem-pci"', 'doorbell = "pci"'), 'an address or "ivshmem-pci"'),
+        (
+            ('doorbell = "ivshmem-pci"', 'doorbell = "ivshmem-pci"\ndoorbell_size = 4096'),
+            "no doorbell window with 'ivshmem-pci'",
+        ),
+    ],
+)
+def test_ivshmem_and_backend_errors(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(write(tmp_path, IVSHMEM.replace(*edit)))

@@ -17,10 +17,10 @@ from edgevirt.backend.transport.virtio_msg.channel import MessageMemory
 from edgevirt.backend.transport.virtio_msg.ivshmem import IvshmemServer
 from edgevirt.board import load_board
 from edgevirt.console.expect import Console
-from edgevirt.deploy.qemu import QemuProcess, wait_for_path
+from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
 from edgevirt.errors import ImageError
 from edgevirt.image.kernel import build_kernel
-from edgevirt.msgup import MsgQemuConfig, build_module, check_module, prepare_guest, up_msg
+from edgevirt.msgup import build_module, check_module, prepare_guest, up_msg
 from edgevirt.report import Reporter
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +73,7 @@ def test_dead_back_end_times_out_and_the_guest_still_boots(tmp_path: Path) -> No
     shm = tmp_path / "carveout"  # a plain file: QEMU maps it like /dev/shm
     with open(shm, "wb") as f:
         f.truncate(s.carveout)
-    qcfg = MsgQemuConfig(s, shm)
+    qcfg = QemuConfig(s, shm)
     qcfg.ivshmem_socket = tmp_path / "ivshmem.sock"
     prepare_guest(qcfg, tmp_path, Reporter())
     qcfg.append = f"console={board.console_kernel} panic=-1"

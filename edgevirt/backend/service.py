@@ -7,7 +7,6 @@ back-end mapped, accesses it refused and any queue it marked broken.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from edgevirt.backend.devices import VirtioDevice
 from edgevirt.backend.loop import Loop
+from edgevirt.backend.statsfile import StatsFile
 from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
 from edgevirt.backend.virtq import SplitQueue
 
@@ -32,8 +32,8 @@ class BackendService:
     def __init__(self, endpoints: list[Endpoint], stats_path: Path | None = None) -> None:
         self.loop = Loop()
         self.stats_path = stats_path
+        self.stats = StatsFile(stats_path)
         self.backends: list[VhostUserBackend] = []
-        self._last = ""
         try:
             for ep in endpoints:
                 self.backends.append(VhostUserBackend(ep.device, str(ep.socket), self.loop))
@@ -51,15 +51,7 @@ class BackendService:
         }
 
     def write_stats(self, force: bool = False) -> None:
-        if self.stats_path is None:
-            return
-        text = json.dumps(self.snapshot(), indent=2)
-        if text == self._last and not force:
-            return
-        tmp = self.stats_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.stats_path)
-        self._last = text
+        self.stats.write(self.snapshot(), force)
 
     def run(self) -> dict:
         """Serve until SIGTERM/SIGINT; return the final statistics.
@@ -95,10 +87,7 @@ class BackendService:
         for b in self.backends:
             b.close()
         self.backends = []
-        if self.stats_path is not None and final["devices"]:
+        if final["devices"]:
             # The last word is the counters as they were, not an empty device list.
-            self._last = ""
             final["running"] = False
-            tmp = self.stats_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(final, indent=2))
-            os.replace(tmp, self.stats_path)
+            self.stats.write(final, force=True)

@@ -1,4 +1,4 @@
-"""`edgevirt up`: the whole path on a board, with a summary table."""
+"""`edgevirt up`: the whole path on a board, for every transport and back-end placement."""
 
 from __future__ import annotations
 
@@ -13,32 +13,82 @@ from rich.table import Table
 from edgevirt.cli.common import EXIT_FAILED, EXIT_OK, RichReporter, err, fail, out
 from edgevirt.errors import EdgevirtError
 
-# -- up ------------------------------------------------------------------------------------
+FAULTS = ("late-service", "backend-crash")
 
 
 def memory_map(result: Any) -> Table:
-    base, size = result.carveout
-    t = Table(title="guest memory map", show_edge=False)
+    """The front-end's memory as ``up`` set it up (``result.memory`` rows)."""
+    t = Table(title="front-end memory map", show_edge=False)
     t.add_column("range")
     t.add_column("size", justify="right")
     t.add_column("what")
-    from edgevirt.board import load_board
-
-    board = load_board(result.board)
-    ram = board.qemu.ram_base
-    t.add_row(f"{ram:#010x}–{base:#010x}", f"{(base - ram) >> 20} MiB", "private RAM (NUMA node 0)")
-    t.add_row(
-        f"{base:#010x}–{base + size:#010x}",
-        f"{size >> 20} MiB",
-        "[green]carve-out[/]: shared file, restricted-dma-pool"
-        if result.restrict
-        else "shared file, [red]no restricted pool[/]",
-    )
+    for row in result.memory:
+        base, size = row["base"], row["size"]
+        where = "—" if base is None else f"{base:#010x}–{base + size:#010x}"
+        amount = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        what = row["what"].replace("carve-out", "[green]carve-out[/]")
+        if "no restricted pool" in what:
+            what = what.replace("no restricted pool", "[red]no restricted pool[/]")
+        t.add_row(where, amount, what)
     return t
+
+
+def render(result: Any, build_dir: Path) -> None:
+    title = f"edgevirt up — {result.board}, {result.transport}, back-end on {result.backend_in}"
+    t = Table(title=title + ("" if result.restrict else " (restriction off)"))
+    t.add_column("check")
+    t.add_column("result")
+    t.add_column("detail", overflow="fold")
+    for c in result.checks:
+        t.add_row(c.name, "[green]PASS[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    out.print(t)
+    out.print(memory_map(result))
+    if result.error:
+        err.print(f"[bold red]error:[/] {result.error}")
+    verdict = "[bold green]all checks passed[/]" if result.ok else "[bold red]FAILED[/]"
+    if result.failed_vm:
+        verdict += f" ({result.failed_vm} VM)"
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    out.print(f"{verdict} in {result.seconds:.1f}s ({timings}) — logs in {build_dir}")
+
+
+def run_up(opts: Any, as_json: bool) -> None:
+    """Run :func:`edgevirt.up.up`, print the report, exit 0 only if everything passed."""
+    from edgevirt.up import up as do_up
+
+    try:
+        result = do_up(opts, RichReporter(quiet=as_json))
+    except EdgevirtError as e:
+        fail(e)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        render(result, opts.build_dir)
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
 @click.command()
 @click.option("--board", default="qemu-virt", show_default=True, help="Board profile name or file.")
+@click.option(
+    "--transport",
+    type=click.Choice(["vhost-user", "msg"]),
+    default=None,
+    help="vhost-user devices, or virtio-msg over ivshmem-doorbell [default: the spec's, "
+    "else vhost-user; msg with --backend service-vm].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["host", "service-vm"]),
+    default=None,
+    help="Run the back-end on the host or in an aarch64 service VM [default: the spec's, "
+    "else host].",
+)
+@click.option(
+    "--spec",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="System spec (TOML): devices, carve-out, [msg], backend, [image].",
+)
 @click.option(
     "--build-dir",
     type=click.Path(path_type=Path),
@@ -49,50 +99,47 @@ def memory_map(result: Any) -> Table:
 @click.option(
     "--boot-timeout",
     type=float,
-    default=120.0,
-    show_default=True,
-    help="Seconds to wait for the guest agent.",
+    default=None,
+    help="Seconds to wait for each VM's agent [default: 120, 180 with a service VM].",
+)
+@click.option(
+    "--fault",
+    type=click.Choice(FAULTS),
+    default=None,
+    help="service-vm: inject a service-VM failure; the run must fail naming that VM.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def up(
-    board: str, build_dir: Path | None, no_restrict: bool, boot_timeout: float, as_json: bool
+    board: str,
+    transport: str | None,
+    backend: str | None,
+    spec: Path | None,
+    build_dir: Path | None,
+    no_restrict: bool,
+    boot_timeout: float | None,
+    fault: str | None,
+    as_json: bool,
 ) -> None:
     """Build, boot and test a carve-out-restricted guest on QEMU virt.
 
     \b
-    Steps: compose the DT overlay, build (or reuse) kernel and initramfs, start the
-    back-end (vhost-user-blk + vhost-user-rng), boot QEMU, run the smoke suite over the
-    serial console, power off and print a summary. Logs stay in the build dir.
+    Steps: build (or reuse) kernel, modules and initramfs, compose the device tree,
+    start the back-end (on the host: vhost-user-blk + vhost-user-rng, or the virtio-msg
+    bus; or a service VM behind the host's ivshmem server), boot QEMU, run the smoke
+    suite over the serial console, power off and print a summary. Logs stay in the
+    build dir.
     """
     from edgevirt.up import UpOptions
-    from edgevirt.up import up as do_up
 
+    service = backend == "service-vm"
     opts = UpOptions(
-        build_dir=build_dir or Path("out") / board,
+        build_dir=build_dir or Path("out") / (f"{board}-servicevm" if service else board),
         board=board,
+        transport=transport,
+        backend=backend,
+        spec=spec,
         restrict=not no_restrict,
-        boot_timeout=boot_timeout,
+        boot_timeout=boot_timeout if boot_timeout is not None else (180.0 if service else 120.0),
+        fault=fault,
     )
-    try:
-        result = do_up(opts, RichReporter(quiet=as_json))
-    except EdgevirtError as e:
-        fail(e)
-    if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
-    else:
-        t = Table(
-            title=f"edgevirt up — {result.board}"
-            + ("" if result.restrict else " (restriction off)")
-        )
-        t.add_column("check")
-        t.add_column("result")
-        t.add_column("detail", overflow="fold")
-        for c in result.checks:
-            t.add_row(c.name, "[green]PASS[/]" if c.ok else "[red]FAIL[/]", c.detail)
-        out.print(t)
-        out.print(memory_map(result))
-        if result.error:
-            err.print(f"[bold red]error:[/] {result.error}")
-        verdict = "[bold green]all checks passed[/]" if result.ok else "[bold red]FAILED[/]"
-        out.print(f"{verdict} in {result.seconds:.1f}s — logs in {opts.build_dir}")
-    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+    run_up(opts, as_json)

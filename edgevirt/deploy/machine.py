@@ -1,10 +1,16 @@
 """A QEMU virt target with edgevirt's guest: its images, its back-end, its power.
 
-:meth:`QemuMachine.prepare` gets the kernel (cached build, or ``--image DIR``), the
-initramfs, the carve-out DTB for this exact topology, and a FIT when U-Boot wants one.
-As a :class:`~edgevirt.deploy.power.Power`, ``on`` starts the vhost-user back-end and
-QEMU (console on a unix socket that waits for us), ``off`` stops both, and ``check``
-raises as soon as either has died or the back-end has refused the guest.
+:meth:`QemuMachine.prepare` gets kernel, modules and initramfs from the image builder
+(:func:`~edgevirt.image.build.build_guest_image`, or ``--image DIR``), the carve-out DTB
+for this exact topology, and a FIT when U-Boot wants one. As a
+:class:`~edgevirt.deploy.power.Power`, ``on`` starts the back-end on the host and QEMU
+(console on a unix socket that waits for us), ``off`` stops both, and ``check`` raises as
+soon as either has died or the back-end has refused the guest.
+
+Transports: ``vhost-user`` (one ``vhost-user-*`` device per back-end device on virt's
+virtio-mmio bus, chardevs with ``reconnect=1``) or ``msg`` (an ``ivshmem-doorbell`` device
+whose server is the virtio-msg back-end, or an external server such as the service VM's
+host side, :class:`ExternalBus`: then the machine starts no back-end).
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgevirt.board import Board
 from edgevirt.console.ser2net import Ser2net
-from edgevirt.deploy.backend_process import BackendProcess, backend_socket
+from edgevirt.deploy.backend_process import BackendProcess, IvshmemBus, backend_socket
 from edgevirt.deploy.power import Power
 from edgevirt.deploy.qemu import (
     QemuConfig,
@@ -33,13 +40,34 @@ from edgevirt.deploy.qemu import (
 from edgevirt.deploy.qmp import Qmp
 from edgevirt.devicetree import compose as dtcompose
 from edgevirt.devicetree.fdt import Fdt
-from edgevirt.errors import DeployError
+from edgevirt.errors import ConfigError, DeployError
 from edgevirt.report import Reporter
+from edgevirt.spec import SystemSpec
+
+if TYPE_CHECKING:
+    from edgevirt.image.build import GuestImage
 
 log = logging.getLogger(__name__)
 
 #: The back-end devices every edgevirt QEMU guest gets (the smoke suite checks them).
 DEVICES = [("blk", "vhost-user-blk"), ("rng", "vhost-user-rng")]
+VHOST_USER_KINDS = dict(DEVICES)
+TRANSPORTS = ("vhost-user", "msg")
+#: QEMU reconnects a vhost-user chardev to a restarted back-end after this many seconds.
+RECONNECT = {"reconnect": "1"}
+#: The devices whose QEMU 7.2 front-end survives ``reconnect``: vhost-user-blk waits for the
+#: connection before its first message; vhost-user-rng does not, and with ``reconnect`` its
+#: realize fails ("Failed to set msg fds") and QEMU aborts in error_setv().
+RECONNECTS = {"vhost-user-blk"}
+
+
+@dataclass(frozen=True)
+class ExternalBus:
+    """A virtio-msg bus served outside this machine: the carve-out file and the ivshmem
+    socket belong to someone else (the service VM's host side)."""
+
+    carveout_file: Path
+    ivshmem_socket: Path
 
 
 @dataclass
@@ -79,17 +107,46 @@ class QemuMachine(Power):
         tftp: bool = False,
         disk_size: int = 64 << 20,
         ser2net: bool = False,
+        transport: str = "vhost-user",
+        spec: SystemSpec | None = None,
+        external: ExternalBus | None = None,
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
+        if external is not None and transport != "msg":
+            raise ConfigError("an external back-end needs transport 'msg' (no vhost-user peer)")
         self.board = board
         self.build = build
         build.mkdir(parents=True, exist_ok=True)
-        self.shm = Path("/dev/shm") / f"edgevirt-{os.getpid()}-{secrets.token_hex(4)}"
+        self.transport = transport
+        self.spec = spec
+        self.external = external
+        self.device_names = [d.type for d in spec.devices] if spec else [n for n, _ in DEVICES]
+        for name in self.device_names:
+            if name not in VHOST_USER_KINDS:
+                raise ConfigError(
+                    f"device {name!r}: the edgevirt back-end serves {', '.join(VHOST_USER_KINDS)}"
+                )
+        self.shm = (
+            external.carveout_file
+            if external
+            else Path("/dev/shm") / f"edgevirt-{os.getpid()}-{secrets.token_hex(4)}"
+        )
         self.sock_dir = build / "sockets"
         self.sock_dir.mkdir(exist_ok=True)
-        devices = [
-            VhostUserDevice(kind, backend_socket(self.sock_dir, i, name), f"vu{i}")
-            for i, (name, kind) in enumerate(DEVICES)
-        ]
+        devices = (
+            [
+                VhostUserDevice(
+                    VHOST_USER_KINDS[name],
+                    backend_socket(self.sock_dir, i, name),
+                    f"vu{i}",
+                    chardev_options=dict(RECONNECT) if VHOST_USER_KINDS[name] in RECONNECTS else {},
+                )
+                for i, name in enumerate(self.device_names)
+            ]
+            if transport == "vhost-user"
+            else []
+        )
         self.config = QemuConfig(
             board.qemu,
             self.shm,
@@ -99,12 +156,17 @@ class QemuMachine(Power):
             tftp_dir=build / "tftp" if tftp else None,
             console_pty=ser2net,
         )
+        if transport == "msg":
+            self.config.ivshmem_socket = (
+                external.ivshmem_socket if external else self.sock_dir / "ivshmem.sock"
+            )
         #: Export the console through Debian's ser2net (RFC2217 on loopback), like a lab.
         self.ser2net: Ser2net | None = None
         self.use_ser2net = ser2net
         self.disk = build / "disk.img"
         self.disk_size = disk_size
         self.images: Images | None = None
+        self.guest_image: GuestImage | None = None
         self.qemu: QemuProcess | None = None
         self.backend: BackendProcess | None = None
         self.boots = 0
@@ -120,23 +182,32 @@ class QemuMachine(Power):
         kernel_fragment: Path | None = None,
         fit: bool = False,
     ) -> Images:
-        from edgevirt.image.kernel import build_kernel
-
         if image_dir is not None:
             kernel, initrd = image_dir / "Image", image_dir / "initramfs.cpio.gz"
             for p in (kernel, initrd):
                 if not p.is_file():
                     raise DeployError(f"--image {image_dir}: {p.name} is missing")
         else:
-            reporter.step("kernel: build or reuse the cached one")
-            kernel = build_kernel(kernel_fragment, progress=reporter.progress).image
-            initrd = build_initramfs(self.build / "initramfs.cpio.gz", reporter)
-        nodes = [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(len(DEVICES))]
-        reporter.step(
-            "device tree: "
-            + ("carve-out overlay on " + ", ".join(nodes) if restrict else "QEMU's own")
-        )
-        dtb = compose_dtb(self.board, self.config, self.build, restrict, nodes)
+            kernel, initrd = self._build_image(reporter, kernel_fragment)
+        if self.spec is not None or self.transport == "msg":
+            if not restrict:
+                raise ConfigError(
+                    "--no-restrict applies to vhost-user without a spec: the virtio-msg bus "
+                    "node always takes its DMA from the carve-out pool"
+                )
+            from edgevirt.deploy.system_dt import compose_guest_dt, default_spec
+
+            spec = self.spec or default_spec(self.board, self.transport, self.device_names)
+            reporter.step(f"device tree: {spec.name} composed for transport {self.transport}")
+            gdt = compose_guest_dt(self.board, self.config, self.build, spec, self.transport)
+            dtb, nodes = gdt.dtb, gdt.nodes
+        else:
+            nodes = [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(len(self.device_names))]
+            reporter.step(
+                "device tree: "
+                + ("carve-out overlay on " + ", ".join(nodes) if restrict else "QEMU's own")
+            )
+            dtb = compose_dtb(self.board, self.config, self.build, restrict, nodes)
         self.images = Images(kernel, initrd, dtb, nodes=nodes)
         if self.config.tftp_dir is not None:
             tftp = self.config.tftp_dir
@@ -148,6 +219,20 @@ class QemuMachine(Power):
         with open(self.disk, "wb") as f:
             f.truncate(self.disk_size)
         return self.images
+
+    def _build_image(self, reporter: Reporter, fragment: Path | None) -> tuple[Path, Path]:
+        """Kernel, modules and initramfs through the image builder, into the build dir."""
+        from dataclasses import replace
+
+        from edgevirt.image.build import build_guest_image
+        from edgevirt.image.spec import load_image_spec
+
+        spec_path = self.spec.path if self.spec and self.spec.path.is_file() else None
+        ispec = load_image_spec(spec_path)
+        if fragment is not None:
+            ispec = replace(ispec, fragments=(*ispec.fragments, fragment))
+        self.guest_image = build_guest_image(self.board, self.build, spec=ispec, reporter=reporter)
+        return self.guest_image.image, self.guest_image.initramfs
 
     def _fit(self, reporter: Reporter) -> Path:
         from edgevirt.image.fit import FitLayout, build_fit
@@ -210,13 +295,8 @@ class QemuMachine(Power):
             raise DeployError("QEMU machine: prepare() the images before powering on")
         if self.qemu is not None:
             self.off()
-        self.backend = BackendProcess(
-            [f"blk:path={self.disk}", "rng"],
-            self.sock_dir,
-            self.build / "backend-stats.json",
-            self.build / "backend.log",
-        )
-        self.backend.wait_ready()
+        if self.external is None:
+            self.backend = self._start_backend()
         c = self.config
         c.kernel, c.initrd, c.dtb = self.images.kernel, self.images.initrd, self.images.dtb
         c.console_socket = self.console_socket
@@ -229,6 +309,24 @@ class QemuMachine(Power):
             self._start_ser2net()
         else:
             wait_for_path(self.console_socket, 30, "QEMU console socket", self.qemu)
+
+    def _start_backend(self) -> BackendProcess:
+        devices = [f"blk:path={self.disk}" if n == "blk" else n for n in self.device_names]
+        stats, log_path = self.build / "backend-stats.json", self.build / "backend.log"
+        if self.transport == "msg":
+            assert self.config.ivshmem_socket is not None
+            with open(self.shm, "wb") as f:  # the back-end maps it, QEMU backs node 1 with it
+                f.truncate(self.board.qemu.carveout)
+            bus = IvshmemBus(self.config.ivshmem_socket, self.shm, self.board.qemu.carveout_base)
+            backend = BackendProcess(devices, None, stats, log_path, msg=bus)
+        else:
+            backend = BackendProcess(devices, self.sock_dir, stats, log_path)
+        try:
+            backend.wait_ready()
+        except BaseException:
+            backend.stop()
+            raise
+        return backend
 
     def reset(self) -> None:
         """A warm reset through QMP: the same QEMU and back-end, the CPU starts over."""

@@ -30,6 +30,9 @@ class VhostUserDevice:
     socket: Path
     id: str
     options: dict[str, str] = field(default_factory=dict)
+    #: Options of the socket chardev, e.g. ``{"reconnect": "1"}`` (QEMU reconnects to a
+    #: restarted back-end after that many seconds).
+    chardev_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +54,9 @@ class QemuConfig:
     tftp_dir: Path | None = None
     #: Console on a pseudo-terminal (a serial device for ser2net) instead of a socket.
     console_pty: bool = False
+    #: virtio-msg: the ivshmem server socket of an ``ivshmem-doorbell`` device (its BAR2 is
+    #: the message memory, its doorbell register and MSI-X vectors the doorbells).
+    ivshmem_socket: Path | None = None
 
     def memory_args(self) -> list[str]:
         s = self.settings
@@ -106,11 +112,19 @@ class QemuConfig:
         args = ["-global", "virtio-mmio.force-legacy=false"]
         for d in self.devices:
             opts = "".join(f",{k}={v}" for k, v in d.options.items())
+            chardev = "".join(f",{k}={v}" for k, v in d.chardev_options.items())
             args += [
                 "-chardev",
-                f"socket,id={d.id},path={d.socket}",
+                f"socket,id={d.id},path={d.socket}{chardev}",
                 "-device",
                 f"{d.kind},chardev={d.id},iommu_platform=on{opts}",
+            ]
+        if self.ivshmem_socket is not None:
+            args += [
+                "-chardev",
+                f"socket,id=ev-ivshmem,path={self.ivshmem_socket}",
+                "-device",
+                "ivshmem-doorbell,chardev=ev-ivshmem,vectors=2",
             ]
         return args
 
@@ -240,11 +254,7 @@ class QemuProcess:
 
     def output_tail(self, n: int = 8) -> str:
         self._log.flush()
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
+        return log_tail(self.log_path, n)
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -267,6 +277,15 @@ class QemuProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def log_tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a child's log, joined for one error message."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
 
 
 def wait_for_path(path: Path, timeout: float, what: str, alive: QemuProcess | None = None) -> None:

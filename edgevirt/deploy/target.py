@@ -29,12 +29,13 @@ from typing import Any
 
 from edgevirt.board import Board, get_key, parse_size
 from edgevirt.console.expect import Console
-from edgevirt.deploy.machine import Images, QemuMachine
+from edgevirt.deploy.machine import ExternalBus, Images, QemuMachine
 from edgevirt.deploy.power import Power, board_power
 from edgevirt.deploy.strategy import BootStrategy, State, UBootStrategy
 from edgevirt.deploy.uboot import UBoot, UBootSettings
 from edgevirt.errors import ConfigError, DeployError
 from edgevirt.report import Reporter
+from edgevirt.spec import SystemSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ class DeployOptions:
     console_url: str | None = None
     #: QEMU boards: export the console with ser2net and use it over rfc2217:// (a lab's way).
     ser2net: bool = False
+    #: QEMU boards: "vhost-user" or "msg" (virtio-msg over ivshmem-doorbell).
+    transport: str = "vhost-user"
+    #: QEMU boards: the system spec whose devices and carve-out the guest gets.
+    spec: SystemSpec | None = None
+    #: QEMU boards, transport "msg": a bus served elsewhere (the service VM's host side).
+    external: ExternalBus | None = None
 
 
 def _uboot_settings(board: Board) -> UBootSettings:
@@ -117,6 +124,9 @@ class Target:
                 firmware_ram=parse_size(fw_ram, f"{w}.firmware_ram") if fw_ram else 0,
                 tftp=self.uboot and self.tftp.get("server") == "qemu",
                 ser2net=opts.ser2net,
+                transport=opts.transport,
+                spec=opts.spec,
+                external=opts.external,
             )
             power = self.machine
         else:

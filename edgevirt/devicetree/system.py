@@ -9,8 +9,14 @@ Front-end VM overlay (fragments target paths, or the root; labels are referenced
 * virtio-mmio devices: ``memory-region = <&edgevirt_<carveout>>`` on the existing node, or
   on real boards (a VMM traps the window) a new ``virtio_mmio@<address>`` node with an SPI
   from the board's free range.
-* virtio-msg devices: one ``virtio-msg@<doorbell>`` bus node, compatible
-  ``edgevirt,virtio-msg`` (binding: ``devicetree/bindings/edgevirt,virtio-msg.yaml``).
+* virtio-msg devices: one bus node, compatible ``edgevirt,virtio-msg`` (binding:
+  ``devicetree/bindings/edgevirt,virtio-msg.yaml``). With an MMIO doorbell
+  (``[msg] doorbell = <address>``) it is ``virtio-msg@<doorbell>`` with ``reg``,
+  ``interrupts`` and the message ring as second ``memory-region``. With
+  ``doorbell = "ivshmem-pci"`` an ivshmem-doorbell PCI device brings doorbells and message
+  memory, so the node is ``virtio-msg`` with ``edgevirt,doorbell = "ivshmem-pci"``, the
+  carve-out pool as its only ``memory-region``, and no ring is taken off the carve-out:
+  exactly what ``images/modules/virtio_msg`` binds to.
 
 Service VM overlay: the same physical carve-outs and rings as ``no-map`` reserved regions
 (its back-end maps exactly them) and, for message devices, the bus node with role backend.
@@ -37,7 +43,7 @@ from edgevirt.devicetree.lint import check_base
 from edgevirt.devicetree.memmap import MemoryMap, Region, fmt_range, highest_free, memory_map
 from edgevirt.devicetree.overlay import Overlay
 from edgevirt.errors import DeviceTreeError
-from edgevirt.spec import Carveout, Device, SystemSpec
+from edgevirt.spec import IVSHMEM_PCI, Carveout, Device, SystemSpec
 
 __all__ = ["Placed", "SystemPlan", "compose_system", "MSG_COMPATIBLE", "MIN_RESTRICTED_POOL"]
 
@@ -92,6 +98,7 @@ class SystemPlan:
     placed: list[Placed] = field(default_factory=list)
     mmio: dict[int, str] = field(default_factory=dict)  # device index -> node path
     spis: dict[str, int] = field(default_factory=dict)  # node path -> SPI number
+    msg_nodes: dict[str, str] = field(default_factory=dict)  # front-end VM -> bus node path
     overlays: dict[str, Overlay] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -101,6 +108,7 @@ class SystemPlan:
             "placed": [p.to_json() for p in self.placed],
             "mmio": {str(k): v for k, v in self.mmio.items()},
             "spis": self.spis,
+            "msg_nodes": self.msg_nodes,
             "vms": sorted(self.overlays),
         }
 
@@ -199,11 +207,20 @@ def compose_system(board: Board, base: Fdt, spec: SystemSpec) -> SystemPlan:
     rings: dict[str, Placed] = {}
     for i, fe in enumerate(msg_vms):
         assert spec.msg is not None
+        _msg_carveout(spec, fe)
+        if spec.msg.doorbell is None:
+            continue  # ivshmem-pci: message memory and doorbells come with the PCI device
         rings[fe] = _ring(spec, plan, fe)
         for side in range(2):
             db = spec.msg.doorbell + (2 * i + side) * spec.msg.doorbell_size
             _check_window(base, mm, db, spec.msg.doorbell_size, spec.where("[msg].doorbell"))
             mm.added.append(Region("doorbell", db, spec.msg.doorbell_size, f"{fe} doorbell {side}"))
+
+    def msg_node(ov: Overlay, fe: str, role: str) -> None:
+        """The bus node of front-end ``fe``'s msg devices, as seen from ``role``'s side."""
+        devs = [d for d in spec.devices if d.transport == "msg" and d.vm == fe]
+        _msg_node(ov, spec, plan, spis, gic, root_ac, root_sc, fe, devs, rings, by_name,
+                  msg_vms.index(fe), role)  # fmt: skip
 
     mmio_devices = [d for d in spec.devices if d.transport == "mmio"]
     _assign_mmio(board, base, mmio_devices, plan, mm)
@@ -239,23 +256,8 @@ def compose_system(board: Board, base: Fdt, spec: SystemSpec) -> SystemPlan:
                 new.set(Property.from_u32("interrupts", 0, spi, IRQ_TYPE_EDGE_RISING))
                 new.set(Property.from_u32("memory-region", Ref(label)))
                 new.set(Property.empty("dma-coherent"))
-        if vm.name in rings:
-            msg_devs = [d for d in spec.devices if d.transport == "msg" and d.vm == vm.name]
-            _msg_node(
-                ov,
-                spec,
-                plan,
-                spis,
-                gic,
-                root_ac,
-                root_sc,
-                vm.name,
-                msg_devs,
-                rings,
-                by_name,
-                msg_vms.index(vm.name),
-                "frontend",
-            )
+        if vm.name in msg_vms:
+            msg_node(ov, vm.name, "frontend")
         plan.overlays[vm.name] = ov
 
     for vm in spec.services:
@@ -267,29 +269,13 @@ def compose_system(board: Board, base: Fdt, spec: SystemSpec) -> SystemPlan:
             node.set(Property.empty("no-map"))
             node.set(Property.from_string("edgevirt,peer", p.vm))
         for fe in msg_vms:
-            msg_devs = [d for d in spec.devices if d.transport == "msg" and d.vm == fe]
-            _msg_node(
-                ov,
-                spec,
-                plan,
-                spis,
-                gic,
-                root_ac,
-                root_sc,
-                fe,
-                msg_devs,
-                rings,
-                by_name,
-                msg_vms.index(fe),
-                "backend",
-            )
+            msg_node(ov, fe, "backend")
         plan.overlays[vm.name] = ov
     return plan
 
 
-def _ring(spec: SystemSpec, plan: SystemPlan, vm: str) -> Placed:
-    """Take the message ring off the top of the carve-out the VM's msg devices use."""
-    assert spec.msg is not None
+def _msg_carveout(spec: SystemSpec, vm: str) -> str:
+    """The one carve-out the VM's msg devices use (one bus has one DMA pool)."""
     names = list(
         dict.fromkeys(d.carveout for d in spec.devices if d.transport == "msg" and d.vm == vm)
     )
@@ -298,7 +284,14 @@ def _ring(spec: SystemSpec, plan: SystemPlan, vm: str) -> Placed:
             f"{spec.where('[[device]]')}: the virtio-msg devices of VM {vm!r} use carve-outs "
             f"{', '.join(names)}; one bus has one DMA pool"
         )
-    idx = next(i for i, p in enumerate(plan.placed) if p.kind == "carveout" and p.name == names[0])
+    return names[0]
+
+
+def _ring(spec: SystemSpec, plan: SystemPlan, vm: str) -> Placed:
+    """Take the message ring off the top of the carve-out the VM's msg devices use."""
+    assert spec.msg is not None
+    name = _msg_carveout(spec, vm)
+    idx = next(i for i, p in enumerate(plan.placed) if p.kind == "carveout" and p.name == name)
     co = plan.placed[idx]
     size = spec.msg.ring_bytes
     if co.pool == "restricted-dma-pool" and co.size - size < MIN_RESTRICTED_POOL:
@@ -451,21 +444,29 @@ def _msg_node(
 ) -> None:
     assert spec.msg is not None
     m = spec.msg
-    side = 0 if role == "frontend" else 1
-    db = m.doorbell + (2 * bus + side) * m.doorbell_size
-    name = f"virtio-msg@{db:x}"
-    spi = spis.take(f"/{name}")
-    plan.spis[f"/{name}"] = spi
-    carveouts = [devices[0].carveout]
-    node = _root_overlay(ov).add_child(Node(name))
-    node.set(Property.from_string("compatible", MSG_COMPATIBLE))
-    node.set(Property.from_cells("reg", [(db, m.doorbell_size)], ac, sc))
-    node.set(Property.from_u32("interrupt-parent", _gic_ref(gic)))
-    node.set(Property.from_u32("interrupts", 0, spi, IRQ_TYPE_EDGE_RISING))
-    node.set(
-        Property.from_u32("memory-region", Ref(by_name[carveouts[0]].label), Ref(rings[vm].label))
-    )
-    node.set(Property.from_strings("memory-region-names", ["dma", "msg-ring"]))
+    pool = Ref(by_name[devices[0].carveout].label)
+    if m.doorbell is None:  # ivshmem-pci: the PCI device is doorbell and message memory
+        name = "virtio-msg" if role == "frontend" else f"virtio-msg-{vm}"
+        node = _root_overlay(ov).add_child(Node(name))
+        node.set(Property.from_string("compatible", MSG_COMPATIBLE))
+        node.set(Property.from_string("edgevirt,doorbell", IVSHMEM_PCI))
+        node.set(Property.from_u32("memory-region", pool))
+        node.set(Property.from_strings("memory-region-names", ["dma"]))
+    else:
+        side = 0 if role == "frontend" else 1
+        db = m.doorbell + (2 * bus + side) * m.doorbell_size
+        name = f"virtio-msg@{db:x}"
+        spi = spis.take(f"/{name}")
+        plan.spis[f"/{name}"] = spi
+        node = _root_overlay(ov).add_child(Node(name))
+        node.set(Property.from_string("compatible", MSG_COMPATIBLE))
+        node.set(Property.from_cells("reg", [(db, m.doorbell_size)], ac, sc))
+        node.set(Property.from_u32("interrupt-parent", _gic_ref(gic)))
+        node.set(Property.from_u32("interrupts", 0, spi, IRQ_TYPE_EDGE_RISING))
+        node.set(Property.from_u32("memory-region", pool, Ref(rings[vm].label)))
+        node.set(Property.from_strings("memory-region-names", ["dma", "msg-ring"]))
+    if role == "frontend":
+        plan.msg_nodes[vm] = f"/{name}"
     node.set(Property.from_string("edgevirt,role", role))
     peers = [vm] if role == "backend" else [v.name for v in spec.services]
     if peers:

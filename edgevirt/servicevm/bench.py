@@ -5,25 +5,21 @@ busybox ``dd`` commands as ``bench/guest.py``, timed with the front-end's monoto
 (``now at`` in ``/proc/timer_list``): the host side is :func:`edgevirt.msgup.up_msg`'s
 topology (back-end = ivshmem server on the host, disk = a host file), the service-VM side is
 :func:`edgevirt.servicevm.up.up_service_vm` (back-end in the service VM, disk = the
-service VM's virtio-blk). :func:`run` returns rows for bench/SERVICE_VM.md.
+service VM's virtio-blk); both through :func:`edgevirt.up.up`, smoke suite first, then the
+workload. :func:`run` returns rows for bench/SERVICE_VM.md.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from edgevirt.board import load_board
 from edgevirt.console.expect import Console
-from edgevirt.deploy.qemu import QemuProcess, wait_for_path
 from edgevirt.errors import EdgevirtError
-from edgevirt.msgup import MsgBackendProcess, MsgQemuConfig, prepare_guest
-from edgevirt.report import Reporter
-from edgevirt.servicevm.up import READY, up_service_vm
+from edgevirt.servicevm.up import up_service_vm
+from edgevirt.up import UpOptions, UpResult, up
 
 WORKLOADS = [
     ("16 MiB sequential read, O_DIRECT, 64 KiB",
@@ -58,46 +54,16 @@ def workload(repeat: int) -> Callable[[Console, Callable[[], None]], dict]:
 
 
 def host_backend(build: Path, repeat: int) -> dict:
-    """The front-end with the back-end on the host (up_msg's topology), the workload only."""
-    b = load_board("qemu-virt")
-    s = b.qemu
-    build.mkdir(parents=True, exist_ok=True)
-    shm = Path("/dev/shm") / f"edgevirt-msg-bench-{os.getpid()}-{secrets.token_hex(4)}"
-    qcfg = MsgQemuConfig(s, shm)
-    qcfg.ivshmem_socket = build / "ivshmem.sock"
-    backend = qemu = console = None
-    try:
-        prepare_guest(qcfg, build, Reporter())
-        disk = build / "disk.img"
-        with open(disk, "wb") as f:
-            f.truncate(64 << 20)
-        with open(shm, "wb") as f:
-            f.truncate(s.carveout)
-        backend = MsgBackendProcess(
-            qcfg.ivshmem_socket, shm, s.carveout_base, [f"blk:path={disk}", "rng"], build
-        )
-        backend.wait_ready()
-        qcfg.append = f"console={b.console_kernel} panic=-1"
-        qemu = QemuProcess(qcfg, build / "qemu.log")
-        assert qcfg.console_socket is not None
-        wait_for_path(qcfg.console_socket, 30, "QEMU console socket", qemu)
-        console = Console.open(f"unix://{qcfg.console_socket}", log_path=build / "console.log")
-        be, qm = backend, qemu
+    """The front-end with the back-end on the host (``up --transport msg``): the same
+    smoke suite first, then the workload, as on the service-VM side."""
+    r = up(UpOptions(build, transport="msg", backend="host", workload=workload(repeat)))
+    if not r.ok:
+        raise EdgevirtError(f"host back-end run failed: {r.error or _failed(r)}")
+    return r.workload
 
-        def abort() -> None:
-            be.check_healthy()
-            qm.check_alive()
 
-        console.expect(READY, 120, abort)
-        return workload(repeat)(console, abort)
-    finally:
-        if console is not None:
-            console.close()
-        if qemu is not None:
-            qemu.stop()
-        if backend is not None:
-            backend.stop()
-        shm.unlink(missing_ok=True)
+def _failed(r: UpResult) -> str:
+    return "; ".join(f"{c.name}: {c.detail}" for c in r.checks if not c.ok)
 
 
 def run(build: Path, repeat: int = 5) -> list[dict]:
@@ -105,7 +71,9 @@ def run(build: Path, repeat: int = 5) -> list[dict]:
     host = host_backend(build / "host", repeat)
     svm = up_service_vm(build / "servicevm", workload=workload(repeat))
     if not svm.ok:
-        raise EdgevirtError(f"service-VM run failed ({svm.failed_vm} VM): {svm.error}")
+        raise EdgevirtError(
+            f"service-VM run failed ({svm.failed_vm} VM): {svm.error or _failed(svm)}"
+        )
     rows = []
     for name, _ in WORKLOADS:
         h, v = host[name], svm.workload[name]

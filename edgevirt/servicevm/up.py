@@ -11,42 +11,48 @@
       virtio_msg.ko + restricted-dma-pool       ev_ivshmem.ko + python3 -m edgevirt.servicevm.peer
       virtio_blk, virtio-rng (unmodified)       blk → its own /dev/vda (a host file), rng
 
-The front-end's device tree carries the carve-out pool and the virtio-msg bus node (as in
-:mod:`edgevirt.msgup`). The service VM needs **no** carve-out node: it reaches the carve-out
-through a PCI BAR, not as RAM, so QEMU's own DTB boots it unchanged.
+This module is the back-end placement ``service-vm`` of :func:`edgevirt.up.up`
+(:class:`ServiceVmBackend`); the front-end is the same virtio-msg guest as with the
+back-end on the host, its device tree from the composer (carve-out pool + bus node). The
+service VM needs **no** carve-out node: it reaches the carve-out through a PCI BAR, not as
+RAM, so QEMU's own DTB boots it unchanged.
 
 Order: host side, service VM (until its back-end reports running), front-end VM, smoke
 suite on the front-end's console, health checks on the service VM's console, power-off of
 both, host checks. ``fault`` injects a failure: ``"late-service"`` (the front-end boots
 while no service VM runs) or ``"backend-crash"`` (the back-end is killed before the
 front-end boots); either way the front-end's module must time out with a clear message and
-the report names the failed VM.
+the report names the failed VM (``failed_vm``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from edgevirt.board import load_board
+from edgevirt.board import Board
 from edgevirt.console.expect import Console
+from edgevirt.deploy.backend_process import WatchedProcess
+from edgevirt.deploy.machine import ExternalBus, QemuMachine
 from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
-from edgevirt.errors import ConfigError, DeployError, EdgevirtError, SetupError
-from edgevirt.msgup import MsgQemuConfig, msg_checks, prepare_guest
+from edgevirt.deploy.strategy import SHELL_READY
+from edgevirt.errors import ConfigError, DeployError
 from edgevirt.report import Reporter
 from edgevirt.servicevm.image import build_service_image
 from edgevirt.servicevm.peer import PeerConfig
-from edgevirt.smoke import DISK_TEST_BYTES, Check
+from edgevirt.smoke import Check, backend_checks, disk_check
+from edgevirt.up import DEVICES, Placement, UpOptions, UpResult, Workload, up
+
+if TYPE_CHECKING:
+    from edgevirt.servicevm.image import ServiceImage
 
 log = logging.getLogger(__name__)
 
@@ -56,54 +62,25 @@ MSG_SIZE = 64 << 10
 SERVICE_RAM = 512 << 20
 STATS = "/run/edgevirt/stats.json"
 FAULTS = ("late-service", "backend-crash")
-READY = rb"EDGEVIRT-AGENT-READY[^\n]*\n"
-Workload = Callable[[Console, Callable[[], None]], dict]
+READY = SHELL_READY
+#: Kept for callers of the former module: the one result type of `up`.
+ServiceUpResult = UpResult
+
+__all__ = ["FAULTS", "ServiceVmBackend", "peer_config", "service_health", "up_service_vm"]
 
 
-@dataclass
-class ServiceUpResult:
-    board: str
-    checks: list[Check] = field(
-        default_factory=list
-    )  # names start "front-end:", "service VM:", "host:"
-    failed_vm: str | None = None  # "service", "front-end" or None
-    error: str | None = None
-    fault: str | None = None
-    backend: dict = field(default_factory=dict)  # the back-end's stats, read in the service VM
-    hypervisor: dict = field(default_factory=dict)
-    image: dict = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    workload: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.checks) and all(c.ok for c in self.checks)
-
-    def to_json(self) -> dict:
-        return {
-            "board": self.board,
-            "transport": "virtio-msg",
-            "backend_in": "service-vm",
-            "ok": self.ok,
-            "failed_vm": self.failed_vm,
-            "error": self.error,
-            "fault": self.fault,
-            "checks": [c.__dict__ for c in self.checks],
-            "backend": self.backend,
-            "hypervisor": self.hypervisor,
-            "image": self.image,
-            "timings": self.timings,
-            "workload": self.workload,
-            "seconds": self.seconds,
-        }
+def peer_config(board: Board, devices: list[str] | tuple[str, ...] = DEVICES) -> PeerConfig:
+    """The service VM's back-end configuration (baked into its rootfs)."""
+    s = board.qemu
+    devs = ["blk:path=/dev/vda" if d == "blk" else d for d in devices]
+    return PeerConfig(CARVEOUT_PCI, s.carveout_base, MSG_PCI, FRONTEND_ID,
+                      carveout_size=s.carveout, devices=devs, stats=STATS)  # fmt: skip
 
 
 class ServiceQemuConfig(QemuConfig):
     """The service VM: plain RAM, the carve-out and message memory as ivshmem BARs, and its
     own disk (virtio-blk on virtio-mmio: the storage the back-end serves)."""
 
-    ivshmem_socket: Path | None = None
     disk: Path | None = None
 
     def memory_args(self) -> list[str]:
@@ -132,50 +109,24 @@ class ServiceQemuConfig(QemuConfig):
         return ["-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.append]
 
 
-class HypervisorProcess:
+class HypervisorProcess(WatchedProcess):
     """``python -m edgevirt.servicevm.hypervisor`` as a child, observed by its state file."""
 
-    def __init__(self, carveout: Path, size: int, msg: Path, build: Path) -> None:
-        self.state_path = build / "hypervisor.json"
-        self.log_path = build / "hypervisor.log"
-        self.state_path.unlink(missing_ok=True)
-        self.sockets = {"service": build / "service.sock", "front-end": build / "frontend.sock"}
-        cmd = [sys.executable, "-m", "edgevirt.servicevm.hypervisor", "--carveout", str(carveout),
-               "--carveout-size", str(size), "--msg", str(msg), "--msg-size", str(MSG_SIZE),
-               "--peer", f"service={self.sockets['service']}:{SERVICE_ID}",
-               "--peer", f"front-end={self.sockets['front-end']}:{FRONTEND_ID}",
-               "--state", str(self.state_path)]  # fmt: skip
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    what = "host side (hypervisor)"
+    error = DeployError
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.state_path.exists():
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-                raise DeployError(f"host side (hypervisor) exited: {' | '.join(tail)}")
-            if time.monotonic() >= deadline:
-                raise DeployError(f"host side (hypervisor) not ready within {timeout:.0f}s")
-            time.sleep(0.05)
+    def __init__(self, carveout: Path, size: int, msg: Path, build: Path) -> None:
+        self.sockets = {"service": build / "service.sock", "front-end": build / "frontend.sock"}
+        argv = [sys.executable, "-m", "edgevirt.servicevm.hypervisor", "--carveout", str(carveout),
+                "--carveout-size", str(size), "--msg", str(msg), "--msg-size", str(MSG_SIZE),
+                "--peer", f"service={self.sockets['service']}:{SERVICE_ID}",
+                "--peer", f"front-end={self.sockets['front-end']}:{FRONTEND_ID}",
+                "--state", str(build / "hypervisor.json")]  # fmt: skip
+        super().__init__(argv, build / "hypervisor.json", build / "hypervisor.log")
 
     def state(self) -> dict:
-        try:
-            return dict(json.loads(self.state_path.read_text()))
-        except (OSError, ValueError):
-            return {}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        """Who is attached, how often ({} before the first write)."""
+        return self.stats()
 
 
 @dataclass
@@ -239,33 +190,128 @@ def service_health(vm: _Vm, carveout: int, expect_io: bool) -> tuple[list[Check]
                         f"{sum(counts)} ev_ivshmem interrupts, "
                         f"{stats.get('doorbells_in', 0)} doorbells in, "
                         f"{stats.get('doorbells_out', 0)} out"))  # fmt: skip
-    for d in stats.get("devices", []):
-        ok = (d.get("mapped_bytes") == carveout and d.get("refused") == 0
-              and d.get("requests", 0) > 0 and not d.get("broken"))  # fmt: skip
-        name = f"service VM: back-end {d.get('device')} (dev {d.get('dev_num')})"
-        detail = (f"mapped {d.get('mapped_bytes', 0):#x} of carve-out {carveout:#x}, "
-                  f"{d.get('requests', 0)} requests, {d.get('refused')} refused")  # fmt: skip
-        checks.append(Check(name, ok, detail))
-    errors = stats.get("protocol_errors", 0)
-    checks.append(Check("service VM: virtio-msg protocol", bool(stats) and errors == 0,
-                        f"{stats.get('messages_in', 0)} messages in, "
-                        f"{stats.get('messages_out', 0)} out, {errors} discarded"))  # fmt: skip
+    checks += backend_checks(stats, carveout, prefix="service VM: ")
     return checks, stats
 
 
-def _fe_checks(vm: _Vm, base: int, size: int, abort: object) -> tuple[list[Check], dict[str, str]]:
-    checks, outputs = [], {}
-    for gc in msg_checks(base, size):
-        res = vm.console.run(gc.command, gc.timeout, abort)  # type: ignore[arg-type]
-        outputs[gc.name] = res.output
-        ok, detail = gc.judge(res)
-        checks.append(Check(f"front-end: {gc.name}", ok, detail))
-    return checks, outputs
+class ServiceVmBackend(Placement):
+    """The back-end inside a service VM; the host runs only the hypervisor component."""
 
+    name = "service-vm"
+    prefix = "front-end: "
 
-def _module_error(vm: _Vm) -> str:
-    out = vm.console.run("dmesg | grep 'virtio-msg' | grep -iE 'no |dead|timeout|error'", 20)
-    return out.output.strip().splitlines()[0] if out.output.strip() else ""
+    def __init__(self, board: Board, build: Path, opts: UpOptions) -> None:
+        if opts.fault is not None and opts.fault not in FAULTS:
+            raise ConfigError(f"fault {opts.fault!r}: expected one of {', '.join(FAULTS)}")
+        self.board, self.build, self.opts = board, build, opts
+        self.svc_dir = build / "service"
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.carveout = Path("/dev/shm") / f"edgevirt-svm-carveout-{tag}"
+        self.msgmem = Path("/dev/shm") / f"edgevirt-svm-msg-{tag}"
+        self.hv: HypervisorProcess | None = None
+        self.svc: _Vm | None = None
+        self.image: ServiceImage | None = None
+        self.disk = self.svc_dir / "disk.img"
+        self.sockets = {"service": build / "service.sock", "front-end": build / "frontend.sock"}
+
+    def frontend_dir(self, build: Path) -> Path:
+        return build / "frontend"
+
+    def deploy_options(self) -> dict[str, Any]:
+        return {"external": ExternalBus(self.carveout, self.sockets["front-end"])}
+
+    def prepare(self, reporter: Reporter, result: UpResult) -> None:
+        self.svc_dir.mkdir(parents=True, exist_ok=True)
+        reporter.step("service-VM image: Debian arm64 Python 3.11 + edgevirt + ev_ivshmem")
+        self.image = build_service_image(peer_config(self.board), reporter)
+        result.image = {"rootfs": str(self.image.rootfs.path), **self.image.rootfs.manifest}
+        result.image.pop("config", None)
+        with open(self.disk, "wb") as f:
+            f.truncate(self.opts.disk_size)
+
+    def start(self, reporter: Reporter, result: UpResult) -> None:
+        assert self.image is not None
+        reporter.step("host side: shared-memory files + ivshmem server (no virtio)")
+        s = self.board.qemu
+        self.hv = HypervisorProcess(self.carveout, s.carveout, self.msgmem, self.build)
+        self.hv.wait_ready()
+        if self.opts.fault == "late-service":
+            return
+        scfg = ServiceQemuConfig(s, self.carveout)
+        scfg.ivshmem_socket, scfg.disk = self.hv.sockets["service"], self.disk
+        scfg.kernel, scfg.initrd = self.image.kernel.image, self.image.rootfs.path
+        scfg.append = f"console={self.board.console_kernel} panic=-1"
+        scfg.console_socket = self.svc_dir / "console.sock"
+        scfg.console_socket.unlink(missing_ok=True)
+        reporter.step("service VM: boot, wait for the back-end")
+        t = time.monotonic()
+        self.svc = svc = _boot("service", scfg, self.svc_dir, self.opts.boot_timeout)
+        result.timings["service_boot"] = time.monotonic() - t
+        svc.console.run(
+            f"i=0; while [ ! -s {STATS} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;"
+            f" test -s {STATS}", 90, svc.alive,
+        )  # fmt: skip
+        result.timings["backend_ready"] = time.monotonic() - t
+        if self.opts.fault == "backend-crash":
+            reporter.step("fault: killing the back-end in the service VM")
+            svc.console.run("kill -9 $(cat /run/edgevirt/backend.pid); sleep 0.5", 20)
+        reporter.step("front-end VM: boot, smoke suite over its console")
+
+    def watchers(self) -> list[Callable[[], None]]:
+        return [self.svc.alive] if self.svc is not None else []
+
+    def after_suite(self, reporter: Reporter, result: UpResult, frontend_ok: bool) -> None:
+        assert self.hv is not None
+        result.hypervisor = self.hv.state()
+        if self.svc is None:
+            attached = result.hypervisor.get("peers", {}).get("service", {}).get("attached")
+            result.checks.append(Check("service VM: running", False,
+                                       f"no service VM (ivshmem peer {SERVICE_ID} attached: "
+                                       f"{attached})"))  # fmt: skip
+            return
+        reporter.step("service VM: health checks")
+        checks, result.backend = service_health(self.svc, result.carveout[1], frontend_ok)
+        result.checks += checks
+
+    def power_off(self, reporter: Reporter) -> None:
+        if self.svc is None:
+            return
+        reporter.step("power-off: service VM")
+        self.svc.console.run("sync", 30)
+        self.svc.console.sendline("poweroff -f")
+        if self.svc.qemu.wait(20) is None:
+            raise DeployError("service VM did not power off within 20s")
+
+    def host_checks(
+        self, machine: QemuMachine, result: UpResult, disk_output: str | None, frontend_ok: bool
+    ) -> list[Check]:
+        if not frontend_ok or disk_output is None:
+            return []
+        return [disk_check(self.disk, disk_output, "host: service VM's disk image")]
+
+    def close(self, result: UpResult) -> None:
+        try:
+            if self.svc is not None:
+                self.svc.console.close()
+                self.svc.qemu.stop()
+        finally:
+            if self.hv is not None:
+                result.hypervisor = self.hv.state() or result.hypervisor
+                self.hv.stop()
+            for shm in (self.carveout, self.msgmem):
+                shm.unlink(missing_ok=True)
+
+    def blame(self, result: UpResult) -> str | None:
+        """The service VM if any of its checks failed (a dead back-end makes the front-end
+        fail too) or the error is its own, else the front-end; None when all passed."""
+        if result.ok:
+            return None
+        failed = [c.name for c in result.checks if not c.ok]
+        if any(n.startswith("service VM:") for n in failed):
+            return "service"
+        if result.error and result.error.startswith("service"):
+            return "service"
+        return "front-end"
 
 
 def up_service_vm(
@@ -277,152 +323,14 @@ def up_service_vm(
     fault: str | None = None,
     reporter: Reporter | None = None,
     workload: Workload | None = None,
-) -> ServiceUpResult:
-    """The whole two-VM path (see the module docstring). ``workload(console, abort)`` runs
-    on the front-end's console after the smoke suite; what it returns lands in
-    ``result.workload`` (the benchmark uses it)."""
+) -> UpResult:
+    """``edgevirt up --transport msg --backend service-vm`` as a function (see the module
+    docstring). ``workload(console, abort)`` runs on the front-end's console after the
+    smoke suite; what it returns lands in ``result.workload`` (the benchmark uses it)."""
     if fault is not None and fault not in FAULTS:
         raise ConfigError(f"fault {fault!r}: expected one of {', '.join(FAULTS)}")
-    reporter = reporter or Reporter()
-    t0 = time.monotonic()
-    b = load_board(board)
-    s = b.qemu
-    build = build_dir.resolve()
-    fe_dir, svc_dir = build / "frontend", build / "service"
-    for d in (fe_dir, svc_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    result = ServiceUpResult(board=b.name, fault=fault)
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-    carveout = Path("/dev/shm") / f"edgevirt-svm-carveout-{tag}"
-    msgmem = Path("/dev/shm") / f"edgevirt-svm-msg-{tag}"
-    hv: HypervisorProcess | None = None
-    vms: list[_Vm] = []
-    svc: _Vm | None = None
-    fe: _Vm | None = None
-    try:
-        reporter.step("front-end image: kernel, virtio_msg.ko, initramfs, DT (carve-out + bus)")
-        fcfg = MsgQemuConfig(s, carveout)
-        prepare_guest(fcfg, fe_dir, reporter)
-        reporter.step("service-VM image: Debian arm64 Python 3.11 + edgevirt + ev_ivshmem")
-        pcfg = PeerConfig(CARVEOUT_PCI, s.carveout_base, MSG_PCI, FRONTEND_ID,
-                          carveout_size=s.carveout, devices=["blk:path=/dev/vda", "rng"],
-                          stats=STATS)  # fmt: skip
-        image = build_service_image(pcfg, reporter)
-        result.image = {"rootfs": str(image.rootfs.path), **image.rootfs.manifest}
-        result.image.pop("config", None)
-        disk = svc_dir / "disk.img"
-        with open(disk, "wb") as f:
-            f.truncate(disk_size)
-
-        reporter.step("host side: shared-memory files + ivshmem server (no virtio)")
-        hv = HypervisorProcess(carveout, s.carveout, msgmem, build)
-        hv.wait_ready()
-        fcfg.ivshmem_socket = hv.sockets["front-end"]
-        fcfg.append = f"console={b.console_kernel} panic=-1"
-        scfg = ServiceQemuConfig(s, carveout)
-        scfg.ivshmem_socket, scfg.disk = hv.sockets["service"], disk
-        scfg.kernel, scfg.initrd = image.kernel.image, image.rootfs.path
-        scfg.append = f"console={b.console_kernel} panic=-1"
-        scfg.console_socket = svc_dir / "console.sock"
-        scfg.console_socket.unlink(missing_ok=True)
-
-        if fault != "late-service":
-            reporter.step("service VM: boot, wait for the back-end")
-            t = time.monotonic()
-            svc = _boot("service", scfg, svc_dir, boot_timeout)
-            vms.append(svc)
-            result.timings["service_boot"] = time.monotonic() - t
-            svc.console.run(
-                f"i=0; while [ ! -s {STATS} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;"
-                f" test -s {STATS}", 90, svc.alive,
-            )  # fmt: skip
-            result.timings["backend_ready"] = time.monotonic() - t
-            if fault == "backend-crash":
-                reporter.step("fault: killing the back-end in the service VM")
-                svc.console.run("kill -9 $(cat /run/edgevirt/backend.pid); sleep 0.5", 20)
-
-        reporter.step("front-end VM: boot, smoke suite over its console")
-        t = time.monotonic()
-        fe = _boot("front-end", fcfg, fe_dir, boot_timeout)
-        vms.append(fe)
-        result.timings["frontend_boot"] = time.monotonic() - t
-        watched = list(vms)
-
-        def abort() -> None:
-            for vm in watched:
-                vm.alive()
-
-        t = time.monotonic()
-        fe_checks, outputs = _fe_checks(fe, s.carveout_base, s.carveout, abort)
-        result.timings["frontend_suite"] = time.monotonic() - t
-        result.checks += fe_checks
-        fe_ok = all(c.ok for c in fe_checks)
-        if fe_ok and workload is not None:
-            reporter.step("front-end: workload")
-            result.workload = workload(fe.console, abort)
-        if not fe_ok:
-            why = _module_error(fe)
-            if why:
-                result.checks.append(Check("front-end: virtio-msg module", False, why))
-
-        result.hypervisor = hv.state()
-        if svc is None:
-            attached = result.hypervisor.get("peers", {}).get("service", {}).get("attached")
-            result.checks.append(Check("service VM: running", False,
-                                       f"no service VM (ivshmem peer {SERVICE_ID} attached: "
-                                       f"{attached})"))  # fmt: skip
-        else:
-            reporter.step("service VM: health checks")
-            svc_checks, result.backend = service_health(svc, s.carveout, expect_io=fe_ok)
-            result.checks += svc_checks
-
-        reporter.step("power-off: front-end, then service VM")
-        fe.console.sendline("poweroff -f")
-        if fe.qemu.wait(20) is None:
-            raise DeployError("front-end VM did not power off within 20s")
-        if svc is not None:
-            svc.console.run("sync", 30)
-            svc.console.sendline("poweroff -f")
-            if svc.qemu.wait(20) is None:
-                raise DeployError("service VM did not power off within 20s")
-        if fe_ok and workload is None:  # a workload may overwrite what the suite wrote
-            result.checks.append(_disk_check(disk, outputs.get("blk write/read-back")))
-    except (SetupError, ConfigError):
-        raise
-    except EdgevirtError as e:
-        result.error = str(e) + (f" (hint: {e.hint})" if e.hint else "")
-    finally:
-        for vm in vms:
-            vm.console.close()
-            vm.qemu.stop()
-        if hv is not None:
-            result.hypervisor = hv.state() or result.hypervisor
-            hv.stop()
-        for shm in (carveout, msgmem):
-            shm.unlink(missing_ok=True)
-        result.failed_vm = _blame(result)
-        result.seconds = time.monotonic() - t0
-        (build / "result.json").write_text(json.dumps(result.to_json(), indent=2))
-    return result
-
-
-def _disk_check(disk: Path, guest_out: str | None) -> Check:
-    hashes = re.findall(r"^([0-9a-f]{64})\b", guest_out or "", re.M)
-    with open(disk, "rb") as f:
-        host = hashlib.sha256(f.read(DISK_TEST_BYTES)).hexdigest()
-    ok = bool(hashes) and hashes[0] == host
-    verdict = "matches the front-end's" if ok else "differs from the front-end's"
-    return Check("host: service VM's disk image", ok, f"sha256 {host[:16]}… {verdict}")
-
-
-def _blame(result: ServiceUpResult) -> str | None:
-    """Which VM failed: the service VM if any of its checks failed (a dead back-end makes the
-    front-end fail too), else the front-end; None when all passed."""
-    if result.ok:
-        return None
-    failed = [c.name for c in result.checks if not c.ok]
-    if any(n.startswith("service VM:") for n in failed):
-        return "service"
-    if result.error and result.error.startswith("service"):
-        return "service"
-    return "front-end"
+    opts = UpOptions(
+        build_dir, board=board, transport="msg", backend="service-vm", disk_size=disk_size,
+        boot_timeout=boot_timeout, fault=fault, workload=workload,
+    )  # fmt: skip
+    return up(opts, reporter)
