@@ -8,7 +8,7 @@ PACKAGES=(
   device-tree-compiler                          
   gcc-aarch64-linux-gnu linux-source-6.1        
   bc flex bison libssl-dev libelf-dev cpio kmod xz-utils make gcc
-  u-boot-qemu u-boot-tools ser2net              
+  u-boot-qemu u-boot-tools ser2net tftp-hpa atftp curl
   python3-venv python3-dev
 )
 

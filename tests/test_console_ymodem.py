@@ -3,6 +3,7 @@
 import binascii
 import queue
 import threading
+import time
 
 import pytest
 
@@ -13,11 +14,13 @@ from edgevirt.console.ymodem import ACK, CRC, EOT, NAK, SOH, STX, YmodemError
 class Receiver:
     """Receives one file; NAKs block ``nak_block`` once (to exercise retries)."""
 
-    def __init__(self, nak_block=None):
+    def __init__(self, nak_block=None, c_after_header=True, drop_first_block=False):
         self.to_sender: queue.Queue[int] = queue.Queue()
         self.buf = bytearray()
         self.cond = threading.Condition()
         self.nak_block = nak_block
+        self.c_after_header = c_after_header  # U-Boot's xyzModem sends no 'C' after block 0
+        self.drop_first_block = drop_first_block  # not ready: block 1 is lost, then 'C'
         self.name = b""
         self.data = bytearray()
         self.size = 0
@@ -61,7 +64,12 @@ class Receiver:
         name, rest = meta.split(b"\0", 1)
         self.name, self.size = name, int(rest.split(b" ")[0])
         self.to_sender.put(ACK)
-        self.to_sender.put(CRC)
+        if self.c_after_header:
+            self.to_sender.put(CRC)
+        if self.drop_first_block:
+            seq, _ = self._block()
+            assert seq == 1
+            self.to_sender.put(CRC)  # "start sending": block 1 must come again
         naked = False
         while True:
             seq, data = self._block()
@@ -101,3 +109,20 @@ def test_silent_receiver_is_a_clear_error(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(YmodemError, match="no 'C' \\(receiver ready\\) from the receiver"):
         ymodem.send(lambda t: None, lambda d: None, f, start_timeout=0.3)
+
+
+@pytest.mark.parametrize("drop_first_block", [False, True])
+def test_receiver_without_c_after_block0_is_not_waited_for(tmp_path, drop_first_block):
+    """U-Boot ACKs block 0 and waits for block 1 without a 'C': the sender must not stall
+    until the receiver's own timeout (4.25 s per file under QEMU) or its block timeout."""
+    f = tmp_path / "Image"
+    f.write_bytes(bytes(range(256)) * 20)
+    rx = Receiver(c_after_header=False, drop_first_block=drop_first_block)
+    t = threading.Thread(target=rx.run, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    assert ymodem.send(rx.getc, rx.put, f, block_timeout=5) == len(f.read_bytes())
+    elapsed = time.monotonic() - t0
+    t.join(5)
+    assert bytes(rx.data[: rx.size]) == f.read_bytes()
+    assert elapsed < 2.0, f"sender stalled {elapsed:.2f}s"

@@ -12,7 +12,7 @@ import logging
 import click
 
 from edgevirt import __version__
-from edgevirt.cli import backend, console, deploy, dt, image, kernel, servicevm, test, up
+from edgevirt.cli import backend, console, deploy, dt, image, kernel, servicevm, test, tftp, up
 from edgevirt.cli.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_USAGE
 
 __all__ = ["cli", "main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SETUP", "EXIT_CONFIG"]
@@ -44,6 +44,7 @@ cli.add_command(console.console)
 cli.add_command(test.test)
 cli.add_command(image.image)
 cli.add_command(servicevm.servicevm)
+cli.add_command(tftp.tftp)
 
 
 def main() -> None:

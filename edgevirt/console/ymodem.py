@@ -4,6 +4,13 @@ U-Boot's ``loady`` is the receiver: it sends ``C`` to ask for CRC mode, we send 
 (file name and size), the data in 1 KiB blocks (last one padded with CPMEOF), EOT (answered
 by NAK then ACK, or ACK directly), and an empty block 0 that ends the batch. Each block is
 retried on NAK or silence; too many retries abort the transfer with CAN.
+
+After block 0 a receiver should send ``C`` again to ask for the data. lrzsz does so at
+once; U-Boot's xyzModem does not: it sends ACK and waits for block 1, sending ``C`` only
+when its own header timeout expires (measured: 4.25 s per file under QEMU). So the sender
+waits :data:`DATA_C_GRACE` for that ``C`` and then sends block 1 anyway; a ``C`` that
+arrives while block 1 awaits its ACK asks for block 1 again, and it is resent (a receiver
+ACKs a duplicate block and discards it).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ SOH, STX, EOT, ACK, NAK, CAN, CRC = 0x01, 0x02, 0x04, 0x06, 0x15, 0x18, ord("C")
 CPMEOF = 0x1A
 BLOCK = 1024
 MAX_RETRIES = 10
+#: How long to wait for the receiver's ``C`` after block 0 before sending block 1 anyway.
+DATA_C_GRACE = 0.25
 
 #: ``getc(timeout)`` returns the next byte from the receiver, or None on silence.
 GetC = Callable[[float], int | None]
@@ -46,10 +55,11 @@ def header_block(name: str, size: int) -> bytes:
     return _block(0, meta.ljust(128, b"\0"), 128)
 
 
-def _wait_for(getc: GetC, wanted: set[int], timeout: float, what: str) -> int:
+def _poll_for(getc: GetC, wanted: set[int], timeout: float, what: str) -> int | None:
+    """The first byte in ``wanted`` within ``timeout``, or None; CAN raises."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        c = getc(max(0.05, deadline - time.monotonic()))
+        c = getc(max(0.01, deadline - time.monotonic()))
         if c is None:
             continue
         if c in wanted:
@@ -57,21 +67,31 @@ def _wait_for(getc: GetC, wanted: set[int], timeout: float, what: str) -> int:
         if c == CAN:
             raise YmodemError(f"ymodem: receiver cancelled while waiting for {what}")
         # Anything else is line noise or the receiver's banner: keep waiting.
-    raise YmodemError(f"ymodem: no {what} from the receiver within {timeout:.0f}s")
+    return None
 
 
-def _send_acked(getc: GetC, put: Put, block: bytes, what: str, timeout: float) -> None:
+def _wait_for(getc: GetC, wanted: set[int], timeout: float, what: str) -> int:
+    c = _poll_for(getc, wanted, timeout, what)
+    if c is None:
+        raise YmodemError(f"ymodem: no {what} from the receiver within {timeout:.0f}s")
+    return c
+
+
+def _send_acked(
+    getc: GetC, put: Put, block: bytes, what: str, timeout: float, *, resend_on_c: bool = False
+) -> None:
+    wanted = {ACK, NAK, CRC} if resend_on_c else {ACK, NAK}
     for attempt in range(MAX_RETRIES):
         put(block)
         try:
-            c = _wait_for(getc, {ACK, NAK}, timeout, f"ACK for {what}")
+            c = _wait_for(getc, wanted, timeout, f"ACK for {what}")
         except YmodemError:
             if attempt == MAX_RETRIES - 1:
                 raise
             continue
         if c == ACK:
             return
-        log.debug("ymodem: NAK for %s, retry %d", what, attempt + 1)
+        log.debug("ymodem: %s for %s, retry %d", "C" if c == CRC else "NAK", what, attempt + 1)
     put(bytes([CAN, CAN]))
     raise YmodemError(f"ymodem: {what} refused {MAX_RETRIES} times")
 
@@ -89,7 +109,8 @@ def send(
     data = path.read_bytes()
     _wait_for(getc, {CRC}, start_timeout, "'C' (receiver ready)")
     _send_acked(getc, put, header_block(path.name, len(data)), "block 0", block_timeout)
-    _wait_for(getc, {CRC}, block_timeout, "'C' after block 0")
+    # None: no 'C' (U-Boot), the receiver is already waiting for block 1.
+    c_seen = _poll_for(getc, {CRC}, DATA_C_GRACE, "'C' after block 0") is not None
     total = len(data)
     for i, off in enumerate(range(0, total, BLOCK)):
         _send_acked(
@@ -98,6 +119,7 @@ def send(
             _block(i + 1, data[off : off + BLOCK], BLOCK),
             f"block {i + 1}",
             block_timeout,
+            resend_on_c=(i == 0 and not c_seen),
         )
         if progress:
             progress(min(off + BLOCK, total), total)

@@ -152,7 +152,7 @@ class UBoot:
         c.sendline(f"loady {addr:#x}")
         c.expect(rb"Ready for binary \(ymodem\) download[^\n]*\n", 10, abort)
         sent = ymodem.send(c.getc, c.send, path)
-        m = c.expect(rb"## Total Size\s+= 0x([0-9a-fA-F]+)", 30, abort)
+        m = c.expect(rb"## Total Size\s+= 0x([0-9a-fA-F]+) = \d+ Bytes", 30, abort)
         c.expect(re.escape(self.settings.prompt.encode()), 10, abort)
         got = int(m.group(1), 16)
         if got != sent:
