@@ -86,7 +86,8 @@ class UpOptions:
     disk_size: int = 64 << 20
     boot_timeout: float = 120.0
     kernel_fragment: Path | None = None
-    #: service-vm only: "late-service" or "backend-crash" (see edgevirt.servicevm.up).
+    #: service-vm only: "late-service", "backend-crash" or "service-restart" (see
+    #: edgevirt.servicevm.up).
     fault: str | None = None
     workload: Workload | None = None
 
@@ -116,12 +117,17 @@ class UpResult:
     memory: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
+    #: The front-end's virtio-msg kernel lines, where a fault scenario read them.
+    kernel_log: list[str] = field(default_factory=list)
     artefacts: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.checks) and all(c.ok for c in self.checks)
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -156,6 +162,12 @@ class Placement:
     def watchers(self) -> list[Callable[[], None]]:
         """Raise while the front-end runs if the back-end side has died."""
         return []
+
+    def under_frontend(
+        self, reporter: Reporter, result: UpResult, console: Console, abort: Callable[[], None]
+    ) -> None:
+        """A fault of the back-end side played under the running front-end, after a passing
+        suite; its checks go to ``result``."""
 
     def after_suite(self, reporter: Reporter, result: UpResult, frontend_ok: bool) -> None:
         """Checks of the back-end side while everything still runs."""
@@ -368,6 +380,8 @@ def _frontend(
     if frontend_ok and workload is not None:
         reporter.step("front-end: workload")
         result.workload = workload(console, target.strategy.abort)
+    if frontend_ok:
+        placement.under_frontend(reporter, result, console, target.strategy.abort)
     if not frontend_ok and result.transport == "msg":
         why = _module_error(console)
         if why:

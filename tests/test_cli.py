@@ -72,3 +72,15 @@ def test_up_offers_transport_backend_spec_and_servicevm_alias():
     assert r.exit_code == 0 and "Alias of `edgevirt up --transport msg --backend" in r.output
     r = CliRunner().invoke(cli, ["up", "--transport", "vhost-user", "--fault", "late-service"])
     assert r.exit_code == 4  # a service-VM fault without a service VM
+
+
+def test_up_offers_every_service_vm_fault():
+    from edgevirt.cli.up import FAULTS
+    from edgevirt.servicevm.up import FAULTS as SERVICE_VM_FAULTS
+
+    assert FAULTS == SERVICE_VM_FAULTS
+    r = CliRunner().invoke(cli, ["up", "--help"])
+    assert r.exit_code == 0 and "service-restart" in r.output
+    r = CliRunner().invoke(cli, ["up", "--fault", "service-restart"])
+    assert r.exit_code == 4  # the fault needs a service VM: --backend service-vm
+    assert "applies to --backend service-vm only" in r.output

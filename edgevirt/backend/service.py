@@ -8,16 +8,13 @@ back-end mapped, accesses it refused and any queue it marked broken.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgevirt.backend.devices import VirtioDevice
 from edgevirt.backend.loop import Loop
-from edgevirt.backend.statsfile import StatsFile
+from edgevirt.backend.statsfile import StatsFile, process_stats, serve_until_signal
 from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
-from edgevirt.backend.virtq import SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +40,7 @@ class BackendService:
         self.loop.every(0.2, self.write_stats)
 
     def snapshot(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "ring": SplitQueue.__module__,
-            "running": self.loop.running,
-            "devices": [b.snapshot() for b in self.backends],
-        }
+        return {**process_stats(self.loop), "devices": [b.snapshot() for b in self.backends]}
 
     def write_stats(self, force: bool = False) -> None:
         self.stats.write(self.snapshot(), force)
@@ -61,21 +53,12 @@ class BackendService:
         nothing is left in flight; what the driver queued after that is served by the next
         back-end (the inflight region and used->idx tell it where to resume).
         """
-
-        def stop(signum: int, _frame: object) -> None:
-            log.info("signal %d: stopping after the current batch", signum)
-            self.loop.stop()
-
-        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         final: dict = {}
         try:
-            self.loop.running = True
-            self.write_stats(force=True)
-            self.loop.run()
+            serve_until_signal(
+                self.loop, self.stats, self.snapshot, "stopping after the current batch"
+            )
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            self.loop.running = False
             left = sum(b.in_flight() for b in self.backends)
             log.info("stopped: %d chains in flight", left)
             final = self.snapshot()

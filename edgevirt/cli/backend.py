@@ -16,6 +16,7 @@ from rich.table import Table
 
 from edgevirt.board import parse_address, parse_size
 from edgevirt.cli.common import EXIT_CONFIG, err, fail, out
+from edgevirt.cli.up import TRANSPORTS
 from edgevirt.errors import ConfigError, EdgevirtError, SetupError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def backend() -> None:
 )
 @click.option(
     "--transport",
-    type=click.Choice(["vhost-user", "msg"]),  # edgevirt.backend.config.TRANSPORTS
+    type=click.Choice(TRANSPORTS),
     default=None,
     help="vhost-user (one socket per device, default) or msg (a virtio-msg bus).",
 )

@@ -35,6 +35,7 @@ def deploy(
     image: Path | None,
     load: str | None,
     boot_timeout: float,
+    transport: str,
     state: str,
     interactive: bool,
     as_json: bool,
@@ -47,6 +48,7 @@ def deploy(
     Examples:
       edgevirt deploy --board qemu-virt-uboot --load ymodem
       edgevirt deploy --board rpi4b --image out/rpi4b/image --state bootloader -i
+      edgevirt deploy --transport msg -i      # qemu-virt, devices over virtio-msg
     """
     import time
 
@@ -61,7 +63,7 @@ def deploy(
         build = build_dir or Path("out") / b.name
         target = Target(
             b,
-            deploy_options(build, image, load, boot_timeout),
+            deploy_options(build, image, load, boot_timeout, transport),
             RichReporter(quiet=as_json),
         )
         try:
@@ -73,6 +75,7 @@ def deploy(
                 "state": state,
                 "strategy": target.strategy.name,
                 "load": target.load if target.uboot else "direct",
+                "transport": transport,
                 "seconds": seconds,
                 "console_log": str(target.build / "console.log"),
             }

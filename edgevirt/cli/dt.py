@@ -75,23 +75,15 @@ def dt_compose(
     if spec_path is not None:
         _compose_spec(board, spec_path, out_dir, as_json)
         return
-    import os
-    import secrets
-
     from edgevirt.board import load_board
-    from edgevirt.deploy.qemu import QemuConfig, virtio_mmio_slots
-    from edgevirt.up import compose_dtb
+    from edgevirt.deploy.machine import carveout_dtb
 
-    shm = Path("/dev/shm") / f"edgevirt-dt-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         b = load_board(board)
         out_dir.mkdir(parents=True, exist_ok=True)
-        nodes = [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(devices)]
-        dtb = compose_dtb(b, QemuConfig(b.qemu, shm), out_dir, True, nodes)
+        dtb, nodes = carveout_dtb(b, out_dir, devices)
     except EdgevirtError as e:
         fail(e)
-    finally:
-        shm.unlink(missing_ok=True)
     files = {k: str(out_dir / f"guest.{k}") for k in ("dtbo", "dts", "dtb")}
     info = {
         "board": b.name,

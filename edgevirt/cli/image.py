@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +29,9 @@ def image() -> None:
 def _board_dtb(board: Any, out_dir: Path) -> Path:
     """The FIT's fdt: QEMU boards get the carve-out DTB `up` boots; others their base DTB."""
     if board.is_qemu:
-        from edgevirt.deploy.qemu import QemuConfig, virtio_mmio_slots
-        from edgevirt.up import compose_dtb
+        from edgevirt.deploy.machine import carveout_dtb
 
-        shm = Path("/dev/shm") / f"edgevirt-img-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            nodes = [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(2)]
-            return compose_dtb(board, QemuConfig(board.qemu, shm), out_dir, True, nodes)
-        finally:
-            shm.unlink(missing_ok=True)
+        return carveout_dtb(board, out_dir)[0]
     from edgevirt.devicetree.basedtb import base_dtb
 
     path = out_dir / "guest.dtb"

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgevirt.cli.common import RichReporter, fail, out
+from edgevirt.cli.up import FAULTS, run_up
 from edgevirt.errors import EdgevirtError
 
 
@@ -20,15 +21,14 @@ def servicevm() -> None:
 @click.option("--board", default="qemu-virt", show_default=True)
 @click.option("--build-dir", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: out/<board>-servicevm].")  # fmt: skip
-@click.option("--fault", type=click.Choice(["late-service", "backend-crash"]), default=None,
-              help="Inject a service-VM failure: the run must fail naming that VM.")  # fmt: skip
+@click.option("--fault", type=click.Choice(FAULTS), default=None,
+              help="Inject a service-VM failure (see `edgevirt up --help`).")  # fmt: skip
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def servicevm_up(
     board: str, build_dir: Path | None, fault: str | None, boot_timeout: float, as_json: bool
 ) -> None:
     """Alias of `edgevirt up --transport msg --backend service-vm`."""
-    from edgevirt.cli.up import run_up
     from edgevirt.up import UpOptions
 
     opts = UpOptions(

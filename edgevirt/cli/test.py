@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from edgevirt.cli.common import EXIT_FAILED, EXIT_OK, RichReporter, err, fail, out
+from edgevirt.cli.up import TRANSPORTS
 from edgevirt.deploy.target import DeployOptions
 from edgevirt.errors import EdgevirtError
 
@@ -28,13 +29,20 @@ def stop_on_sigterm() -> None:
 
 
 def deploy_options(
-    build_dir: Path, image: Path | None, load: str | None, boot_timeout: float
+    build_dir: Path, image: Path | None, load: str | None, boot_timeout: float, transport: str
 ) -> DeployOptions:
 
     def ask(text: str) -> None:
         click.pause(f"[manual power] {text} — press any key")
 
-    return DeployOptions(build_dir, image_dir=image, load=load, boot_timeout=boot_timeout, ask=ask)
+    return DeployOptions(
+        build_dir,
+        image_dir=image,
+        load=load,
+        boot_timeout=boot_timeout,
+        ask=ask,
+        transport=transport,
+    )
 
 
 def board_options(f):  # type: ignore[no-untyped-def]
@@ -44,6 +52,14 @@ def board_options(f):  # type: ignore[no-untyped-def]
         default=120.0,
         show_default=True,
         help="Seconds from power-on to the shell.",
+    )(f)
+    f = click.option(
+        "--transport",
+        type=click.Choice(TRANSPORTS),
+        default="vhost-user",
+        show_default=True,
+        help="QEMU boards: vhost-user devices, or virtio-msg over ivshmem-doorbell (the "
+        "guest's virtio_msg module on the composer's bus node).",
     )(f)
     f = click.option(
         "--load",
@@ -97,6 +113,7 @@ def test(
     image: Path | None,
     load: str | None,
     boot_timeout: float,
+    transport: str,
     parallel: int,
     junit: Path | None,
     ser2net: bool,
@@ -108,6 +125,7 @@ def test(
     Examples:
       edgevirt test smoke                                   # qemu-virt, direct boot
       edgevirt test boot smoke --board qemu-virt-uboot --load fit
+      edgevirt test smoke --transport msg                   # devices over virtio-msg
       edgevirt test my-suite.yaml --parallel 3 --junit out/junit.xml
     """
     from edgevirt.board import load_board
@@ -120,7 +138,7 @@ def test(
         b = load_board(board)
         loaded = [load_suite(s) for s in suites]
         build = build_dir or Path("out") / f"{b.name}-test"
-        opts = deploy_options(build, image, load, boot_timeout)
+        opts = deploy_options(build, image, load, boot_timeout, transport)
         opts.ser2net = ser2net
         reporter = RichReporter(quiet=as_json)
 

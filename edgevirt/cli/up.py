@@ -13,7 +13,11 @@ from rich.table import Table
 from edgevirt.cli.common import EXIT_FAILED, EXIT_OK, RichReporter, err, fail, out
 from edgevirt.errors import EdgevirtError
 
-FAULTS = ("late-service", "backend-crash")
+# Not imported from the library: the CLI starts without the code that runs them.
+#: edgevirt.up.TRANSPORTS (and edgevirt.backend.config.TRANSPORTS).
+TRANSPORTS = ("vhost-user", "msg")
+#: edgevirt.servicevm.up.FAULTS.
+FAULTS = ("late-service", "backend-crash", "service-restart")
 
 
 def memory_map(result: Any) -> Table:
@@ -71,7 +75,7 @@ def run_up(opts: Any, as_json: bool) -> None:
 @click.option("--board", default="qemu-virt", show_default=True, help="Board profile name or file.")
 @click.option(
     "--transport",
-    type=click.Choice(["vhost-user", "msg"]),
+    type=click.Choice(TRANSPORTS),
     default=None,
     help="vhost-user devices, or virtio-msg over ivshmem-doorbell [default: the spec's, "
     "else vhost-user; msg with --backend service-vm].",
@@ -106,7 +110,9 @@ def run_up(opts: Any, as_json: bool) -> None:
     "--fault",
     type=click.Choice(FAULTS),
     default=None,
-    help="service-vm: inject a service-VM failure; the run must fail naming that VM.",
+    help="service-vm: inject a service-VM failure (late-service, backend-crash: the run "
+    "must fail naming that VM; service-restart: kill and restart it under the running "
+    "front-end, whose devices must come back).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def up(

@@ -96,6 +96,22 @@ def compose_dtb(
     return Path(paths["dtb"])
 
 
+def mmio_nodes(count: int) -> list[str]:
+    """DT paths of the virtio-mmio nodes QEMU gives the first ``count`` devices."""
+    return [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(count)]
+
+
+def carveout_dtb(board: Board, build: Path, devices: int = 2) -> tuple[Path, list[str]]:
+    """The carve-out DTB ``up`` boots on a QEMU board with ``devices`` vhost-user devices,
+    composed outside a run (QEMU's carve-out file is a throwaway); and the nodes it serves."""
+    shm = Path("/dev/shm") / f"edgevirt-dt-{os.getpid()}-{secrets.token_hex(4)}"
+    nodes = mmio_nodes(devices)
+    try:
+        return compose_dtb(board, QemuConfig(board.qemu, shm), build, True, nodes), nodes
+    finally:
+        shm.unlink(missing_ok=True)
+
+
 class QemuMachine(Power):
     def __init__(
         self,
@@ -202,7 +218,7 @@ class QemuMachine(Power):
             gdt = compose_guest_dt(self.board, self.config, self.build, spec, self.transport)
             dtb, nodes = gdt.dtb, gdt.nodes
         else:
-            nodes = [f"/virtio_mmio@{a:x}" for a in virtio_mmio_slots(len(self.device_names))]
+            nodes = mmio_nodes(len(self.device_names))
             reporter.step(
                 "device tree: "
                 + ("carve-out overlay on " + ", ".join(nodes) if restrict else "QEMU's own")

@@ -132,6 +132,11 @@ class Target:
         else:
             if not self.uboot:
                 raise ConfigError(f"{board.path}: a real board needs a [bootloader] section")
+            if opts.transport != "vhost-user":
+                raise ConfigError(
+                    f"{board.path}: transport {opts.transport!r} applies to QEMU boards "
+                    "(a real board's devices are whatever its image and hypervisor provide)"
+                )
             power = board_power(board, opts.ask)
         self.power = power
         self.strategy: BootStrategy

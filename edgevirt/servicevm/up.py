@@ -22,7 +22,9 @@ suite on the front-end's console, health checks on the service VM's console, pow
 both, host checks. ``fault`` injects a failure: ``"late-service"`` (the front-end boots
 while no service VM runs) or ``"backend-crash"`` (the back-end is killed before the
 front-end boots); either way the front-end's module must time out with a clear message and
-the report names the failed VM (``failed_vm``).
+the report names the failed VM (``failed_vm``). ``"service-restart"`` kills the service VM
+under the running front-end and boots a new one, whose devices must reset and come back
+(:mod:`edgevirt.servicevm.restart`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +51,7 @@ from edgevirt.errors import ConfigError, DeployError
 from edgevirt.report import Reporter
 from edgevirt.servicevm.image import build_service_image
 from edgevirt.servicevm.peer import PeerConfig
+from edgevirt.servicevm.restart import ServiceRestart
 from edgevirt.smoke import Check, backend_checks, disk_check
 from edgevirt.up import DEVICES, Placement, UpOptions, UpResult, Workload, up
 
@@ -61,12 +65,9 @@ CARVEOUT_PCI, MSG_PCI = "0000:00:04.0", "0000:00:05.0"
 MSG_SIZE = 64 << 10
 SERVICE_RAM = 512 << 20
 STATS = "/run/edgevirt/stats.json"
-FAULTS = ("late-service", "backend-crash")
-READY = SHELL_READY
-#: Kept for callers of the former module: the one result type of `up`.
-ServiceUpResult = UpResult
+FAULTS = ("late-service", "backend-crash", "service-restart")
 
-__all__ = ["FAULTS", "ServiceVmBackend", "peer_config", "service_health", "up_service_vm"]
+__all__ = ["FAULTS", "ServiceVmBackend", "peer_config", "up_service_vm"]
 
 
 def peer_config(board: Board, devices: list[str] | tuple[str, ...] = DEVICES) -> PeerConfig:
@@ -155,7 +156,7 @@ def _boot(name: str, cfg: QemuConfig, build: Path, timeout: float) -> _Vm:
         raise
     vm = _Vm(name, qemu, console)
     try:
-        console.expect(READY, timeout, vm.alive)
+        console.expect(SHELL_READY, timeout, vm.alive)
     except BaseException:
         console.close()
         qemu.stop()
@@ -213,6 +214,7 @@ class ServiceVmBackend(Placement):
         self.image: ServiceImage | None = None
         self.disk = self.svc_dir / "disk.img"
         self.sockets = {"service": build / "service.sock", "front-end": build / "frontend.sock"}
+        self.restart = ServiceRestart(self) if opts.fault == "service-restart" else None
 
     def frontend_dir(self, build: Path) -> Path:
         return build / "frontend"
@@ -237,28 +239,59 @@ class ServiceVmBackend(Placement):
         self.hv.wait_ready()
         if self.opts.fault == "late-service":
             return
-        scfg = ServiceQemuConfig(s, self.carveout)
+        reporter.step("service VM: boot, wait for the back-end")
+        t = time.monotonic()
+        booted = self.boot_service(self.svc_dir)
+        result.timings["service_boot"] = booted - t
+        result.timings["backend_ready"] = time.monotonic() - t
+        if self.opts.fault == "backend-crash":
+            reporter.step("fault: killing the back-end in the service VM")
+            assert self.svc is not None
+            self.svc.console.run("kill -9 $(cat /run/edgevirt/backend.pid); sleep 0.5", 20)
+        reporter.step("front-end VM: boot, smoke suite over its console")
+
+    def boot_service(self, svc_dir: Path) -> float:
+        """Boot a service VM on the host side with its console and logs in ``svc_dir``,
+        wait until its back-end reports running; returns when the VM reached its shell."""
+        assert self.image is not None and self.hv is not None
+        scfg = ServiceQemuConfig(self.board.qemu, self.carveout)
         scfg.ivshmem_socket, scfg.disk = self.hv.sockets["service"], self.disk
         scfg.kernel, scfg.initrd = self.image.kernel.image, self.image.rootfs.path
         scfg.append = f"console={self.board.console_kernel} panic=-1"
-        scfg.console_socket = self.svc_dir / "console.sock"
+        svc_dir.mkdir(parents=True, exist_ok=True)
+        scfg.console_socket = svc_dir / "console.sock"
         scfg.console_socket.unlink(missing_ok=True)
-        reporter.step("service VM: boot, wait for the back-end")
-        t = time.monotonic()
-        self.svc = svc = _boot("service", scfg, self.svc_dir, self.opts.boot_timeout)
-        result.timings["service_boot"] = time.monotonic() - t
+        self.svc = svc = _boot("service", scfg, svc_dir, self.opts.boot_timeout)
+        booted = time.monotonic()
         svc.console.run(
             f"i=0; while [ ! -s {STATS} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;"
             f" test -s {STATS}", 90, svc.alive,
         )  # fmt: skip
-        result.timings["backend_ready"] = time.monotonic() - t
-        if self.opts.fault == "backend-crash":
-            reporter.step("fault: killing the back-end in the service VM")
-            svc.console.run("kill -9 $(cat /run/edgevirt/backend.pid); sleep 0.5", 20)
-        reporter.step("front-end VM: boot, smoke suite over its console")
+        return booted
+
+    def kill_service(self) -> None:
+        """SIGKILL the service VM's QEMU (a crash, no shutdown); the host side stays."""
+        svc = self.svc
+        assert svc is not None
+        os.killpg(svc.qemu.pid, signal.SIGKILL)
+        svc.qemu.wait(20)
+        svc.console.close()
+        svc.qemu.stop()
+        self.svc = None
 
     def watchers(self) -> list[Callable[[], None]]:
-        return [self.svc.alive] if self.svc is not None else []
+        return [self._service_alive] if self.svc is not None else []
+
+    def _service_alive(self) -> None:
+        """The service VM that runs now (none while it restarts)."""
+        if self.svc is not None:
+            self.svc.alive()
+
+    def under_frontend(
+        self, reporter: Reporter, result: UpResult, console: Console, abort: Callable[[], None]
+    ) -> None:
+        if self.restart is not None:
+            self.restart.run(reporter, result, console, abort)
 
     def after_suite(self, reporter: Reporter, result: UpResult, frontend_ok: bool) -> None:
         assert self.hv is not None
@@ -272,6 +305,8 @@ class ServiceVmBackend(Placement):
         reporter.step("service VM: health checks")
         checks, result.backend = service_health(self.svc, result.carveout[1], frontend_ok)
         result.checks += checks
+        if self.restart is not None and self.restart.hashes:
+            result.checks.append(self.restart.service_check(result.backend))
 
     def power_off(self, reporter: Reporter) -> None:
         if self.svc is None:
@@ -285,6 +320,10 @@ class ServiceVmBackend(Placement):
     def host_checks(
         self, machine: QemuMachine, result: UpResult, disk_output: str | None, frontend_ok: bool
     ) -> list[Check]:
+        if self.restart is not None and self.restart.hashes:
+            assert self.hv is not None
+            result.hypervisor = self.hv.state()
+            return self.restart.host_checks(self.disk, result.hypervisor, SERVICE_ID)
         if not frontend_ok or disk_output is None:
             return []
         return [disk_check(self.disk, disk_output, "host: service VM's disk image")]

@@ -4,27 +4,26 @@ The carve-out is a file (QEMU's ``memory-backend-file``, or a hypervisor's share
 device such as an ivshmem BAR in sysfs) mapped at its guest-physical address; it is the
 only guest memory the back-end maps. The message memory is the bus's own memfd (server
 mode) or a PCI BAR (peer mode, :mod:`.pcilink`, used inside the service VM). Statistics
-are rewritten atomically to ``stats_path`` whenever they change (at most every 0.2 s), as
-:mod:`edgevirt.backend.service` does for vhost-user, with the same per-device keys so
-launchers can check both alike.
+are rewritten atomically to ``stats_path`` whenever they change (at most every 0.2 s) by
+the same :class:`~edgevirt.backend.statsfile.StatsFile` and serve loop as
+:mod:`edgevirt.backend.service` for vhost-user, with the same per-device keys so launchers
+can check both alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 
 from edgevirt.backend.devices import VirtioDevice, parse_device
 from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
+from edgevirt.backend.statsfile import StatsFile, process_stats, serve_until_signal
 from edgevirt.backend.transport.virtio_msg.bus import MsgBus
 from edgevirt.backend.transport.virtio_msg.pcilink import PciDoorbellLink
-from edgevirt.backend.virtq import SplitQueue
 from edgevirt.errors import BackendError, EdgevirtError
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class MsgService:
         self.loop = Loop()
         self.mem = mem
         self.stats_path = stats_path
-        self._last = ""
+        self.stats = StatsFile(stats_path)
         self.bus = MsgBus(
             devices,
             mem,
@@ -76,38 +75,15 @@ class MsgService:
         self.loop.every(0.2, self.write_stats)
 
     def snapshot(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "ring": SplitQueue.__module__,
-            "running": self.loop.running,
-            **self.bus.snapshot(),
-        }
+        return {**process_stats(self.loop), **self.bus.snapshot()}
 
     def write_stats(self, force: bool = False) -> None:
-        if self.stats_path is None:
-            return
-        text = json.dumps(self.snapshot(), indent=2)
-        if text == self._last and not force:
-            return
-        tmp = self.stats_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.stats_path)
-        self._last = text
+        self.stats.write(self.snapshot(), force)
 
     def run(self) -> None:
-        def stop(signum: int, _frame: object) -> None:
-            log.info("signal %d: stopping", signum)
-            self.loop.stop()
-
-        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.loop.running = True
-            self.write_stats(force=True)
-            self.loop.run()
+            serve_until_signal(self.loop, self.stats, self.snapshot)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            self.loop.running = False
             self.close()
 
     def close(self) -> None:
