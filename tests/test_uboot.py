@@ -84,11 +84,8 @@ def test_ymodem_loady_delivers_the_exact_bytes(tmp_path):
 # hands the UART one byte per main-loop iteration (~9 us/byte idle; QEMU 9.x returns the
 # free FIFO space). Our sender's own 4.25 s wait per file for a 'C' U-Boot never sends is
 # fixed (edgevirt/console/ymodem.py, DATA_C_GRACE).
-@pytest.mark.skipif(
-    not os.environ.get("EDGEVIRT_SLOW"),
-    reason="90-180 s: QEMU 7.2's pl011 takes one byte per main-loop iteration "
-    "(10-22 ms per 1 KiB ymodem block, 7 MiB kernel); set EDGEVIRT_SLOW=1",
-)
+# It is the slowest test of the suite and runs in it anyway: a board without network has
+# only this path, so it must stay proven.
 def test_boot_entirely_over_ymodem(tmp_path):
     code, res, stderr = edgevirt_test(
         "boot",
