@@ -53,7 +53,8 @@ def render(result: Any, build_dir: Path) -> None:
     if result.failed_vm:
         verdict += f" ({result.failed_vm} VM)"
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-    out.print(f"{verdict} in {result.seconds:.1f}s ({timings}) — logs in {build_dir}")
+    timings = f" ({timings})" if timings else ""
+    out.print(f"{verdict} in {result.seconds:.1f}s{timings} — logs in {build_dir}")
 
 
 def run_up(opts: Any, as_json: bool) -> None:
