@@ -1,23 +1,14 @@
 """`edgevirt deploy`, `edgevirt test` and `edgevirt console` from the command line."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import edgevirt as run_edgevirt
 
-
-def edgevirt(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "edgevirt", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+# These commands boot targets: a tighter safety net than the helper's default.
+edgevirt = partial(run_edgevirt, timeout=300)
 
 
 @pytest.mark.e2e

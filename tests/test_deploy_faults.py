@@ -14,14 +14,10 @@ from edgevirt.board import load_board
 from edgevirt.deploy.target import DeployOptions, Target
 from edgevirt.suite.model import parse_suite
 from edgevirt.suite.runner import run_suite
+from tests.helpers import leftovers
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def leftovers(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if marker in ln and not _is_pytest(ln)]
 
 
 def test_qemu_dying_mid_command_is_reported_with_its_stderr(tmp_path):
@@ -97,12 +93,6 @@ def test_ctrl_c_stops_everything(tmp_path):
     assert "interrupted" in err
     assert not leftovers(str(build))
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"edgevirt-{proc.pid}-")]
-
-
-def _is_pytest(line: str) -> bool:
-    # Temporary paths contain "pytest-of-…": match the test runner's own command only.
-    args = line.split(None, 1)[1] if " " in line.strip() else ""
-    return "pytest" in args.split(" ", 2)[0] or " -m pytest" in args
 
 
 def test_reboot_step_power_cycles_back_to_the_shell(tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import leftovers
+
 pytestmark = pytest.mark.e2e
 
 
@@ -25,11 +27,6 @@ def run_up(build: Path, *extra: str, timeout: float = 1500) -> tuple[int, dict, 
     )
     result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     return proc.returncode, result, proc.stderr
-
-
-def leftover_processes(build: Path) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if str(build) in ln and not _is_pytest(ln)]
 
 
 def test_up_restricted_guest_passes_every_check(tmp_path):
@@ -69,7 +66,7 @@ def test_up_restricted_guest_passes_every_check(tmp_path):
     ):
         assert (build / name).exists(), name
     assert "EDGEVIRT-AGENT-READY" in (build / "console.log").read_text()
-    assert not leftover_processes(build)
+    assert not leftovers(str(build))
     assert not [
         p for p in os.listdir("/dev/shm") if p.startswith("edgevirt-") and str(os.getpid()) in p
     ]
@@ -92,7 +89,7 @@ def test_up_without_restriction_fails_fast_and_clearly(tmp_path):
     blk = next(d for d in result["backend"]["devices"] if d["device"] == "blk")
     assert blk["broken"] and blk["mapped_bytes"] == 64 << 20
     assert "exited with status" not in err
-    assert not leftover_processes(build)
+    assert not leftovers(str(build))
 
 
 MSG_SPEC = """name = "msg-on-host"
@@ -128,10 +125,4 @@ def test_up_takes_transport_and_dt_from_the_spec(tmp_path):
     assert json.loads((build / "plan.json").read_text())["msg_nodes"] == {"guest": "/virtio-msg"}
     assert "virtio_msg.ko" in result["frontend"]["modules"]
     assert any("message memory" in row["what"] for row in result["memory"])
-    assert not leftover_processes(build)
-
-
-def _is_pytest(line: str) -> bool:
-    # Temporary paths contain "pytest-of-…": match the test runner's own command only.
-    args = line.split(None, 1)[1] if " " in line.strip() else ""
-    return "pytest" in args.split(" ", 2)[0] or " -m pytest" in args
+    assert not leftovers(str(build))

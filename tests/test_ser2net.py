@@ -13,14 +13,10 @@ from edgevirt.board import load_board
 from edgevirt.deploy.target import DeployOptions, Target
 from edgevirt.suite.model import parse_suite
 from edgevirt.suite.runner import run_suite
+from tests.helpers import leftovers
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def leftovers(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if marker in ln and not _is_pytest(ln)]
 
 
 def test_smoke_suite_over_rfc2217(tmp_path):
@@ -67,9 +63,3 @@ def test_ser2net_dropping_mid_command_is_a_clear_error(tmp_path):
     # The log is kept and the target is off.
     assert "run #1: sleep 8" in (tmp_path / "console.log").read_text()
     assert not leftovers(str(tmp_path))
-
-
-def _is_pytest(line: str) -> bool:
-    # Temporary paths contain "pytest-of-…": match the test runner's own command only.
-    args = line.split(None, 1)[1] if " " in line.strip() else ""
-    return "pytest" in args.split(" ", 2)[0] or " -m pytest" in args

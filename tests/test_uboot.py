@@ -15,14 +15,10 @@ from edgevirt.deploy import uboot as uboot_mod
 from edgevirt.deploy.strategy import State
 from edgevirt.deploy.target import DeployOptions, Target
 from edgevirt.errors import ConsoleError
+from tests.helpers import leftovers
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def leftovers(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if marker in ln and not _is_pytest(ln)]
 
 
 def edgevirt_test(*args: str, timeout: float = 600) -> tuple[int, dict, str]:
@@ -142,9 +138,3 @@ def test_autoboot_missed_every_time_is_a_clear_error(tmp_path, monkeypatch):
     assert "could not be interrupted in 3 attempts" in msg
     assert "Hit any key to stop autoboot" in msg
     assert not leftovers(str(tmp_path))
-
-
-def _is_pytest(line: str) -> bool:
-    # Temporary paths contain "pytest-of-…": match the test runner's own command only.
-    args = line.split(None, 1)[1] if " " in line.strip() else ""
-    return "pytest" in args.split(" ", 2)[0] or " -m pytest" in args

@@ -1,35 +1,10 @@
 """Bad input and broken components: one clear message, non-zero exit, no leftovers."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from edgevirt.errors import ImageError
 from edgevirt.image import kernel as kernel_mod
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def edgevirt(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "edgevirt", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def flat(text: str) -> str:
-    """rich wraps long messages: compare with whitespace collapsed."""
-    return " ".join(text.split())
-
-
-def leftovers(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if marker in ln and not _is_pytest(ln)]
+from tests.helpers import edgevirt, flat, leftovers
 
 
 def board_file(tmp_path, **qemu):
@@ -130,9 +105,3 @@ def test_cache_key_follows_fragment(tmp_path):
     b.write_text("CONFIG_A=n\n")
     assert kernel_mod.cache_key(a) != kernel_mod.cache_key(b)
     assert kernel_mod.cache_key(a) == kernel_mod.cache_key(a)
-
-
-def _is_pytest(line: str) -> bool:
-    # Temporary paths contain "pytest-of-…": match the test runner's own command only.
-    args = line.split(None, 1)[1] if " " in line.strip() else ""
-    return "pytest" in args.split(" ", 2)[0] or " -m pytest" in args
