@@ -83,7 +83,10 @@ class PtyShellPort:
     def kill(self) -> None:
         """Simulate the target vanishing (board power loss, ser2net dropping us)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the shell already exited and is only waiting to be reaped
             self.proc.wait()
 
     def close(self) -> None:
