@@ -60,53 +60,58 @@ def writes(drv, first, count, size=4096):
     return out
 
 
-def test_inflight_chains_of_a_dead_backend_are_resubmitted(tmp_path, disk):
-    """Deterministic: the region says heads were taken and not completed; a new back-end
-    completes them, then serves the chain nobody had taken yet."""
+@pytest.fixture
+def served(tmp_path, disk):
+    """A blk back-end on its own loop thread and a synthetic front-end connected to it."""
     loop = Loop()
     be = VhostUserBackend(BlockDevice(str(disk)), str(tmp_path / "blk.sock"), loop)
     t = threading.Thread(target=loop.run, daemon=True)
     t.start()
     fe = VhostUserFrontend(be.path)
-    try:
-        fd, size = fe.get_inflight(1, QSIZE)
-        assert size == infl.queue_region_size(1024) == 16448
-        # A "previous back-end" took chains A and B (counters 7, 5: B is older), not C.
-        region = infl.InflightRegion(fd, size, 0, 1, QSIZE)
-        drv_q = DriverQueue(fe.mem, QSIZE, event_idx=True)
-        pending = writes(drv_q, 1, 3)
-        heads = list(pending)
-        iq = region.queue(0)
-        assert iq is not None and iq.queue_size >= 1024
-        iq.queue_size = QSIZE  # what a back-end serving this 64-entry ring records
-        iq.init(0)
-        iq.counter = 7
-        iq.taken(heads[0])
-        iq.counter = 5
-        iq.taken(heads[1])
-        iq.buf.release()
-        region.close()
-        attach(fe, (fd, size), driver=drv_q)
-        fe.kick(0)
-        assert fe.wait_call(0)
-        deadline = time.monotonic() + 5
-        used = []
-        while len(used) < 3 and time.monotonic() < deadline:
-            used += drv_q.get_used()
-            time.sleep(0.01)
-        # Oldest counter first: B, then A, then C from the avail ring.
-        assert [h for h, _ in used] == [heads[1], heads[0], heads[2]]
-        image = disk.read_bytes()
-        for sector, data in pending.values():
-            assert image[sector * 512 : sector * 512 + len(data)] == data
-        q = be.snapshot()["queues"][0]
-        assert q["resubmitted"] == 2 and q["served"] == 3 and q["inflight_tracking"]
-        os.close(fd)
-    finally:
-        fe.close()
-        loop.stop()
-        t.join(5)
-        be.close()
+    yield be, fe
+    fe.close()
+    loop.stop()
+    t.join(5)
+    be.close()
+
+
+def test_inflight_chains_of_a_dead_backend_are_resubmitted(served, disk):
+    """Deterministic: the region says heads were taken and not completed; a new back-end
+    completes them, then serves the chain nobody had taken yet."""
+    be, fe = served
+    fd, size = fe.get_inflight(1, QSIZE)
+    assert size == infl.queue_region_size(1024) == 16448
+    # A "previous back-end" took chains A and B (counters 7, 5: B is older), not C.
+    region = infl.InflightRegion(fd, size, 0, 1, QSIZE)
+    drv_q = DriverQueue(fe.mem, QSIZE, event_idx=True)
+    pending = writes(drv_q, 1, 3)
+    heads = list(pending)
+    iq = region.queue(0)
+    assert iq is not None and iq.queue_size >= 1024
+    iq.queue_size = QSIZE  # what a back-end serving this 64-entry ring records
+    iq.init(0)
+    iq.counter = 7
+    iq.taken(heads[0])
+    iq.counter = 5
+    iq.taken(heads[1])
+    iq.buf.release()
+    region.close()
+    attach(fe, (fd, size), driver=drv_q)
+    fe.kick(0)
+    assert fe.wait_call(0)
+    deadline = time.monotonic() + 5
+    used = []
+    while len(used) < 3 and time.monotonic() < deadline:
+        used += drv_q.get_used()
+        time.sleep(0.01)
+    # Oldest counter first: B, then A, then C from the avail ring.
+    assert [h for h, _ in used] == [heads[1], heads[0], heads[2]]
+    image = disk.read_bytes()
+    for sector, data in pending.values():
+        assert image[sector * 512 : sector * 512 + len(data)] == data
+    q = be.snapshot()["queues"][0]
+    assert q["resubmitted"] == 2 and q["served"] == 3 and q["inflight_tracking"]
+    os.close(fd)
 
 
 def in_flight(fd, size):
@@ -215,62 +220,42 @@ def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk):
         proc.stop()
 
 
-def test_configure_mem_slots_add_remove_region(tmp_path, disk):
-    loop = Loop()
-    be = VhostUserBackend(BlockDevice(str(disk)), str(tmp_path / "blk.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path)
-    try:
-        fe.negotiate()
-        assert be.offered_protocol_features >> p.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1
-        assert p.U64.unpack(fe.call(R.GET_MAX_MEM_SLOTS))[0] == p.MAX_MEM_SLOTS
-        assert fe.add_mem_reg() == 0
-        assert be.snapshot()["mapped_bytes"] == fe.region.size
-        assert fe.add_mem_reg() == 1  # overlapping region refused, with a NACK
-        fe.setup_vring(0)
-        drv = fe.vrings[0].driver
-        drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 0), b"a" * 512], [1])
-        fe.kick(0)
-        assert fe.wait_call(0)
-        assert fe.rem_mem_reg() == 0
-        assert be.mem.mapped_bytes == 0 and not be.vrings[0].queue
-        assert fe.rem_mem_reg() == 1  # nothing mapped there any more
-        assert fe.add_mem_reg() == 0  # the ring restarts where it stopped
-        drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 1), b"b" * 512], [1])
-        fe.kick(0)
-        assert fe.wait_call(0)
-        assert [n for _, n in drv.get_used()] == [1, 1]
-        assert disk.read_bytes()[:1024] == b"a" * 512 + b"b" * 512
-    finally:
-        fe.close()
-        loop.stop()
-        t.join(5)
-        be.close()
+def test_configure_mem_slots_add_remove_region(served, disk):
+    be, fe = served
+    fe.negotiate()
+    assert be.offered_protocol_features >> p.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1
+    assert p.U64.unpack(fe.call(R.GET_MAX_MEM_SLOTS))[0] == p.MAX_MEM_SLOTS
+    assert fe.add_mem_reg() == 0
+    assert be.snapshot()["mapped_bytes"] == fe.region.size
+    assert fe.add_mem_reg() == 1  # overlapping region refused, with a NACK
+    fe.setup_vring(0)
+    drv = fe.vrings[0].driver
+    drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 0), b"a" * 512], [1])
+    fe.kick(0)
+    assert fe.wait_call(0)
+    assert fe.rem_mem_reg() == 0
+    assert be.mem.mapped_bytes == 0 and not be.vrings[0].queue
+    assert fe.rem_mem_reg() == 1  # nothing mapped there any more
+    assert fe.add_mem_reg() == 0  # the ring restarts where it stopped
+    drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 1), b"b" * 512], [1])
+    fe.kick(0)
+    assert fe.wait_call(0)
+    assert [n for _, n in drv.get_used()] == [1, 1]
+    assert disk.read_bytes()[:1024] == b"a" * 512 + b"b" * 512
 
 
-def test_get_status_reports_needs_reset_after_a_broken_vring(tmp_path, disk):
-    loop = Loop()
-    be = VhostUserBackend(BlockDevice(str(disk)), str(tmp_path / "blk.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path)
-    try:
-        fe.negotiate()
-        fe.set_mem_table()
-        fe.send(R.SET_STATUS, p.U64.pack(0x0F))
-        assert p.U64.unpack(fe.call(R.GET_STATUS))[0] == 0x0F
-        fe.setup_vring(0)
-        drv = fe.vrings[0].driver
-        drv.write_avail_entry(0, QSIZE + 5)  # head out of range
-        drv.set_avail_idx(1)
-        fe.kick(0)
-        deadline = time.monotonic() + 5
-        while not be.snapshot()["broken"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert p.U64.unpack(fe.call(R.GET_STATUS))[0] == 0x0F | 0x40
-    finally:
-        fe.close()
-        loop.stop()
-        t.join(5)
-        be.close()
+def test_get_status_reports_needs_reset_after_a_broken_vring(served, disk):
+    be, fe = served
+    fe.negotiate()
+    fe.set_mem_table()
+    fe.send(R.SET_STATUS, p.U64.pack(0x0F))
+    assert p.U64.unpack(fe.call(R.GET_STATUS))[0] == 0x0F
+    fe.setup_vring(0)
+    drv = fe.vrings[0].driver
+    drv.write_avail_entry(0, QSIZE + 5)  # head out of range
+    drv.set_avail_idx(1)
+    fe.kick(0)
+    deadline = time.monotonic() + 5
+    while not be.snapshot()["broken"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert p.U64.unpack(fe.call(R.GET_STATUS))[0] == 0x0F | 0x40
