@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgevirt.deploy.qemucmd import qemu_base
 from edgevirt.devicetree import (
     Fdt,
     Node,
@@ -88,17 +89,7 @@ def qemu_dtbs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out = {}
     for kind, extra in (("plain", []), ("numa", NUMA_ARGS)):
         path = tmp / f"{kind}.dtb"
-        run(
-            "qemu-system-aarch64",
-            "-machine",
-            f"virt,dumpdtb={path}",
-            "-cpu",
-            "cortex-a57",
-            "-m",
-            "512M",
-            *extra,
-            "-nographic",
-        )
+        run(*qemu_base(f"virt,dumpdtb={path}", cpu="cortex-a57", memory="512M", extra=extra))
         out[kind] = path.read_bytes()
     return out
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from edgevirt.deploy.qemucmd import qemu_base
 from edgevirt.errors import ImageError
 from edgevirt.image import deb as debmod
 from edgevirt.image.cpio import read_cpio
@@ -564,8 +565,9 @@ def test_e2e_kernel_unpacks_and_runs_the_initramfs(busybox: Path, tmp_path: Path
     out = tmp_path / "initramfs.cpio.gz"
     build_initramfs(out, busybox=busybox, init_script=init, extra_files={"/etc/board": b"virt"})
     proc = subprocess.run(
-        [qemu, "-M", "virt", "-cpu", "cortex-a57", "-m", "256", "-nographic", "-no-reboot",
-         "-kernel", str(images[0]), "-initrd", str(out), "-append", "console=ttyAMA0 panic=-1"],
+        qemu_base("virt", binary=qemu, cpu="cortex-a57", memory="256M", extra=[
+            "-no-reboot", "-kernel", str(images[0]), "-initrd", str(out),
+            "-append", "console=ttyAMA0 panic=-1"]),
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     log = proc.stdout

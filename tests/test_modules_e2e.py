@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from edgevirt.deploy.qemucmd import qemu_base
 from edgevirt.image.build import build_guest_image
 
 
@@ -16,13 +17,12 @@ def test_guest_loads_edgevirt_dma_and_reports_rings(tmp_path):
     if not shutil.which("qemu-system-aarch64"):
         pytest.skip("qemu-system-aarch64 not installed")
     img = build_guest_image("qemu-virt", tmp_path)
-    cmd = [
-        "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-nographic",
-        "-nic", "none", "-no-reboot", "-global", "virtio-mmio.force-legacy=false",
+    cmd = qemu_base("virt", cpu="cortex-a57", memory="512M", extra=[
+        "-no-reboot", "-global", "virtio-mmio.force-legacy=false",
         "-device", "virtio-rng-device,iommu_platform=on",
         "-kernel", str(img.image), "-initrd", str(img.initramfs),
         "-append", "console=ttyAMA0 panic=-1",
-    ]  # fmt: skip
+    ])  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

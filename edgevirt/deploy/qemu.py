@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevirt.board import QemuSettings
+from edgevirt.deploy.qemucmd import qemu_base
 from edgevirt.errors import DeployError, SetupError
 
 log = logging.getLogger(__name__)
@@ -94,19 +95,7 @@ class QemuConfig:
     def machine_args(self, extra_machine: str = "") -> list[str]:
         s = self.settings
         machine = s.machine + (f",{extra_machine}" if extra_machine else "")
-        return [
-            s.binary,
-            "-machine",
-            machine,
-            "-cpu",
-            s.cpu,
-            "-smp",
-            str(s.smp),
-            *self.memory_args(),
-            "-nographic",
-            "-nic",
-            "none",
-        ]
+        return qemu_base(machine, binary=s.binary, cpu=s.cpu, smp=s.smp, extra=self.memory_args())
 
     def device_args(self) -> list[str]:
         args = ["-global", "virtio-mmio.force-legacy=false"]
