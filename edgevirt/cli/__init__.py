@@ -12,7 +12,19 @@ import logging
 import click
 
 from edgevirt import __version__
-from edgevirt.cli import backend, console, deploy, dt, image, kernel, servicevm, test, tftp, up
+from edgevirt.cli import (
+    backend,
+    console,
+    deploy,
+    doctor,
+    dt,
+    image,
+    kernel,
+    servicevm,
+    test,
+    tftp,
+    up,
+)
 from edgevirt.cli.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_USAGE
 
 __all__ = ["cli", "main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SETUP", "EXIT_CONFIG"]
@@ -29,6 +41,7 @@ def cli(verbose: int) -> None:
       edgevirt up                      # whole path on QEMU virt, smoke suite, summary
       edgevirt up --no-restrict        # same guest without the carve-out: must fail clearly
       edgevirt kernel build            # build (or reuse) the guest kernel
+      edgevirt doctor                  # which host tools are there, which are missing
       edgevirt backend run --device blk:path=disk.img --device rng --socket-dir /tmp/ev
     """
     level = logging.WARNING - 10 * verbose
@@ -45,6 +58,7 @@ cli.add_command(test.test)
 cli.add_command(image.image)
 cli.add_command(servicevm.servicevm)
 cli.add_command(tftp.tftp)
+cli.add_command(doctor.doctor)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import NoReturn
 
 from rich.console import Console
@@ -40,6 +41,9 @@ class RichReporter(Reporter):
         self.quiet = quiet
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._line_phase = ""
+        self._line_tenth = -1
+        self._line_start = 0.0
 
     def step(self, text: str) -> None:
         self._close_bar()
@@ -48,6 +52,9 @@ class RichReporter(Reporter):
 
     def progress(self, phase: str, done: int, total: int) -> None:
         if self.quiet:
+            return
+        if not err.is_terminal:
+            self._progress_line(phase, done, total)
             return
         if self._progress is None:
             self._progress = Progress(
@@ -62,6 +69,17 @@ class RichReporter(Reporter):
             self._task = self._progress.add_task(phase, total=total)
         assert self._task is not None
         self._progress.update(self._task, description=phase, completed=done, total=total)
+
+    def _progress_line(self, phase: str, done: int, total: int) -> None:
+        """A CI log gets a line per 10 % instead of a bar it cannot redraw."""
+        tenth = 10 * done // total if total > 0 else 10
+        if phase == self._line_phase and tenth <= self._line_tenth:
+            return
+        if phase != self._line_phase:
+            self._line_phase, self._line_start = phase, time.monotonic()
+        self._line_tenth = tenth
+        elapsed = time.monotonic() - self._line_start
+        err.print(f"  {phase}: {10 * tenth}% ({done}/{total}) {elapsed:.0f}s", highlight=False)
 
     def _close_bar(self) -> None:
         if self._progress is not None:

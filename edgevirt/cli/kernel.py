@@ -64,6 +64,7 @@ def kernel_build(
             source=source,
             force=force,
             progress=rep.progress,
+            on_wait=rep.step,
         )
     except EdgevirtError as e:
         fail(e)

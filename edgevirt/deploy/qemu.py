@@ -18,6 +18,8 @@ from pathlib import Path
 
 from edgevirt.board import QemuSettings
 from edgevirt.deploy.qemucmd import qemu_base
+from edgevirt.devicetree.fdt import Fdt
+from edgevirt.devicetree.seeds import zero_boot_seeds
 from edgevirt.errors import DeployError, SetupError
 
 log = logging.getLogger(__name__)
@@ -205,7 +207,11 @@ def dump_dtb(config: QemuConfig, out: Path) -> bytes:
         raise DeployError(
             f"QEMU did not dump a DTB (exit {r.returncode}): {r.stderr.strip()[-500:]}"
         )
-    return out.read_bytes()
+    # Compacted (a 1 MiB-padded DTB hangs the boot) and without this run's random seeds,
+    # so two builds of the same machine give the same bytes.
+    data = zero_boot_seeds(Fdt.from_bytes(out.read_bytes())).to_bytes()
+    out.write_bytes(data)
+    return data
 
 
 class QemuProcess:

@@ -145,7 +145,11 @@ def build_guest_image(
     frags = [*default_fragments(), *ispec.fragments]
     reporter.step(f"kernel: {ispec.kernel.describe()} + {len(frags)} fragment(s)")
     kb = build_kernel(
-        fragments=frags, source=ispec.kernel, force=rebuild, progress=reporter.progress
+        fragments=frags,
+        source=ispec.kernel,
+        force=rebuild,
+        progress=reporter.progress,
+        on_wait=reporter.step,
     )
     release = kb.release
     verify_image(kb.image)

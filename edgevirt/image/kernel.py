@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from edgevirt.errors import ImageError, SetupError
+from edgevirt.image.cachelock import build_lock, remove_stale_stages
 from edgevirt.paths import cache_dir, images_dir
 
 log = logging.getLogger(__name__)
@@ -442,8 +443,12 @@ def build_kernel(
     source: KernelSource | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> KernelBuild:
     """Return the cached build for these inputs, building it first if needed (or ``force``).
+
+    One build per key at a time: a second caller waits (``on_wait`` hears why) and then
+    uses the first one's result.
 
     ``fragment`` (one file) replaces edgevirt's fragments; ``fragments`` is the full ordered
     list (see :func:`default_fragments`). A ``prebuilt`` source is checked, not built.
@@ -459,12 +464,35 @@ def build_kernel(
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_dir() / "kernel"
     kb = KernelBuild(key=key, dir=root / key)
-    if (kb.dir / "meta.json").exists() and kb.image.exists() and not force:
+    if _cached(kb) and not force:
         log.info("kernel %s cached at %s", key, kb.dir)
         return kb
     check_tools()
     root.mkdir(parents=True, exist_ok=True)
-    check_space(root)
+    with build_lock(root, key, on_wait=on_wait):
+        # Whoever held the lock may just have built it.
+        if _cached(kb) and not force:
+            return kb
+        remove_stale_stages(root, key)
+        check_space(root)
+        _build(kb, root, frags, wanted, inputs, source, progress)
+    return kb
+
+
+def _cached(kb: KernelBuild) -> bool:
+    return (kb.dir / "meta.json").exists() and kb.image.exists()
+
+
+def _build(
+    kb: KernelBuild,
+    root: Path,
+    frags: Sequence[Path],
+    wanted: dict[str, str],
+    inputs: dict[str, object],
+    source: KernelSource,
+    progress: Progress | None,
+) -> None:
+    key = kb.key
     stage = root / f".build-{key}-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
@@ -513,7 +541,6 @@ def build_kernel(
             shutil.copy2(log_path, root / f"failed-{key}.log")
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return kb
 
 
 def failed_log(key: str) -> Path:
