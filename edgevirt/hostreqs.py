@@ -164,6 +164,7 @@ class Requirement:
 
 R = Requirement
 CROSS = "aarch64-linux-gnu-"
+ARM64_LIBC = "arm64 libc (cross)"
 
 REQUIREMENTS: tuple[Requirement, ...] = (
     # core
@@ -253,7 +254,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     R("ser2net", "uboot", "ser2net", command("ser2net", "-v"), "RFC2217 remote serial"),
     # servicevm
     R(
-        "arm64 libc (cross)",
+        ARM64_LIBC,
         "servicevm",
         "libc6-dev-arm64-cross",
         c_links(f"{CROSS}gcc", _HELLO),
@@ -264,6 +265,14 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     R("atftp", "tests", "atftp", on_path("atftp"), "TFTP client oracle (windowsize)"),
     R("curl", "tests", "curl", command("curl", "--version"), "TFTP client oracle (tftp://)"),
 )
+
+
+def requirement(name: str) -> Requirement:
+    """The table's entry called ``name`` (KeyError for a name not in the table)."""
+    for r in REQUIREMENTS:
+        if r.name == name:
+            return r
+    raise KeyError(name)
 
 
 def packages(target: str) -> list[str]:

@@ -105,7 +105,8 @@ class UpResult:
     backend: dict = field(default_factory=dict)
     carveout: tuple[int, int] = (0, 0)
     error: str | None = None
-    #: Which VM failed ("service" or "front-end"), when a service VM runs; else None.
+    #: What failed: "host" (building the images, before any VM ran), or with a service VM
+    #: "service" or "front-end"; None when everything passed.
     failed_vm: str | None = None
     fault: str | None = None
     hypervisor: dict = field(default_factory=dict)
@@ -294,6 +295,8 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
     )
     result.memory = memory_rows(board, result)
     target: Target | None = None
+    # Until the images exist nothing has booted: a failure then is the host's build.
+    phase = "host build"
     try:
         placement.prepare(reporter, result)
         target = Target(
@@ -320,6 +323,7 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
                 "modules": [m.name for m in gi.modules],
                 "release": gi.release,
             }
+        phase = "run"
         placement.start(reporter, result)
         target.strategy.watchers += placement.watchers()
         console = target.boot()
@@ -329,6 +333,9 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         raise  # the host or an input file is at fault, not the target: exit codes 3 and 4
     except EdgevirtError as e:
         result.error = str(e) + (f" (hint: {e.hint})" if e.hint else "")
+        if phase == "host build":
+            result.error = f"host build failed: {result.error}"
+            result.failed_vm = "host"
     finally:
         try:
             if target is not None:
@@ -338,7 +345,7 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
                     result.backend = result.backend or m.backend.stats()
         finally:
             placement.close(result)
-            result.failed_vm = placement.blame(result)
+            result.failed_vm = result.failed_vm or placement.blame(result)
             result.seconds = time.monotonic() - t0
             result.artefacts = {p.name: str(p) for p in sorted(build.iterdir()) if p.is_file()}
             (build / "result.json").write_text(json.dumps(result.to_json(), indent=2))

@@ -105,3 +105,44 @@ def test_cache_key_follows_fragment(tmp_path):
     b.write_text("CONFIG_A=n\n")
     assert kernel_mod.cache_key(a) != kernel_mod.cache_key(b)
     assert kernel_mod.cache_key(a) == kernel_mod.cache_key(a)
+
+
+def test_a_host_build_error_is_reported_as_the_hosts(tmp_path, monkeypatch):
+    """A failure while building images is the host's, not a VM's (issue: service-VM runs on
+    a fresh machine said `FAILED (front-end VM)` with an empty table)."""
+    from edgevirt.deploy.machine import QemuMachine
+    from edgevirt.up import UpOptions, up
+
+    def broken(self, *a, **kw):  # type: ignore[no-untyped-def]
+        raise ImageError("modules: make failed (exit 2)")
+
+    monkeypatch.setattr(QemuMachine, "prepare", broken)
+    result = up(UpOptions(tmp_path / "b"))
+    assert not result.ok
+    assert result.failed_vm == "host"
+    assert result.error.startswith("host build failed: modules: make failed")
+    assert (tmp_path / "b/result.json").read_text().count('"failed_vm": "host"') == 1
+
+
+def test_cross_compile_without_the_arm64_libc_is_a_setup_error_naming_the_package(
+    tmp_path, monkeypatch
+):
+    from edgevirt import hostreqs
+    from edgevirt.errors import SetupError
+    from edgevirt.image import python_cross
+
+    real = hostreqs.requirement(hostreqs.ARM64_LIBC)
+    missing = hostreqs.Requirement(
+        real.name,
+        real.feature,
+        real.package,
+        lambda: (False, "stdio.h:27:10: fatal error: bits/libc-header-start.h: No such file"),
+        real.why,
+    )
+    monkeypatch.setattr(hostreqs, "requirement", lambda name: missing)
+    src = tmp_path / "x.c"
+    src.write_text("int x;\n")
+    with pytest.raises(SetupError) as ei:
+        python_cross.cross_compile_extension([src], tmp_path, tmp_path / "x.so")
+    assert "host build" in str(ei.value) and "libc-header-start.h" in str(ei.value)
+    assert "libc6-dev-arm64-cross" in (ei.value.hint or "")

@@ -50,7 +50,9 @@ def render(result: Any, build_dir: Path) -> None:
     if result.error:
         err.print(f"[bold red]error:[/] {result.error}")
     verdict = "[bold green]all checks passed[/]" if result.ok else "[bold red]FAILED[/]"
-    if result.failed_vm:
+    if result.failed_vm == "host":
+        verdict += " (host build, before any VM ran)"
+    elif result.failed_vm:
         verdict += f" ({result.failed_vm} VM)"
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     timings = f" ({timings})" if timings else ""

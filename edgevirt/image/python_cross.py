@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgevirt import hostreqs
 from edgevirt.errors import ImageError, SetupError
 from edgevirt.image.deb import DebArchive, DebMember
 from edgevirt.image.elfcheck import ElfInfo, check_elf
@@ -336,6 +337,16 @@ def cross_compile_extension(sources: Sequence[Path], include: Path, out: Path) -
     """Compile C extension ``sources`` into the shared object ``out``; check it is AArch64."""
     if shutil.which(CROSS_CC) is None:
         raise SetupError(f"{CROSS_CC} not found", hint="run `make setup` (gcc-aarch64-linux-gnu)")
+    # The compiler alone is not enough: without the arm64 libc headers every source fails
+    # on <stdio.h>. Say it is the host, and which package, before compiling anything.
+    libc = hostreqs.requirement(hostreqs.ARM64_LIBC)
+    ok, detail = libc.probe()
+    if not ok:
+        raise SetupError(
+            f"host build: cannot cross-compile the service VM's C fast path: {detail}",
+            hint=f"apt-get install {libc.package} (or `make setup`); `edgevirt doctor` "
+            "lists anything else missing",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [CROSS_CC, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra",
            "-Werror=implicit-function-declaration", f"-I{include / f'python{PY_VERSION}'}",
