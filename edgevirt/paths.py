@@ -24,3 +24,13 @@ def images_dir() -> Path:
 
 def boards_dir() -> Path:
     return PROJECT_ROOT / "boards"
+
+
+def specs_dir() -> Path:
+    """Example system specs; ``<board>.toml`` there is that board's default spec."""
+    return PROJECT_ROOT / "devicetree" / "specs"
+
+
+def board_example_spec(board_name: str) -> Path | None:
+    path = specs_dir() / f"{board_name}.toml"
+    return path if path.is_file() else None

@@ -28,6 +28,7 @@ from edgevirt.devicetree.system import _device_windows, compose_system
 from edgevirt.errors import ConfigError, DeviceTreeError
 from edgevirt.paths import PROJECT_ROOT
 from edgevirt.spec import load_spec
+from tests.helpers import ROOT, edgevirt, flat
 
 BOARDS = list_boards()
 REAL = [b for b in BOARDS if not load_board(b).is_qemu and b != "qemu-virt-uboot"]
@@ -363,12 +364,6 @@ def test_phandle_collision_and_cells_mismatch(qemu_base: tuple[Board, Fdt], tmp_
 # -- the CLI -----------------------------------------------------------------------------
 
 
-def edgevirt(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgevirt", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 def test_cli_compose_spec_show_diff(tmp_path: Path) -> None:
     spec = PROJECT_ROOT / "devicetree" / "specs" / "qemu-virt-msg.toml"
     r = edgevirt(
@@ -541,3 +536,39 @@ def test_ivshmem_pci_node_passes_dt_validate_and_the_binding_bites(
     report = validate(bad)
     assert "'reg' is a required property" in report, report
     assert "'interrupts' is a required property" in report, report
+
+
+@pytest.mark.parametrize("board_name", REAL)
+def test_real_board_composes_with_its_example_spec(board_name: str, tmp_path: Path) -> None:
+    """`dt compose --board <real board>` without --spec uses devicetree/specs/<board>.toml,
+    says so, and gives per-VM DTBs that fdtoverlay reproduces from the base and overlay."""
+    from edgevirt.paths import board_example_spec
+
+    assert board_example_spec(board_name) is not None, f"no example spec for {board_name}"
+    out = tmp_path / "dt"
+    r = edgevirt("dt", "compose", "--board", board_name, "-o", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "example spec" in flat(r.stderr) and f"{board_name}.toml" in flat(r.stderr)
+    plan = json.loads((out / "plan.json").read_text())
+    kinds = {p["kind"] for p in plan["placed"]}
+    assert {"carveout", "msg-ring"} <= kinds, kinds
+    doorbell = load_spec(board_example_spec(board_name)).msg.doorbell
+    assert f"virtio-msg@{doorbell:x} {{" in dts_of(out / "guest.dtb")
+    for vm in ("guest", "service"):
+        oracle = tmp_path / f"{vm}-oracle.dtb"
+        subprocess.run(
+            ["fdtoverlay", "-i", str(out / "base.dtb"), "-o", str(oracle), str(out / f"{vm}.dtbo")],
+            check=True,
+        )
+        assert dts_of(oracle) == dts_of(out / f"{vm}.dtb"), vm
+
+
+def test_real_board_without_an_example_spec_says_what_it_needs(tmp_path: Path) -> None:
+    text = (ROOT / "boards/rpi4b.toml").read_text().replace('name = "rpi4b"', 'name = "myboard"')
+    board = tmp_path / "myboard.toml"
+    board.write_text(text)
+    r = edgevirt("dt", "compose", "--board", str(board), "-o", str(tmp_path / "o"))
+    assert r.returncode == 4, r.stderr
+    msg = flat(r.stderr)
+    assert "myboard is a real board" in msg and "--spec" in msg and "doorbell" in msg
+    assert "QEMU" not in msg and "Traceback" not in msg

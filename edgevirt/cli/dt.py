@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from edgevirt.cli.common import fail, out
+from edgevirt.cli.common import err, fail, out
 from edgevirt.errors import EdgevirtError
 
 _COLOURS = {
@@ -44,7 +44,8 @@ def dt() -> None:
     "--spec",
     "spec_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="System spec (VMs, carve-outs, devices); without it: the `up` carve-out overlay.",
+    help="System spec (VMs, carve-outs, devices). Default: QEMU boards get the `up` "
+    "carve-out overlay, real boards their example devicetree/specs/<board>.toml.",
 )
 @click.option(
     "-o",
@@ -68,18 +69,37 @@ def dt_compose(
     """Compose the overlays for BOARD (and SPEC), write them and the applied DTBs.
 
     \b
-    Example:
+    Examples:
       edgevirt dt compose --board qemu-virt -o out/dt
+      edgevirt dt compose --board renesas-salvator-xs -o out/rcar   # its example spec
       fdtoverlay -i out/dt/qemu-virt.raw.dtb -o check.dtb out/dt/guest.dtbo   # same result
     """
+    from edgevirt.board import load_board
+    from edgevirt.deploy.machine import carveout_dtb
+    from edgevirt.errors import ConfigError
+    from edgevirt.paths import board_example_spec, specs_dir
+
     if spec_path is not None:
         _compose_spec(board, spec_path, out_dir, as_json)
         return
-    from edgevirt.board import load_board
-    from edgevirt.deploy.machine import carveout_dtb
-
     try:
         b = load_board(board)
+        if not b.is_qemu:
+            # A real board has no QEMU machine to derive VMs from: its example spec says
+            # which VMs, carve-out and devices, and the user is told it was used.
+            example = board_example_spec(b.name)
+            if example is None:
+                raise ConfigError(
+                    f"{b.path}: {b.name} is a real board: `dt compose` needs a system spec "
+                    "(--spec FILE) naming its VMs, carve-outs and devices, and "
+                    f"{specs_dir()} has no {b.name}.toml example",
+                    hint=f"copy one of {specs_dir()}/*.toml, set its [msg] doorbell to a "
+                    "window free on this board, and pass it with --spec",
+                )
+            if not as_json:
+                err.print(f"[cyan]▶[/] no --spec: using {b.name}'s example spec {example}")
+            _compose_spec(board, example, out_dir, as_json)
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         dtb, nodes = carveout_dtb(b, out_dir, devices)
     except EdgevirtError as e:
