@@ -171,3 +171,32 @@ def test_cli_bad_spec_exit_4(tmp_path):
     spec.write_text("[image]\nbogus = 1\n")
     r = edgevirt("image", "build", "--spec", str(spec), "-o", str(tmp_path / "o"), "--no-fit")
     assert r.returncode == 4 and "bogus" in r.stderr
+
+
+@pytest.mark.e2e
+def test_two_cli_builds_are_byte_identical_in_every_artefact(tmp_path):
+    """`edgevirt image build --board qemu-virt` twice: every file, and every artefact the
+    manifest lists, is byte-identical; QEMU's per-run boot seeds are not frozen in."""
+    from edgevirt.devicetree.fdt import Fdt
+
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        r = subprocess.run(
+            [sys.executable, "-m", "edgevirt", "image", "build", "--board", "qemu-virt",
+             "-o", str(d)],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(dirs[1]) for p in dirs[1].rglob("*") if p.is_file())
+    listed = json.loads((dirs[0] / "manifest.json").read_text())["artefacts"]
+    assert set(listed) <= {str(f) for f in files}
+    for name in ("guest.dtb", "qemu-virt.raw.dtb", "guest.itb"):
+        assert name in {str(f) for f in files}, name
+    differ = [str(f) for f in files if (dirs[0] / f).read_bytes() != (dirs[1] / f).read_bytes()]
+    assert not differ, differ
+    for dtb in ("guest.dtb", "qemu-virt.raw.dtb"):
+        chosen = Fdt.from_file(dirs[0] / dtb).get("/chosen")
+        for seed in ("rng-seed", "kaslr-seed"):
+            prop = chosen.get(seed)
+            assert prop is None or set(prop.value) <= {0}, f"{dtb}: {seed} frozen in"
