@@ -318,6 +318,8 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         target.prepare()
         if machine.guest_image is not None:
             gi = machine.guest_image
+            if gi.kernel.built_seconds:
+                result.timings["kernel_build"] = gi.kernel.built_seconds
             result.frontend = {
                 "manifest": str(gi.manifest),
                 "modules": [m.name for m in gi.modules],

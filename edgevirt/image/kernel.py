@@ -22,8 +22,9 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -90,6 +91,8 @@ class KernelSource:
 class KernelBuild:
     key: str
     dir: Path
+    #: Wall seconds this call spent building it (0.0 when it came from the cache).
+    built_seconds: float = 0.0
 
     @property
     def image(self) -> Path:
@@ -475,7 +478,9 @@ def build_kernel(
             return kb
         remove_stale_stages(root, key)
         check_space(root)
+        t0 = time.monotonic()
         _build(kb, root, frags, wanted, inputs, source, progress)
+        kb = replace(kb, built_seconds=time.monotonic() - t0)
     return kb
 
 
