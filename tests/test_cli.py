@@ -84,3 +84,17 @@ def test_up_offers_every_service_vm_fault():
     r = CliRunner().invoke(cli, ["up", "--fault", "service-restart"])
     assert r.exit_code == 4  # the fault needs a service VM: --backend service-vm
     assert "applies to --backend service-vm only" in r.output
+
+
+def test_progress_in_a_non_tty_log_is_a_line_per_tenth(capsys):
+    """CI logs get progress lines (a bar they cannot redraw would print nothing for the
+    eight minutes of a kernel build)."""
+    from edgevirt.cli.common import RichReporter
+
+    rep = RichReporter()
+    for done in range(0, 3001, 7):
+        rep.progress("compile", done, 3000)
+    rep.progress("compile", 3000, 3000)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert [ln.split()[1] for ln in lines] == [f"{p}%" for p in range(0, 101, 10)], lines
+    assert all(ln.strip().startswith("compile:") for ln in lines)
