@@ -131,8 +131,9 @@ def test_failed_build_leaves_the_cache_untouched(tmp_path, private_cache):
     with pytest.raises(ImageError, match="allnoconfig` failed"):
         build_kernel(fragments=[frag], source=src, force=True)
     assert (good / "Image").read_bytes() == b"good"
+    # The build lock's file stays (an flock dies with its holder); no staging dir does.
     leftovers = [p.name for p in (private_cache / "kernel").iterdir()]
-    assert sorted(leftovers) == sorted([key, f"failed-{key}.log"])
+    assert sorted(leftovers) == sorted([key, f"failed-{key}.log", f".lock-{key}"])
     assert not (tree / ".config").exists(), "the user's tree is never built in place"
 
 
