@@ -16,7 +16,8 @@ Schema (keys not listed are refused, so a typo is an error, not a silent default
     [[ram]]      base size                        (default: the DTB's memory nodes)
     [console]    uart kernel url baudrate
     [bootloader] kind="u-boot" prompt kernel_addr_r ramdisk_addr_r fdt_addr_r fit_addr_r
-                 kernel_size ramdisk_size fdt_size fit_size  (extent kept free at each)
+                 kernel_comp_addr_r (compressed loads, decompressed from there)
+                 kernel_size ramdisk_size fdt_size fit_size kernel_comp_size  (extent kept free)
     [boot]       chain = "direct" | "u-boot" | "fastboot" | "uefi"   (see BOOT_CHAINS)
                  stages = ["BootROM", "TF-A BL2", …]   (the board's real chain, for people)
 
@@ -48,7 +49,13 @@ _TOP_KEYS = {"name", "description", "soc"}
 _FOREIGN_SECTIONS = {"power", "tftp", "fastboot", "sdcard"}
 _DT_SOURCES = ("qemu-dumpdtb", "kernel:", "file:")
 #: Default extent kept free at each bootloader load address (overlap checks).
-_LOAD_SIZES = {"kernel": 64 << 20, "ramdisk": 64 << 20, "fdt": 1 << 20, "fit": 128 << 20}
+_LOAD_SIZES = {
+    "kernel": 64 << 20,
+    "ramdisk": 64 << 20,
+    "fdt": 1 << 20,
+    "fit": 128 << 20,
+    "kernel_comp": 32 << 20,  # compressed payloads land here before lzmadec (ymodem)
+}
 
 
 def parse_size(value: Any, where: str) -> int:
@@ -328,7 +335,7 @@ def _console(c: dict[str, Any], where: str) -> ConsoleSettings:
 
 
 def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
-    names = ("kernel", "ramdisk", "fdt", "fit")
+    names = ("kernel", "ramdisk", "fdt", "fit", "kernel_comp")
     allowed = {"kind", "prompt"} | {f"{n}_addr_r" for n in names} | {f"{n}_size" for n in names}
     # How to stop autoboot belongs to the U-Boot driver (edgevirt.deploy.target parses it).
     allowed |= {"autoboot", "interrupt", "retries"}

@@ -90,7 +90,7 @@ def deploy(
                 err.print("[dim]console attached; Ctrl-] to leave[/]")
                 interact(target.console)
         finally:
-            if target.machine is not None:
+            if target.machine is not None or target.model is not None:
                 target.close()
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] target powered off")

@@ -12,6 +12,7 @@ Schema (``[power]``, read from ``Board.raw``)::
     machine = "raspi3b"                 # QEMU -M
     firmware = "/usr/lib/u-boot/rpi_3/u-boot.bin"   # what the model starts (-kernel)
     serial = 1                          # which serial port is the board's console
+    accel = "tcg,thread=single"         # QEMU -accel (default: QEMU's)
     binary = "qemu-system-aarch64"
 
 An SD card image (``sd_card``) is attached as ``-drive if=sd``; without one the model has
@@ -47,6 +48,7 @@ class QemuModel(Power):
         self.binary = get_key(power, "binary", str, w, "qemu-system-aarch64")
         self.firmware = Path(get_key(power, "firmware", str, w))
         self.serial = get_key(power, "serial", int, w, 0)
+        self.accel = get_key(power, "accel", str, w, "")
         if not 0 <= self.serial <= 3:
             raise ConfigError(f"{w}.serial: expected a serial port index 0-3, got {self.serial}")
         if not self.firmware.is_file():
@@ -83,6 +85,7 @@ class QemuModel(Power):
             self.machine,
             binary=self.binary,
             extra=[
+                *(["-accel", self.accel] if self.accel else []),
                 "-kernel",
                 str(self.firmware),
                 *drive,
@@ -111,4 +114,3 @@ class QemuModel(Power):
         if self.qemu is not None:
             self.qemu.stop()
             self.qemu = None
-

@@ -76,9 +76,9 @@ class BootScript:
         return "\n".join(
             [
                 "# edgevirt: kernel, initramfs and composed DTB from this partition",
-                f"test -n \"${{devtype}}\" || setenv devtype {self.devtype}",
-                f"test -n \"${{devnum}}\" || setenv devnum {self.devnum}",
-                f"test -n \"${{distro_bootpart}}\" || setenv distro_bootpart {self.part}",
+                f'test -n "${{devtype}}" || setenv devtype {self.devtype}',
+                f'test -n "${{devnum}}" || setenv devnum {self.devnum}',
+                f'test -n "${{distro_bootpart}}" || setenv distro_bootpart {self.part}',
                 f"setenv bootargs '{self.bootargs}'",
                 "setenv initrd_high 0xffffffffffffffff",
                 "setenv fdt_high 0xffffffffffffffff",
