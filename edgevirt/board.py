@@ -22,7 +22,8 @@ Schema (keys not listed are refused, so a typo is an error, not a silent default
                  stages = ["BootROM", "TF-A BL2", …]   (the board's real chain, for people)
 
 ``[boot] chain`` says how the board really boots; without it, a ``[bootloader]`` means
-``u-boot`` and a QEMU board without one ``direct``. A chain must match the sections it
+``u-boot``, a QEMU board without one ``direct``, and a real board none at all (a profile
+for device-tree work, which deploy refuses). A chain must match the sections it
 needs (``u-boot`` a ``[bootloader]``, ``fastboot`` a ``[fastboot]``), so a profile cannot
 claim one chain and describe another.
 """
@@ -369,12 +370,10 @@ def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
 def _boot(data: dict[str, Any], where: str, is_qemu: bool) -> BootChain:
     b = data.get("boot", {})
     check_keys(b, {"chain", "stages"}, where)
-    default = "u-boot" if "bootloader" in data else "direct" if is_qemu else None
+    default = "u-boot" if "bootloader" in data else "direct" if is_qemu else ""
     chain = get_key(b, "chain", str, where, default)
-    if chain is None:
-        raise ConfigError(
-            f"{where}: missing key 'chain' (a real board needs [boot] chain, or a [bootloader])"
-        )
+    if chain == "" and "chain" not in b:
+        return BootChain("")  # a profile for device trees only: deploy refuses it
     if chain not in BOOT_CHAINS:
         raise ConfigError(
             f"{where}.chain: unknown boot chain {chain!r}; expected one of "

@@ -114,6 +114,13 @@ class Target:
         self.build.mkdir(parents=True, exist_ok=True)
         self.raw = board.raw
         chain = board.boot.chain
+        if not chain:
+            raise ChainNotDriven(
+                f"{board.where('boot')}: the profile does not say how {board.name} boots; "
+                "nothing was started",
+                hint='add [boot] chain = "u-boot" (with a [bootloader]) or "fastboot" '
+                "(with a [fastboot]) to the profile",
+            )
         if not board.boot.driven:
             raise ChainNotDriven(
                 f"{board.where('boot')}.chain = {chain!r}: edgevirt does not drive this boot "
