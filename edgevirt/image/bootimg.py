@@ -155,7 +155,7 @@ class BootImg:
             "dtb": {"size": len(self.dtb), "addr": hex(self.dtb_addr)},
             "tags_addr": hex(self.tags_addr),
             "cmdline": self.cmdline,
-            "board": self.board,
+            "name": self.board,
             "kernel_kind": kernel_kind(self.kernel),
         }
 
