@@ -114,6 +114,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 def compile_script(script: str, out: Path, epoch: int) -> Path:
     """``mkimage -T script``: the legacy image U-Boot's ``source`` runs."""
     src = out.with_suffix(".cmd")
+    src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text(script)
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
     _run(
