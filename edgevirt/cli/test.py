@@ -63,9 +63,11 @@ def board_options(f):  # type: ignore[no-untyped-def]
     )(f)
     f = click.option(
         "--load",
-        type=click.Choice(["tftp", "fit", "ymodem"]),
+        type=click.Choice(["tftp", "fit", "ymodem", "sdcard"]),
         default=None,
-        help="U-Boot boards: how images get to the board [default: [tftp] or ymodem].",
+        help="U-Boot boards: how images get to the board: TFTP files or FIT, ymodem over "
+        "the console, or an SD card edgevirt writes (U-Boot runs its boot.scr) "
+        "[default: [tftp], else [sdcard], else ymodem].",
     )(f)
     f = click.option(
         "--image",

@@ -186,7 +186,8 @@ class FastbootStrategy(BootStrategy):
         while time.monotonic() < deadline:
             self.abort()
             try:
-                self.product = self.client.getvar("product", timeout=10)
+                left = deadline - time.monotonic()
+                self.product = self.client.getvar("product", timeout=max(1.0, min(10.0, left)))
                 return
             except FastbootError as e:
                 if "answered FAIL" in str(e):

@@ -1,0 +1,126 @@
+"""Raspberry Pi 3 B on QEMU's raspi3b model, running Debian's u-boot-rpi: a real SoC's
+firmware, device tree and console quirks (mini UART on the second port, ``U-Boot>``)."""
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from edgevirt.board import load_board
+from edgevirt.deploy.strategy import State
+from edgevirt.deploy.target import DeployOptions, Target
+from edgevirt.suite.model import load_suite
+from edgevirt.suite.runner import run_suite
+from tests.helpers import edgevirt, leftovers
+
+FIRMWARE = Path("/usr/lib/u-boot/rpi_3/u-boot.bin")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not FIRMWARE.exists(), reason="u-boot-rpi:arm64 not installed"),
+]
+
+
+def test_uboot_facts_are_the_profiles(tmp_path):
+    """Prompt, autoboot, load addresses and RAM in rpi3b.toml are what this U-Boot says."""
+    board = load_board("rpi3b")
+    bl = board.bootloader
+    with Target(board, DeployOptions(tmp_path, load="ymodem")) as t:
+        t.prepare()
+        t0 = time.monotonic()
+        t.transition(State.BOOTLOADER)
+        seconds = time.monotonic() - t0
+        u = t.strategy.uboot  # type: ignore[attr-defined]
+        env = dict(
+            re.findall(
+                r"^(\w+)=(\S+)$",
+                u.check("printenv kernel_addr_r fdt_addr_r ramdisk_addr_r fdtfile"),
+                re.M,
+            )
+        )
+        bd = u.check("bdinfo")
+        version = u.check("version")
+        assert u.has_command("lzmadec") and u.has_command("loady")
+        assert not u.has_command("no-such-command")
+    assert int(env["kernel_addr_r"], 16) == bl.kernel_addr_r
+    assert int(env["fdt_addr_r"], 16) == bl.fdt_addr_r
+    assert int(env["ramdisk_addr_r"], 16) == bl.ramdisk_addr_r
+    assert env["fdtfile"] == "broadcom/bcm2837-rpi-3-b.dtb" == board.dt.argument
+    start = int(re.search(r"-> start\s+= (0x[0-9a-f]+)", bd)[1], 16)
+    size = int(re.search(r"-> size\s+= (0x[0-9a-f]+)", bd)[1], 16)
+    assert [(r.base, r.size) for r in board.ram] == [(start, size)]
+    assert version.startswith("U-Boot 2023.01")
+    log = (tmp_path / "console.log").read_text()
+    # The console is the second serial port: U-Boot's banner came through it, the autoboot
+    # was stopped on this board's prompt.
+    assert "RPI 3 Model B" in log and "Hit any key to stop autoboot" in log
+    assert "U-Boot> " == bl.prompt and "U-Boot> " in log
+    assert "-serial null -serial chardev:ev-con" in (tmp_path / "qemu.cmdline").read_text()
+    assert seconds < 30
+    assert not leftovers(str(tmp_path))
+
+
+def test_boots_from_the_sd_card_with_the_pool_at_the_composed_address(tmp_path):
+    """`edgevirt test` builds the card, U-Boot's distro boot runs its boot.scr, the kernel
+    creates the restricted-dma-pool where the composer put it on the real BCM2837 tree."""
+    t0 = time.monotonic()
+    r = edgevirt(
+        "test", "carveout", "boot", "--board", "rpi3b", "--load", "sdcard",
+        "--build-dir", str(tmp_path), "--json", timeout=300,
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    steps = [s for suite in res["targets"][0]["suites"] for s in suite["steps"]]
+    assert steps and all(s["ok"] for s in steps), steps
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    (pool,) = [p for p in plan["placed"] if p["kind"] == "carveout"]
+    assert steps[0]["detail"] == f"pool at {int(pool['base'], 16):#018x}, 64 MiB"
+    log = (tmp_path / "console.log").read_text()
+    assert "Found U-Boot script /boot.scr" in log and "edgevirt: booting from mmc 0:1" in log
+    assert "if=sd,format=raw" in (tmp_path / "qemu.cmdline").read_text()
+    assert seconds < 120, f"SD-card boot + suites took {seconds:.0f}s"
+    assert not leftovers(str(tmp_path))
+
+
+def test_composed_dtb_over_loady(tmp_path):
+    """The carve-out DTB travels over the serial line (ymodem); kernel and initramfs come
+    from the card with U-Boot's fatload; the kernel uses the DTB that came over the line."""
+    board = load_board("rpi3b")
+    bl = board.bootloader
+    with Target(board, DeployOptions(tmp_path, load="sdcard")) as t:
+        t.prepare()
+        t.transition(State.BOOTLOADER)
+        u = t.strategy.uboot  # type: ignore[attr-defined]
+        u.check(f"fatload mmc 0:1 {bl.kernel_addr_r:#x} Image", 60)
+        u.check(f"fatload mmc 0:1 {bl.ramdisk_addr_r:#x} initramfs.cpio.gz", 60)
+        rsize = u.filesize()
+        # Clobber the card's DTB location first: only what loady brings can boot.
+        u.check(f"mw.b {bl.fdt_addr_r:#x} 0 0x10000")
+        assert u.loady(bl.fdt_addr_r, t.images.dtb) == t.images.dtb.stat().st_size
+        u.check(f"setenv bootargs '{t.bootargs()}'")
+        u.boot(f"booti {bl.kernel_addr_r:#x} {bl.ramdisk_addr_r:#x}:{rsize:#x} {bl.fdt_addr_r:#x}")
+        t.strategy.state = State.KERNEL
+        t.transition(State.SHELL)
+        result = run_suite(load_suite("carveout"), t.console, variables=t.vars())
+        assert result.ok, [(s.name, s.detail) for s in result.steps]
+    assert not leftovers(str(tmp_path))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("EDGEVIRT_SLOW"),
+    reason="~5 min on 2 cores (ymodem at ~12-16 KiB/s): set EDGEVIRT_SLOW=1",
+)
+def test_full_boot_over_loady_without_a_card(tmp_path):
+    """No card: kernel and initramfs LZMA-compressed over ymodem, lzmadec'd by U-Boot."""
+    board = load_board("rpi3b")
+    with Target(board, DeployOptions(tmp_path, load="ymodem", boot_timeout=900)) as t:
+        t.prepare()
+        t.boot()
+        assert t.model is not None and t.model.sd_card is None
+        result = run_suite(load_suite("carveout"), t.console, variables=t.vars())
+        assert result.ok, [(s.name, s.detail) for s in result.steps]
+    log = (tmp_path / "console.log").read_text()
+    assert "lzmadec" in log and "Uncompressed size: 7" in log
