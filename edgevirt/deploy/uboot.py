@@ -73,9 +73,14 @@ class UBoot:
             + b"|"
             + BOOTING_WITHOUT_BANNER.pattern
         )
+        begin = c.pos
         first = c.expect(banner, s.banner_timeout, abort)
         if BOOTING_WITHOUT_BANNER.fullmatch(first.group(0)):
             raise self._missed()  # we came too late: it is already booting
+        if first.group(0) == s.prompt.encode() and AUTOBOOT_STARTED.search(
+            c.buffer, begin, first.start()
+        ):
+            raise self._missed()  # the prompt after a failed bootcmd, not our interrupt
         start = first.end()
         deadline = time.monotonic() + 10.0
         prompt = re.compile(re.escape(s.prompt.encode()))
