@@ -62,6 +62,33 @@ def test_uboot_facts_are_the_profiles(tmp_path):
     assert not leftovers(str(tmp_path))
 
 
+def test_late_interrupt_on_this_uboot_is_caught_and_retried(tmp_path, monkeypatch):
+    """This U-Boot prints "starting USB…"/"scanning bus…" before its countdown (preboot):
+    that is not a missed autoboot; coming after the countdown (it scans the card) is, and
+    the target power-cycles and interrupts on the second try."""
+    from edgevirt.deploy import uboot as uboot_mod
+
+    calls = []
+    real = uboot_mod.UBoot.interrupt
+
+    def late(self, abort=None):
+        calls.append(1)
+        if len(calls) == 1:
+            self.console.expect(rb"Hit any key to stop autoboot", 30, abort)
+            time.sleep(3.0)  # bootdelay is 2 s: distro boot is already scanning the card
+        return real(self, abort)
+
+    monkeypatch.setattr(uboot_mod.UBoot, "interrupt", late)
+    with Target(load_board("rpi3b"), DeployOptions(tmp_path, load="sdcard")) as t:
+        t.prepare()
+        t.transition(State.BOOTLOADER)
+        assert t.strategy.attempts == 2 and t.model.boots == 2  # type: ignore[attr-defined]
+        assert t.strategy.uboot.run("true").status == 0  # type: ignore[attr-defined]
+    log = (tmp_path / "console.log").read_text()
+    assert "autoboot missed on attempt 1" in log and "starting USB" in log
+    assert not leftovers(str(tmp_path))
+
+
 def test_boots_from_the_sd_card_with_the_pool_at_the_composed_address(tmp_path):
     """`edgevirt test` builds the card, U-Boot's distro boot runs its boot.scr, the kernel
     creates the restricted-dma-pool where the composer put it on the real BCM2837 tree."""

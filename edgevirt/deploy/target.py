@@ -10,13 +10,14 @@ a chain edgevirt does not drive is refused at once, saying what to do instead.
 
 Sections parsed here (from ``Board.raw``; the rest of the profile is board.py's)::
 
-    [power]  kind = "qemu" | "command" | "manual"
+    [power]  kind = "qemu" | "command" | "manual" | "qemu-model" (deploy/socmodel.py)
              firmware = "/usr/lib/u-boot/qemu_arm64/u-boot.bin"   (QEMU + [bootloader])
              firmware_ram = "128M"      (RAM node U-Boot runs and loads in, above the carve-out)
              on / off / reset / timeout (kind = "command")
     [tftp]   server = "qemu"            (QEMU's user network serves build/tftp)
              server = "192.168.1.10"    (a TFTP server the board reaches; dir = what it serves)
              dir = "/srv/tftp/edgevirt"; ipaddr = "dhcp" | "192.168.1.50"; load = "files" | "fit"
+    [sdcard]   the card's layout (image/sdcard.py); [fastboot] the fastboot chain (deploy/fastboot.py)
 """
 
 from __future__ import annotations
