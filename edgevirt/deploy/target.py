@@ -17,7 +17,8 @@ Sections parsed here (from ``Board.raw``; the rest of the profile is board.py's)
     [tftp]   server = "qemu"            (QEMU's user network serves build/tftp)
              server = "192.168.1.10"    (a TFTP server the board reaches; dir = what it serves)
              dir = "/srv/tftp/edgevirt"; ipaddr = "dhcp" | "192.168.1.50"; load = "files" | "fit"
-    [sdcard]   the card's layout (image/sdcard.py); [fastboot] the fastboot chain (deploy/fastboot.py)
+    [sdcard]   the card's layout (image/sdcard.py)
+    [fastboot] the fastboot chain (deploy/fastboot.py)
 """
 
 from __future__ import annotations
