@@ -193,3 +193,11 @@ def test_load_options_of_uboot_are_refused_for_fastboot(tmp_path):
     board = load_board(str(fastboot_board(tmp_path, "tcp:127.0.0.1:9")))
     with pytest.raises(ConfigError, match="--load ymodem is for U-Boot boards"):
         Target(board, DeployOptions(tmp_path / "b", load="ymodem"))
+
+
+def test_inspect_recognises_a_boot_image(boot_img):
+    from edgevirt.image.inspect import inspect_path
+
+    info = inspect_path(boot_img)
+    assert info["kind"] == "android-boot-image" and info["kernel_kind"] == "arm64 Image"
+    assert info["cmdline"] == "console=ttyS0" and info["dtb"]["size"] == len(DTB)

@@ -115,3 +115,17 @@ def test_bad_card_size_is_refused(tmp_path, inputs, size, message):
 def test_board_without_sdcard_section_is_refused(tmp_path, inputs):
     with pytest.raises(ConfigError, match=r"rpi4b.toml: board 'rpi4b' has no \[sdcard\]"):
         layout("rpi4b", inputs, tmp_path)
+
+
+def test_inspect_lists_the_card_and_refuses_a_truncated_one(tmp_path, inputs):
+    from edgevirt.errors import ImageError
+    from edgevirt.image.inspect import inspect_path
+
+    card = write_card(layout("rpi3b", inputs, tmp_path), tmp_path / "sdcard.img")
+    info = inspect_path(card)
+    assert info["kind"] == "sdcard" and info["partitions"][0]["start"] == 2048
+    assert "boot.scr" in info["files"] and "Image" in info["files"]
+    short = tmp_path / "short.img"
+    short.write_bytes(card.read_bytes()[: 8 << 20])
+    with pytest.raises(ImageError, match=r"partition at LBA 2048 with 129024 sectors runs past"):
+        inspect_path(short)

@@ -44,7 +44,8 @@ DEFAULT_SIZE = 64 << 20
 #: What the GPU firmware needs to start 64-bit U-Boot; enable_uart fixes the core clock so
 #: the mini UART keeps its baud rate (U-Boot doc/board/broadcom/raspberrypi.rst).
 RPI_CONFIG_TXT = "arm_64bit=1\nkernel=u-boot.bin\nenable_uart=1\n"
-TOOLS = {"mkfs.fat": "dosfstools", "mcopy": "mtools", "mkimage": "u-boot-tools"}
+TOOLS = {"mkfs.fat": "dosfstools", "mcopy": "mtools", "mdir": "mtools", "mkimage": "u-boot-tools"}
+FAT_TYPES = {0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E}
 
 
 @dataclass
@@ -95,11 +96,10 @@ class BootScript:
 
 
 def _tool(name: str) -> str:
-    for d in ("", "/usr/sbin/", "/sbin/"):
-        path = shutil.which(d + name) if d else shutil.which(name)
-        if path:
-            return path
-    raise SetupError(f"{name} not found", hint=f"apt-get install {TOOLS[name]} (make setup)")
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        raise SetupError(f"{name} not found", hint=f"apt-get install {TOOLS[name]} (make setup)")
+    return path
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -239,3 +239,50 @@ def card_layout(
         if not p.is_file():
             raise ImageError(f"card file {p} does not exist")
     return CardLayout(size, files, texts, epoch)
+
+
+def partitions(mbr_sector: bytes) -> list[tuple[int, int, int, bool]]:
+    """(type, first LBA, sectors, bootable) of the MBR's used entries; [] if no MBR."""
+    if len(mbr_sector) < SECTOR or mbr_sector[510:512] != b"\x55\xaa":
+        return []
+    out = []
+    for i in range(4):
+        status, _, ptype, _, lba, count = struct.unpack_from("<B3sB3sII", mbr_sector, 446 + 16 * i)
+        if ptype:
+            out.append((ptype, lba, count, status == 0x80))
+    return out
+
+
+def inspect_card(path: Path) -> dict[str, Any]:
+    """The card's partitions and, for the first FAT one, its files (``mdir``)."""
+    with open(path, "rb") as f:
+        parts = partitions(f.read(SECTOR))
+    size = path.stat().st_size
+    for _type, lba, count, _ in parts:
+        if (lba + count) * SECTOR > size:
+            raise ImageError(
+                f"{path}: partition at LBA {lba} with {count} sectors runs past the image "
+                f"({size} bytes)"
+            )
+    info: dict[str, Any] = {
+        "kind": "sdcard",
+        "path": str(path),
+        "size": size,
+        "partitions": [
+            {"type": hex(t), "start": lba, "sectors": n, "bootable": b} for t, lba, n, b in parts
+        ],
+    }
+    fat = [p for p in parts if p[0] in FAT_TYPES]
+    if fat:
+        env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+        r = subprocess.run(
+            [_tool("mdir"), "-b", "-i", f"{path}@@{fat[0][1] * SECTOR}", "::"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        if r.returncode:
+            raise ImageError(f"{path}: the FAT partition does not read: {r.stderr.strip()}")
+        info["files"] = sorted(ln.rsplit("/", 1)[-1] for ln in r.stdout.split())
+    return info
