@@ -327,6 +327,9 @@ class Target:
             )
         return int(v, 16) if isinstance(v, str) else int(v)
 
+    def _bar(self, phase: str) -> Callable[[int, int], None]:
+        return lambda done, total: self.reporter.progress(phase, done, total)
+
     def _lzma(self, u: UBoot) -> bool:
         """ymodem loads go compressed when the profile gives a window for it and this
         U-Boot has ``lzmadec``."""
@@ -374,14 +377,17 @@ class Target:
             import gzip
 
             scratch = self._addr("kernel_comp")
-            u.loady_lzma(k, self.images.kernel.read_bytes(), scratch, "Image", abort)
+            kernel = self.images.kernel.read_bytes()
+            u.loady_lzma(k, kernel, scratch, "Image", abort, self._bar("ymodem Image.lzma"))
             cpio = gzip.decompress(self.images.initrd.read_bytes())
-            rsize = u.loady_lzma(r, cpio, scratch, "initramfs.cpio", abort)
-            u.loady(f, self.images.dtb, abort)
+            rsize = u.loady_lzma(
+                r, cpio, scratch, "initramfs.cpio", abort, self._bar("ymodem initramfs.lzma")
+            )
+            u.loady(f, self.images.dtb, abort, self._bar("ymodem guest.dtb"))
         else:
-            u.loady(k, self.images.kernel, abort)
-            rsize = u.loady(r, self.images.initrd, abort)
-            u.loady(f, self.images.dtb, abort)
+            u.loady(k, self.images.kernel, abort, self._bar("ymodem Image"))
+            rsize = u.loady(r, self.images.initrd, abort, self._bar("ymodem initramfs"))
+            u.loady(f, self.images.dtb, abort, self._bar("ymodem guest.dtb"))
         u.boot(f"booti {k:#x} {r:#x}:{rsize:#x} {f:#x}")
 
     # -- use ------------------------------------------------------------------------------

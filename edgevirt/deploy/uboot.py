@@ -152,14 +152,21 @@ class UBoot:
         self.check(f"tftpboot {addr:#x} {name}", 300, abort)
         return self.filesize()
 
-    def loady(self, addr: int, path: Path, abort: Callable[[], None] | None = None) -> int:
-        """Send ``path`` with ``loady`` (ymodem over the console itself)."""
+    def loady(
+        self,
+        addr: int,
+        path: Path,
+        abort: Callable[[], None] | None = None,
+        progress: ymodem.Progress | None = None,
+    ) -> int:
+        """Send ``path`` with ``loady`` (ymodem over the console itself); ``progress(done,
+        total)`` after each block: at a UART's pace a kernel takes minutes."""
         self._n += 1
         c = self.console
         c.log.note(f"u-boot loady {path} -> {addr:#x}")
         c.sendline(f"loady {addr:#x}")
         c.expect(rb"Ready for binary \(ymodem\) download[^\n]*\n", 10, abort)
-        sent = ymodem.send(c.getc, c.send, path)
+        sent = ymodem.send(c.getc, c.send, path, progress=progress)
         m = c.expect(rb"## Total Size\s+= 0x([0-9a-fA-F]+) = \d+ Bytes", 30, abort)
         c.expect(re.escape(self.settings.prompt.encode()), 10, abort)
         got = int(m.group(1), 16)
@@ -180,6 +187,7 @@ class UBoot:
         scratch: int,
         name: str,
         abort: Callable[[], None] | None = None,
+        progress: ymodem.Progress | None = None,
     ) -> int:
         """Send ``data`` LZMA-compressed to ``scratch`` with ``loady``, ``lzmadec`` it to
         ``addr``; returns the decompressed size U-Boot reports (checked against ``data``).
@@ -196,7 +204,7 @@ class UBoot:
         with tempfile.NamedTemporaryFile(prefix=f"{name}.", suffix=".lzma") as f:
             f.write(packed)
             f.flush()
-            self.loady(scratch, Path(f.name), abort)
+            self.loady(scratch, Path(f.name), abort, progress)
         self.check(f"lzmadec {scratch:#x} {addr:#x}", 120, abort)
         got = self.filesize()
         if got != len(data):
