@@ -105,6 +105,49 @@ def _uboot_settings(board: Board) -> UBootSettings:
     )
 
 
+def check_chain(board: Board) -> None:
+    """Refuse, before anything starts, a board whose boot chain edgevirt does not drive."""
+    chain = board.boot.chain
+    if not chain:
+        raise ChainNotDriven(
+            f"{board.where('boot')}: the profile does not say how {board.name} boots; "
+            "nothing was started",
+            hint='add [boot] chain = "u-boot" (with a [bootloader]) or "fastboot" '
+            "(with a [fastboot]) to the profile",
+        )
+    if not board.boot.driven:
+        raise ChainNotDriven(
+            f"{board.where('boot')}.chain = {chain!r}: edgevirt does not drive this boot "
+            f"chain ({' → '.join(board.boot.stages) or chain}); nothing was started",
+            hint=UNDRIVEN_CHAINS.get(chain, "").format(board=board.name) or None,
+        )
+
+
+def load_method(board: Board, requested: str | None) -> str:
+    """How the images reach the board: the chain's own way (fastboot), else ``--load``, else
+    what the profile offers: ``[tftp]`` (files or a FIT), an ``[sdcard]``, the console."""
+    tftp: dict[str, Any] = board.raw.get("tftp", {})
+    card = "sdcard" in board.raw
+    if board.boot.chain == "fastboot":
+        if requested not in (None, "fastboot"):
+            raise ConfigError(
+                f"{board.where('boot')}: --load {requested} is for U-Boot boards; "
+                f"{board.name} boots an Android boot image over fastboot"
+            )
+        return "fastboot"
+    if requested is None:
+        if tftp:
+            return "fit" if tftp.get("load") == "fit" else "tftp"
+        return "sdcard" if card else "ymodem"
+    if requested not in LOAD_METHODS:
+        raise ConfigError(f"load method {requested!r}: expected one of {LOAD_METHODS}")
+    if requested in ("tftp", "fit") and not tftp:
+        raise ConfigError(f"{board.where('tftp')}: load over TFTP needs a [tftp] section")
+    if requested == "sdcard" and not card:
+        raise ConfigError(f"{board.where('sdcard')}: booting from a card needs [sdcard]")
+    return requested
+
+
 class Target:
     """Use as a context manager: leaving it powers off and stops all it started."""
 
@@ -116,45 +159,10 @@ class Target:
         self.build.mkdir(parents=True, exist_ok=True)
         self.raw = board.raw
         chain = board.boot.chain
-        if not chain:
-            raise ChainNotDriven(
-                f"{board.where('boot')}: the profile does not say how {board.name} boots; "
-                "nothing was started",
-                hint='add [boot] chain = "u-boot" (with a [bootloader]) or "fastboot" '
-                "(with a [fastboot]) to the profile",
-            )
-        if not board.boot.driven:
-            raise ChainNotDriven(
-                f"{board.where('boot')}.chain = {chain!r}: edgevirt does not drive this boot "
-                f"chain ({' → '.join(board.boot.stages) or chain}); nothing was started",
-                hint=UNDRIVEN_CHAINS.get(chain, "").format(board=board.name) or None,
-            )
+        check_chain(board)
         self.uboot = chain == "u-boot"
         self.tftp: dict[str, Any] = self.raw.get("tftp", {})
-        card = "sdcard" in self.raw
-        if chain == "fastboot" and opts.load not in (None, "fastboot"):
-            raise ConfigError(
-                f"{board.where('boot')}: --load {opts.load} is for U-Boot boards; "
-                f"{board.name} boots an Android boot image over fastboot"
-            )
-        self.load = (
-            "fastboot"
-            if chain == "fastboot"
-            else opts.load
-            or (
-                ("fit" if self.tftp.get("load") == "fit" else "tftp")
-                if self.tftp
-                else "sdcard"
-                if card
-                else "ymodem"
-            )
-        )
-        if self.load not in (*LOAD_METHODS, "fastboot"):
-            raise ConfigError(f"load method {self.load!r}: expected one of {LOAD_METHODS}")
-        if self.load in ("tftp", "fit") and not self.tftp:
-            raise ConfigError(f"{board.where('tftp')}: load over TFTP needs a [tftp] section")
-        if self.load == "sdcard" and not card:
-            raise ConfigError(f"{board.where('sdcard')}: booting from a card needs [sdcard]")
+        self.load = load_method(board, opts.load)
         self.machine: QemuMachine | None = None
         self.model: QemuModel | None = None
         self.images: Images | None = None
