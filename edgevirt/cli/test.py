@@ -127,6 +127,7 @@ def test(
     Examples:
       edgevirt test smoke                                   # qemu-virt, direct boot
       edgevirt test boot smoke --board qemu-virt-uboot --load fit
+      edgevirt test carveout boot --board rpi3b             # SD card on QEMU raspi3b
       edgevirt test smoke --transport msg                   # devices over virtio-msg
       edgevirt test my-suite.yaml --parallel 3 --junit out/junit.xml
     """
