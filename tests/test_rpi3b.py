@@ -62,6 +62,29 @@ def test_uboot_facts_are_the_profiles(tmp_path):
     assert not leftovers(str(tmp_path))
 
 
+def test_compressed_loady_arrives_whole(tmp_path):
+    """The no-card path's transfer: an LZMA stream over ymodem, lzmadec'd by this U-Boot
+    to the kernel's address, byte for byte (crc32 in U-Boot against the host's)."""
+    import zlib
+
+    from edgevirt.deploy.uboot import lzma_alone
+
+    board = load_board("rpi3b")
+    bl = board.bootloader
+    data = (os.urandom(4096) + bytes(60000)) * 5  # some entropy, mostly compressible
+    with Target(board, DeployOptions(tmp_path, load="ymodem")) as t:
+        t.prepare()
+        t.transition(State.BOOTLOADER)
+        u = t.strategy.uboot  # type: ignore[attr-defined]
+        packed = lzma_alone(data, tmp_path / "payload.lzma")
+        assert packed.stat().st_size < len(data) // 4
+        comp = board.raw["bootloader"]["kernel_comp_addr_r"]
+        assert u.loady_lzma(bl.kernel_addr_r, packed, len(data), comp) == len(data)
+        out = u.check(f"crc32 {bl.kernel_addr_r:#x} {len(data):#x}")
+    assert out.strip().endswith(f"{zlib.crc32(data):08x}")
+    assert not leftovers(str(tmp_path))
+
+
 def test_late_interrupt_on_this_uboot_is_caught_and_retried(tmp_path, monkeypatch):
     """This U-Boot prints "starting USB…"/"scanning bus…" before its countdown (preboot):
     that is not a missed autoboot; coming after the countdown (it scans the card) is, and

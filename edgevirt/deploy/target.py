@@ -39,7 +39,7 @@ from edgevirt.deploy.machine import ExternalBus, Images, QemuMachine
 from edgevirt.deploy.power import Power, board_power, no_operator
 from edgevirt.deploy.socmodel import QemuModel
 from edgevirt.deploy.strategy import BootStrategy, State, UBootStrategy
-from edgevirt.deploy.uboot import UBoot, UBootSettings
+from edgevirt.deploy.uboot import UBoot, UBootSettings, lzma_alone
 from edgevirt.errors import ConfigError, DeployError
 from edgevirt.report import Reporter
 from edgevirt.spec import SystemSpec
@@ -386,11 +386,12 @@ class Target:
 
             scratch = self._addr("kernel_comp")
             kernel = self.images.kernel.read_bytes()
-            u.loady_lzma(k, kernel, scratch, "Image", abort, self._bar("ymodem Image.lzma"))
+            packed = lzma_alone(kernel, self.build / "Image.lzma")
+            u.loady_lzma(k, packed, len(kernel), scratch, abort, self._bar("ymodem Image.lzma"))
             cpio = gzip.decompress(self.images.initrd.read_bytes())
-            rsize = u.loady_lzma(
-                r, cpio, scratch, "initramfs.cpio", abort, self._bar("ymodem initramfs.lzma")
-            )
+            packed = lzma_alone(cpio, self.build / "initramfs.cpio.lzma")
+            bar = self._bar("ymodem initramfs.cpio.lzma")
+            rsize = u.loady_lzma(r, packed, len(cpio), scratch, abort, bar)
             u.loady(f, self.images.dtb, abort, self._bar("ymodem guest.dtb"))
         else:
             u.loady(k, self.images.kernel, abort, self._bar("ymodem Image"))

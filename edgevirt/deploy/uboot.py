@@ -183,33 +183,24 @@ class UBoot:
     def loady_lzma(
         self,
         addr: int,
-        data: bytes,
+        packed: Path,
+        size: int,
         scratch: int,
-        name: str,
         abort: Callable[[], None] | None = None,
         progress: ymodem.Progress | None = None,
     ) -> int:
-        """Send ``data`` LZMA-compressed to ``scratch`` with ``loady``, ``lzmadec`` it to
-        ``addr``; returns the decompressed size U-Boot reports (checked against ``data``).
+        """Send ``packed`` (:func:`lzma_alone`) to ``scratch`` with ``loady``, ``lzmadec`` it
+        to ``addr``; returns the size U-Boot reports, checked against ``size``.
 
         A 115200-baud line (or QEMU's one-byte-per-poll UART models) moves ~10 KiB/s, so
         the ~3x smaller payload is the difference between minutes and a quarter hour.
-        The stream is the legacy ``.lzma`` ("alone") format U-Boot's lzmadec reads; its
-        size field stays "unknown": lzmadec then stops at the end marker.
         """
-        import lzma
-        import tempfile
-
-        packed = lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9)
-        with tempfile.NamedTemporaryFile(prefix=f"{name}.", suffix=".lzma") as f:
-            f.write(packed)
-            f.flush()
-            self.loady(scratch, Path(f.name), abort, progress)
+        self.loady(scratch, packed, abort, progress)
         self.check(f"lzmadec {scratch:#x} {addr:#x}", 120, abort)
         got = self.filesize()
-        if got != len(data):
+        if got != size:
             raise DeployError(
-                f"U-Boot: lzmadec of {name} gave {got} bytes at {addr:#x}, expected {len(data)}"
+                f"U-Boot: lzmadec of {packed.name} gave {got} bytes at {addr:#x}, expected {size}"
             )
         return got
 
@@ -225,3 +216,23 @@ class UBoot:
 
 class AutobootMissed(ConsoleError):
     """The autoboot countdown ended before U-Boot saw our key."""
+
+
+def lzma_alone(data: bytes, out: Path) -> Path:
+    """``data`` in the legacy ``.lzma`` ("alone") format U-Boot's ``lzmadec`` reads, kept at
+    ``out`` with the input's sha256 beside it: compressing a kernel costs ~20 s of CPU, so
+    an unchanged input is not compressed again. The header's size field stays "unknown"
+    (lzmadec then stops at the end marker; a filled-in size made it hang, tried here)."""
+    import hashlib
+    import lzma
+    import os
+
+    digest = hashlib.sha256(data).hexdigest()
+    stamp = out.with_name(out.name + ".sha256")
+    if out.exists() and stamp.exists() and stamp.read_text() == digest:
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    tmp.write_bytes(lzma.compress(data, format=lzma.FORMAT_ALONE, preset=6))
+    os.replace(tmp, out)
+    stamp.write_text(digest)
+    return out
