@@ -29,16 +29,15 @@ def image() -> None:
 
 
 def _board_dtb(board: Any, out_dir: Path) -> Path:
-    """The FIT's fdt: QEMU boards get the carve-out DTB `up` boots; others their base DTB."""
+    """The FIT's fdt: the carve-out DTB the board boots with `up` (QEMU) or `deploy` (a
+    real board: its own tree with the default carve-out composed onto it)."""
     if board.is_qemu:
         from edgevirt.deploy.machine import carveout_dtb
 
         return carveout_dtb(board, out_dir)[0]
-    from edgevirt.devicetree.basedtb import base_dtb
+    from edgevirt.deploy.boardimage import compose_board_dtb
 
-    path = out_dir / "guest.dtb"
-    path.write_bytes(base_dtb(board, out_dir).fdt.to_bytes())  # compacted, never padded
-    return path
+    return compose_board_dtb(board, out_dir)[0]
 
 
 @image.command("build")
