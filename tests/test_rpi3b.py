@@ -161,7 +161,7 @@ def test_composed_dtb_over_loady(tmp_path):
 
 @pytest.mark.skipif(
     not os.environ.get("EDGEVIRT_SLOW"),
-    reason="5-7 min on 2 shared cores (ymodem at ~12-16 KiB/s): set EDGEVIRT_SLOW=1",
+    reason="5-9 min on 2 shared cores (ymodem at ~12-16 KiB/s): set EDGEVIRT_SLOW=1",
 )
 def test_full_boot_over_loady_without_a_card(tmp_path):
     """No card: kernel and initramfs LZMA-compressed over ymodem, lzmadec'd by U-Boot."""
