@@ -31,6 +31,7 @@ FEATURES: dict[str, str] = {
     "qemu": "QEMU virt boards and the vhost-user back-end's peers",
     "uboot": "U-Boot boards (TFTP, FIT, ymodem) and remote serial",
     "servicevm": "the aarch64 service VM (cross-compiled C fast path)",
+    "boards": "real boards' boot chains: rpi3b on QEMU raspi3b, SD cards, fastboot",
     "tests": "the test suite's own oracles and clients",
 }
 #: What each README command needs.
@@ -260,7 +261,20 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         c_links(f"{CROSS}gcc", _HELLO),
         "cross-compiles the C fast path for the service VM",
     ),
+    # boards
+    R(
+        "u-boot.bin (rpi_3)",
+        "boards",
+        "u-boot-rpi:arm64",
+        file_exists("/usr/lib/u-boot/rpi_3/u-boot.bin"),
+        "the Raspberry Pi 3's own U-Boot, on QEMU raspi3b (rpi3b)",
+    ),
+    R("mkfs.fat", "boards", "dosfstools", on_path("mkfs.fat"), "SD card: FAT32 boot partition"),
+    R("mcopy", "boards", "mtools", command("mcopy", "--version"), "SD card: files onto FAT"),
+    R("fastboot", "boards", "fastboot", command("fastboot", "--version"), "fastboot chain"),
     # tests
+    R("sfdisk", "tests", "fdisk", command("sfdisk", "--version"), "SD card partition oracle"),
+    R("mkbootimg", "tests", "mkbootimg", on_path("mkbootimg"), "Android boot image oracle"),
     R("tftp (tftp-hpa)", "tests", "tftp-hpa", on_path("tftp"), "TFTP client oracle"),
     R("atftp", "tests", "atftp", on_path("atftp"), "TFTP client oracle (windowsize)"),
     R("curl", "tests", "curl", command("curl", "--version"), "TFTP client oracle (tftp://)"),

@@ -48,6 +48,9 @@ def deploy(
     Examples:
       edgevirt deploy --board qemu-virt-uboot --load ymodem
       edgevirt deploy --board rpi4b --image out/rpi4b/image --state bootloader -i
+      edgevirt deploy --board rpi3b -i            # QEMU raspi3b + the Pi's U-Boot, SD card
+      edgevirt deploy --board rpi3b --load ymodem # no card: everything over the console
+      edgevirt deploy --board qcom-sa8155p-adp    # fastboot boot of an Android boot image
       edgevirt deploy --transport msg -i      # qemu-virt, devices over virtio-msg
     """
     import time
@@ -90,7 +93,7 @@ def deploy(
                 err.print("[dim]console attached; Ctrl-] to leave[/]")
                 interact(target.console)
         finally:
-            if target.machine is not None:
+            if target.machine is not None or target.model is not None:
                 target.close()
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] target powered off")
