@@ -115,7 +115,7 @@ static int mem_fail(err_t *e, const guestmem *m, const char *what, uint64_t gpa,
     return -1;
 }
 
-static int rings_map(ctx *c)
+int rings_map(ctx *c)
 {
     uint64_t n = c->size;
     if (!(c->desc = mem_find(c->m, c->desc_gpa, 16 * n)))
@@ -693,11 +693,15 @@ static int ring_exec(PyObject *mod)
     if (st->blk_result_type == NULL ||
         PyModule_AddType(mod, (PyTypeObject *)st->blk_result_type) < 0)
         return -1;
+    st->aio_type = PyType_FromModuleAndSpec(mod, blk_aio_spec(), NULL);
+    if (st->aio_type == NULL || PyModule_AddType(mod, (PyTypeObject *)st->aio_type) < 0)
+        return -1;
     return PyModule_AddIntConstant(mod, "POP_SEGMENT_BUDGET", POP_SEGMENT_BUDGET);
 }
 
 #define STATE_REFS(X, st) \
-    X(st->ring_error); X(st->mem_error); X(st->log); X(st->queue_type); X(st->blk_result_type)
+    X(st->ring_error); X(st->mem_error); X(st->log); X(st->queue_type); X(st->blk_result_type); \
+    X(st->aio_type)
 
 static int ring_traverse(PyObject *mod, visitproc visit, void *arg)
 {
