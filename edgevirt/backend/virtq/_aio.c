@@ -15,8 +15,9 @@
  * before it stops the queue or unmaps memory. A flush is a barrier: it starts after every
  * request submitted before it completed (IOSQE_IO_DRAIN, or the pool's barrier) and nothing
  * submitted after it starts before it ends, so it covers every write the guest saw complete.
- * With O_DIRECT a buffer that is not aligned to the device's DIO alignment goes through an
- * aligned bounce buffer (counted); an offset that is not aligned uses the buffered fd.
+ * With O_DIRECT a request whose buffers are not aligned to the file's DIO memory alignment
+ * goes through an aligned bounce buffer (counted); one whose offset or length is not aligned
+ * to its DIO offset alignment goes to the buffered fd.
  */
 #include "_ring.h"
 
@@ -52,7 +53,7 @@ typedef struct {
     PyObject_HEAD
     blkdev d;
     int fd_buffered, direct;
-    uint32_t align, depth, nflight;
+    uint32_t align, mem_align, depth, nflight; /* DIO offset and buffer alignment */
     aioreq *reqs; /* [depth], indexed by chain head */
     int efd, engine;
     const char *why; /* why the engine is what it is */
@@ -179,10 +180,12 @@ static int pool_start(BlkAio *a)
 
 /* ---- submit ---- */
 
-static int aligned(const struct iovec *iov, size_t n, uint32_t al)
+/* What every kernel with O_DIRECT accepts: each segment's address aligned to the DMA
+ * alignment, its length to the logical block size (some kernels accept less, not all). */
+static int aligned(const struct iovec *iov, size_t n, uint32_t mem_al, uint32_t len_al)
 {
     for (size_t i = 0; i < n; i++)
-        if ((uintptr_t)iov[i].iov_base % al || iov[i].iov_len % al)
+        if ((uintptr_t)iov[i].iov_base % mem_al || iov[i].iov_len % len_al)
             return 0;
     return 1;
 }
@@ -202,9 +205,9 @@ static int req_prepare(BlkAio *a, aioreq *r, const blkreq *p, const struct iovec
         return 0;
     if (a->direct && ((r->off | r->len) % a->align) && a->fd_buffered >= 0)
         r->fd = a->fd_buffered; /* DIO cannot address it: the page cache can */
-    else if (a->direct && !aligned(iov, p->cnt, a->align)) {
+    else if (a->direct && !aligned(iov, p->cnt, a->mem_align, a->align)) {
         st->bounced++;
-        if (posix_memalign(&r->bounce, a->align, r->len ? r->len : a->align) != 0)
+        if (posix_memalign(&r->bounce, a->align > 64 ? a->align : 64, r->len ? r->len : 1))
             return r->bounce = NULL, -1;
         r->one = (struct iovec){r->bounce, (size_t)r->len};
         r->iov = &r->one;
@@ -474,16 +477,24 @@ static aioreq *harvest(BlkAio *a, int wait)
             seen++;
         }
         io_uring_cq_advance(&a->ring, seen);
-        return list;
-    }
+    } else
 #endif
-    pthread_mutex_lock(&a->mu);
-    while (wait && a->done == NULL)
-        pthread_cond_wait(&a->cv_done, &a->mu);
-    list = a->done;
-    a->done = NULL;
-    pthread_mutex_unlock(&a->mu);
-    return list;
+    {
+        pthread_mutex_lock(&a->mu);
+        while (wait && a->done == NULL)
+            pthread_cond_wait(&a->cv_done, &a->mu);
+        list = a->done;
+        a->done = NULL;
+        pthread_mutex_unlock(&a->mu);
+    }
+    aioreq *fifo = NULL; /* both lists are newest first: publish in completion order */
+    while (list != NULL) {
+        aioreq *nx = list->next;
+        list->next = fifo;
+        fifo = list;
+        list = nx;
+    }
+    return fifo;
 }
 
 static PyObject *Aio_reap(BlkAio *a, PyObject *args, PyObject *kw)
@@ -595,22 +606,24 @@ static PyObject *Aio_close(BlkAio *a, PyObject *Py_UNUSED(ignored))
 static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "capacity", "seg_max", "readonly", "depth", "engine",
-                             "direct", "align", "fd_buffered", NULL};
+                             "direct", "align", "mem_align", "fd_buffered", NULL};
     int fd, readonly, direct = 0, fd_buffered = -1;
     unsigned long long capacity;
-    unsigned int seg_max, depth, align = 512;
+    unsigned int seg_max, depth, align = 512, mem_align = 0;
     const char *engine = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKIpI|spIi:BlkAio", kwlist, &fd, &capacity,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKIpI|spIIi:BlkAio", kwlist, &fd, &capacity,
                                      &seg_max, &readonly, &depth, &engine, &direct, &align,
-                                     &fd_buffered))
+                                     &mem_align, &fd_buffered))
         return NULL;
     if (fd < 0 || seg_max < 1 || seg_max > BLK_MAX_SEG_MAX || depth < 1 ||
         depth > MAX_QUEUE_SIZE || capacity > (unsigned long long)INT64_MAX / BLK_SECTOR ||
-        align < 512 || align > 65536 || (align & (align - 1)))
+        align < 512 || align > 65536 || (align & (align - 1)) || mem_align > align ||
+        (mem_align & (mem_align - 1)))
         return PyErr_Format(PyExc_ValueError, "BlkAio: fd %d, seg_max %u (1..%d), depth %u "
-                            "(1..%d), capacity %llu (< 2^54) or align %u (power of two "
-                            "512..65536) out of range", fd, seg_max, BLK_MAX_SEG_MAX, depth,
-                            MAX_QUEUE_SIZE, capacity, align);
+                            "(1..%d), capacity %llu (< 2^54), align %u (power of two "
+                            "512..65536) or mem_align %u (power of two <= align) out of range",
+                            fd, seg_max, BLK_MAX_SEG_MAX, depth, MAX_QUEUE_SIZE, capacity,
+                            align, mem_align);
     int want_uring = !strcmp(engine, "auto") || !strcmp(engine, "io_uring");
     if (!want_uring && strcmp(engine, "threads"))
         return PyErr_Format(PyExc_ValueError, "BlkAio: engine %s, expected auto, io_uring or "
@@ -622,6 +635,7 @@ static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     a->fd_buffered = fd_buffered;
     a->direct = direct;
     a->align = align;
+    a->mem_align = mem_align ? mem_align : align;
     a->depth = depth;
     a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     a->reqs = PyMem_RawCalloc(depth, sizeof *a->reqs);
@@ -710,8 +724,8 @@ static PyMethodDef Aio_methods[] = {
 
 static PyType_Slot Aio_slots[] = {
     {Py_tp_doc, "BlkAio(fd, capacity, seg_max, readonly, depth, engine='auto', direct=False, "
-                "align=512, fd_buffered=-1): the asynchronous virtio-blk request path of one "
-                "queue"},
+                "align=512, mem_align=align, fd_buffered=-1): the asynchronous virtio-blk "
+                "request path of one queue"},
     {Py_tp_new, Aio_new},
     {Py_tp_dealloc, Aio_dealloc},
     {Py_tp_methods, Aio_methods},

@@ -31,6 +31,8 @@ class BlkResult(tuple[object, ...]):
     def bytes_written(self) -> int: ...
     @property
     def error(self) -> str | None: ...
+    @property
+    def bounced(self) -> int: ...
 
 class SplitQueue:
     def __init__(
@@ -65,3 +67,42 @@ class SplitQueue:
         inflight: memoryview | bytearray | None = None,
         counter: int = 0,
     ) -> BlkResult: ...
+
+class BlkAio:
+    """The asynchronous virtio-blk request path of one queue (io_uring or a thread pool)."""
+
+    def __init__(
+        self,
+        fd: int,
+        capacity: int,
+        seg_max: int,
+        readonly: bool,
+        depth: int,
+        engine: str = "auto",
+        direct: bool = False,
+        align: int = 512,
+        mem_align: int = 0,
+        fd_buffered: int = -1,
+    ) -> None: ...
+    @property
+    def engine(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def eventfd(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def bounced(self) -> int: ...
+    def submit(
+        self,
+        queue: SplitQueue,
+        mem: MemoryTable,
+        max_chains: int = 0,
+        inflight: memoryview | bytearray | None = None,
+        counter: int = 0,
+    ) -> BlkResult: ...
+    def reap(
+        self, queue: SplitQueue, inflight: memoryview | bytearray | None = None, wait: bool = False
+    ) -> BlkResult: ...
+    def close(self) -> None: ...

@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass, field
 
 from edgevirt.backend.devices.base import VirtioDevice
+from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user import inflight as infl
@@ -22,6 +23,7 @@ from edgevirt.backend.transport.vhost_user import protocol as p
 from edgevirt.backend.transport.vhost_user.protocol import ProtocolFeature as PF
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
 from edgevirt.backend.transport.vhost_user.vring import Vring
+from edgevirt.backend.virtq import BlkAio
 from edgevirt.errors import BackendError, VhostUserError
 
 log = logging.getLogger(__name__)
@@ -471,6 +473,7 @@ class VhostUserBackend:
             vr.queue = None
             self._break(vr, f"vring {vr.index}: {e}")
             return
+        self._open_aio(vr)
         self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
         log.info(
             "%s: vring %d started: %d entries, desc gpa %#x, avail idx %d%s",
@@ -485,9 +488,36 @@ class VhostUserBackend:
             self._serve(vr)
 
     def _stop_ring(self, vr: Vring) -> None:
-        vr.stop()
+        if vr.aio is not None:
+            self.loop.remove_reader(vr.aio.eventfd)
+        vr.stop(self.mem)
         if vr.kick >= 0:
             self.loop.remove_reader(vr.kick)
+
+    def _open_aio(self, vr: Vring) -> None:
+        """A blk device's asynchronous engine for this ring (cache=none), on the C ring only."""
+        d = self.device
+        if not (self.fastpath and isinstance(d, BlockDevice) and BlkAio is not None
+                and hasattr(vr.queue, "serve_blk")):  # fmt: skip
+            return
+        try:
+            vr.aio = d.open_aio(vr.num, BlkAio)
+        except OSError as e:
+            log.error("%s: vring %d: no asynchronous engine (%s): requests served by the "
+                      "Python path", d.name, vr.index, e)  # fmt: skip
+            return
+        if vr.aio is not None:
+            vr.blk = d
+            self.loop.add_reader(vr.aio.eventfd, lambda: self._reaped(vr))
+            log.info("%s: vring %d: %s (%s)", d.name, vr.index, vr.aio.engine, vr.aio.reason)
+
+    def _reaped(self, vr: Vring) -> None:
+        try:
+            vr.reap(self.mem)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+        except OSError as e:
+            log.error("%s: vring %d: %s", self.device.name, vr.index, e)
 
     def _break(self, vr: Vring, why: str) -> None:
         vr.broken = why

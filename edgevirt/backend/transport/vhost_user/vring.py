@@ -5,6 +5,11 @@ rings (front-end user addresses → guest-physical, inside the carve-out only), 
 chains a killed predecessor left in the inflight region, then serves whatever the driver
 has already made available. A guest fault marks the vring broken (logged, counted, signalled
 on the err fd); the process and every other vring keep running.
+
+A blk device with an asynchronous engine (``cache=none``: ``BlkAio``, io_uring or threads)
+gets one per vring: ``serve`` submits batches, ``reap`` publishes what finished (the back-end
+calls it when the engine's eventfd is readable), and ``stop`` first waits for the I/O in
+flight and publishes it, so no request outlives the ring or the memory it points into.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgevirt.backend.devices.base import Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
@@ -51,6 +57,10 @@ class Vring:
     broken: str | None = None
     resubmit: list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] | None = None
     stats: VringStats = field(default_factory=VringStats)
+    #: the blk device's BlkAio engine for this ring (None: synchronous paths)
+    aio: Any = None
+    #: the device it serves, for the engine's accounting
+    blk: BlockDevice | None = None
 
     @property
     def served(self) -> int:
@@ -106,11 +116,38 @@ class Vring:
             self.queue = q
         return q
 
-    def stop(self) -> None:
+    def stop(self, mem: GuestMemory | None = None) -> None:
+        """Stop serving; ``mem`` (the memory the ring lives in) lets in-flight I/O finish."""
+        if self.queue is not None and mem is not None:
+            self.drain(mem)
         if self.queue is not None:
             self.base = self.queue.last_avail_idx
             self.queue = None
         self.resubmit = None
+        if self.aio is not None:
+            self.aio.close()
+            self.aio = None
+
+    def reap(self, mem: GuestMemory, wait: bool = False) -> None:
+        """Publish the engine's finished requests (all in flight with ``wait``)."""
+        q, aio = self.queue, self.aio
+        if q is None or aio is None:
+            return
+        res = aio.reap(q, self.inflight.buf if self.inflight is not None else None, wait)
+        if self.blk is not None:
+            self.blk.account(res)
+        if res.pushed:
+            self.stats.served += res.pushed
+            self._notify(q, mem)
+
+    def drain(self, mem: GuestMemory) -> None:
+        """Wait for the engine's I/O in flight and publish it (the ring is still mapped)."""
+        if self.aio is None or self.queue is None or not self.aio.in_flight:
+            return
+        try:
+            self.reap(mem, wait=True)
+        except OSError as e:  # the call fd is gone: the requests are published all the same
+            log.error("vring %d: drain: %s", self.index, e)
 
     def _resubmit(self, heads: list[int], mem: GuestMemory) -> None:
         q = self.queue
@@ -129,6 +166,9 @@ class Vring:
         q = self.queue
         assert q is not None
         iq = self.inflight
+        if self.aio is not None and self.blk is not None:
+            self._serve_aio(q, device, mem)
+            return
         serve_blk = getattr(q, "serve_blk", None) if fastpath else None
         blk = device if isinstance(device, BlockDevice) and serve_blk is not None else None
         fast = blk.fast_path_args() if blk is not None else None
@@ -168,6 +208,37 @@ class Vring:
             self.stats.served += len(done)
             self._notify(q, mem)
 
+    def _serve_aio(self, q: SplitQueue, device: VirtioDevice, mem: GuestMemory) -> None:
+        """Submit every available chain to the engine; other chains go to ``device.handle``."""
+        iq, aio, blk = self.inflight, self.aio, self.blk
+        assert aio is not None and blk is not None
+        while True:
+            if self.resubmit:  # taken by a predecessor: already marked in the region
+                rest, self.resubmit = self.resubmit, None
+            else:
+                before = q.last_avail_idx
+                res = aio.submit(q, mem, BATCH,
+                                 iq.buf if iq is not None else None,
+                                 iq.counter if iq is not None else 0)  # fmt: skip
+                if iq is not None:
+                    iq.counter = res.counter
+                blk.account(res)
+                if res.pushed:
+                    self.stats.served += res.pushed
+                    self._notify(q, mem)
+                if q.last_avail_idx == before:
+                    return
+                rest = res.rest
+            if rest:
+                done = [(h, device.handle(self.index, Chain(h, r, w), mem)) for h, r, w in rest]
+                if iq is not None:
+                    iq.before_push(done[-1][0])
+                q.push(mem, done)
+                if iq is not None:
+                    iq.completed([h for h, _ in done], q.used_idx)
+                self.stats.served += len(done)
+                self._notify(q, mem)
+
     def _notify(self, q: SplitQueue, mem: GuestMemory) -> None:
         if q.should_notify(mem) and self.call >= 0:
             self.stats.notifications += 1  # counted first: observers wake on the call
@@ -194,5 +265,7 @@ class Vring:
             "notifications": self.stats.notifications,
             "resubmitted": self.stats.resubmitted,
             "inflight_tracking": self.inflight is not None,
+            "io": self.aio.engine if self.aio is not None else None,
+            "in_flight_io": self.aio.in_flight if self.aio is not None else 0,
             "broken": self.broken,
         }
