@@ -30,10 +30,15 @@ def disk(tmp_path):
     return path
 
 
-def start_backend(tmp_path, disk, name="be"):
+#: the synchronous C path on the page cache, and O_DIRECT with io_uring (requests stay in
+#: the kernel between loop callbacks: a SIGKILL catches many in flight)
+PATHS = {"sync": "", "odirect-io_uring": ",cache=none,aio=io_uring"}
+
+
+def start_backend(tmp_path, disk, name="be", opts=""):
     sock_dir = tmp_path / "sockets"
     proc = BackendProcess(
-        [f"blk:path={disk}"], sock_dir, tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+        [f"blk:path={disk}{opts}"], sock_dir, tmp_path / f"{name}.json", tmp_path / f"{name}.log"
     )
     proc.wait_ready()
     return proc, str(backend_socket(sock_dir, 0, "blk"))
@@ -125,12 +130,13 @@ def in_flight(fd, size):
     return n
 
 
-def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
+@pytest.mark.parametrize("io", list(PATHS))
+def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk, io):
     """SIGKILL the back-end process while it is in the middle of a batch of writes (caught
     by stopping it and looking at the inflight region), restart it, reconnect like QEMU
     (same rings, used->idx as base, same inflight fd): every write completes and the disk
     holds every pattern."""
-    proc, path = start_backend(tmp_path, disk, "first")
+    proc, path = start_backend(tmp_path, disk, "first", PATHS[io])
     fe = VhostUserFrontend(path, size=16 << 20)
     fd = -1
     try:
@@ -161,7 +167,7 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
         drv.get_used()
         left = len(drv._chains)
         fe.close_socket()
-        proc2, path2 = start_backend(tmp_path, disk, "second")
+        proc2, path2 = start_backend(tmp_path, disk, "second", PATHS[io])
         try:
             fe.reconnect(path2)
             attach(fe, (fd, size), driver=drv)
@@ -182,6 +188,7 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
                 time.sleep(0.05)
             assert q["resubmitted"] == caught and q["served"] == left
             assert proc2.stats()["devices"][0]["broken"] == []
+            assert q["io"] == ("io_uring" if PATHS[io] else None)
         finally:
             fe.close()
             proc2.stop()
@@ -191,8 +198,9 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
         proc.stop()
 
 
-def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk):
-    proc, path = start_backend(tmp_path, disk)
+@pytest.mark.parametrize("io", list(PATHS))
+def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk, io):
+    proc, path = start_backend(tmp_path, disk, opts=PATHS[io])
     fe = VhostUserFrontend(path, size=16 << 20)
     fd = -1
     try:
