@@ -274,10 +274,17 @@ class BlockDevice(VirtioDevice):
     def fast_path_args(self) -> tuple[int, int, int, bool] | None:
         """(fd, capacity, seg_max, readonly) for ``SplitQueue.serve_blk``, the C request path
         of reads, writes and flushes; it hands every other chain back to :meth:`handle`.
-        None when closed or when the queues use :meth:`open_aio` instead."""
+        None when closed or when the queues use :meth:`open_aio` instead. With cache=none
+        the fd is the O_DIRECT one and :attr:`fallback_fd` serves what it refuses."""
         if self.fd < 0 or self.aio != "sync":
             return None
-        return self.fd, self.capacity, self.seg_max, self.readonly
+        fd = self.fd_direct if self.direct else self.fd
+        return fd, self.capacity, self.seg_max, self.readonly
+
+    @property
+    def fallback_fd(self) -> int:
+        """The page-cache fd for requests O_DIRECT refuses (cache=none), else -1."""
+        return self.fd if self.direct else -1
 
     def open_aio(self, depth: int, aio_type: Any) -> Any:
         """A ``BlkAio`` engine for one queue of ``depth`` entries, or None for the synchronous

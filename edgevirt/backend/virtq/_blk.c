@@ -37,6 +37,7 @@ typedef struct {
     blkdev d;
     uint8_t *infl; /* NULL, or the queue's inflight region (checked to hold size entries) */
     unsigned long long counter;
+    int fd_fallback; /* -1, or the page-cache fd for what O_DIRECT refuses (EINVAL) */
     size_t served;   /* chains served in C, a prefix of the batch */
     int pushed;      /* the whole batch was served and pushed */
     uint32_t *ids;   /* ids[2k] = head, ids[2k+1] = written length, for chain k */
@@ -167,6 +168,12 @@ static int blk_chain(blkjob *b, size_t k)
         do
             n = preadv(b->d.fd, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
         while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EINVAL && b->fd_fallback >= 0) { /* unaligned for O_DIRECT */
+            b->st.bounced++;
+            do
+                n = preadv(b->fd_fallback, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
+            while (n < 0 && errno == EINTR);
+        }
         if (n < 0) {
             blk_note(&b->st, head, "read at sector %llu: %s", (unsigned long long)r.sector,
                      strerror(errno));
@@ -180,6 +187,12 @@ static int blk_chain(blkjob *b, size_t k)
         do
             n = pwritev(b->d.fd, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
         while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EINVAL && b->fd_fallback >= 0) {
+            b->st.bounced++;
+            do
+                n = pwritev(b->fd_fallback, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
+            while (n < 0 && errno == EINTR);
+        }
         if (n < 0)
             blk_note(&b->st, head, "write at sector %llu: %s", (unsigned long long)r.sector,
                      strerror(errno));
@@ -339,11 +352,11 @@ static PyObject *build_result(Queue *q, blkjob *b)
 PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mem", "fd", "capacity", "seg_max", "readonly", "max_chains",
-                             "inflight", "counter", NULL};
+                             "inflight", "counter", "fd_fallback", NULL};
     PyObject *mem, *inflight = Py_None, *out = NULL;
     unsigned long long capacity, counter = 0;
     Py_ssize_t max_chains = 0;
-    int fd, readonly;
+    int fd, readonly, fd_fallback = -1;
     unsigned int seg_max;
     Py_buffer ib = {0};
     guestmem m;
@@ -351,9 +364,9 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     blkjob *b = NULL;
 
     memset(&m, 0, sizeof m);
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiKIp|nOK:serve_blk", kwlist, &mem, &fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiKIp|nOKi:serve_blk", kwlist, &mem, &fd,
                                      &capacity, &seg_max, &readonly, &max_chains, &inflight,
-                                     &counter))
+                                     &counter, &fd_fallback))
         return NULL;
     /* capacity bound: every byte offset sector * 512 below it fits an off_t */
     if (fd < 0 || seg_max < 1 || seg_max > MAX_SEG_MAX || max_chains < 0 ||
@@ -380,6 +393,7 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     b->d = (blkdev){fd, readonly, capacity, seg_max};
     b->infl = ib.obj != NULL ? ib.buf : NULL;
     b->counter = counter;
+    b->fd_fallback = fd_fallback;
     Py_BEGIN_ALLOW_THREADS
     blk_run(b);
     Py_END_ALLOW_THREADS

@@ -66,6 +66,7 @@ class SplitQueue:
         max_chains: int = 0,
         inflight: memoryview | bytearray | None = None,
         counter: int = 0,
+        fd_fallback: int = -1,
     ) -> BlkResult: ...
 
 class BlkAio:

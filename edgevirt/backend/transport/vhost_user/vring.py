@@ -179,7 +179,8 @@ class Vring:
             elif blk is not None and fast is not None and serve_blk is not None:
                 res = serve_blk(mem, *fast, BATCH,
                                 iq.buf if iq is not None else None,
-                                iq.counter if iq is not None else 0)  # fmt: skip
+                                iq.counter if iq is not None else 0,
+                                blk.fallback_fd)  # fmt: skip
                 if iq is not None:
                     iq.counter = res.counter  # every chain popped is marked taken
                 blk.account(res)
