@@ -68,32 +68,48 @@ Q = struct.Struct("<Q")
 I32 = struct.Struct("<I")
 
 
-def drive(sock: str, qd: int, block: int, sequential: bool, total: int) -> dict:
-    """Keep ``qd`` reads in flight; return IOPS, MB/s and latency percentiles.
+def drive(
+    sock: str,
+    qd: int,
+    block: int,
+    sequential: bool,
+    total: int,
+    *,
+    write: bool = False,
+    qsize: int = QSIZE,
+    disk: int = DISK,
+    queue: int = 0,
+) -> dict:
+    """Keep ``qd`` reads (or writes) in flight; return IOPS, MB/s and latency percentiles.
 
     The front-end is kept cheap so the back-end dominates: slot k owns descriptors
     3k..3k+2 (header, data, status), written once; per request only the header's sector and
     one avail ring entry are stored, straight into the shared mapping.
     """
-    fe = VhostUserFrontend(sock, size=64 << 20, timeout=10)
+    if 3 * qd > qsize:
+        raise ValueError(f"QD{qd} needs {3 * qd} descriptors, the ring has {qsize}")
+    fe = VhostUserFrontend(sock, size=max(64 << 20, 2 * qd * block + (8 << 20)), timeout=10)
     try:
         fe.negotiate()
         fe.set_mem_table()
-        vr = fe.setup_vring(0, QSIZE)
+        vr = fe.setup_vring(queue, qsize)
         drv = vr.driver
         region = drv.mem.regions[0]
-        buf, base, mask = region.buf, region.gpa, QSIZE - 1
+        buf, base, mask = region.buf, region.gpa, qsize - 1
         avail, used = drv.avail - base, drv.used - base
-        sector_at = []
+        sector_at, status_at = [], []
         for k in range(qd):
             hdr, data, status = drv.alloc(16), drv.alloc(block, align=4096), drv.alloc(1)
             drv.write_desc(3 * k, hdr, 16, NEXT, 3 * k + 1)
-            drv.write_desc(3 * k + 1, data, block, NEXT | WRITE, 3 * k + 2)
+            drv.write_desc(3 * k + 1, data, block, NEXT | (0 if write else WRITE), 3 * k + 2)
             drv.write_desc(3 * k + 2, status, 1, WRITE, 0)
-            drv.write(hdr, b.REQ_HEADER.pack(b.T_IN, 0, 0))
+            drv.write(hdr, b.REQ_HEADER.pack(b.T_OUT if write else b.T_IN, 0, 0))
+            if write:
+                drv.write(data, os.urandom(block))
             sector_at.append(hdr - base + 8)
+            status_at.append(status - base)
         rnd = random.Random(1)
-        sectors = DISK // 512 - block // 512
+        sectors = disk // 512 - block // 512
         pos = avail_idx = used_seen = issued = 0
         free = list(range(qd))
         started = [0.0] * qd
@@ -121,6 +137,8 @@ def drive(sock: str, qd: int, block: int, sequential: bool, total: int) -> dict:
             used_idx = H.unpack_from(buf, used + 2)[0]
             while used_seen != used_idx:
                 k = I32.unpack_from(buf, used + 4 + 8 * (used_seen & mask))[0] // 3
+                if buf[status_at[k]] != b.S_OK:
+                    raise RuntimeError(f"request of slot {k} failed: status {buf[status_at[k]]}")
                 lat.append(now - started[k])
                 free.append(k)
                 used_seen = (used_seen + 1) & 0xFFFF

@@ -470,6 +470,19 @@ done:
 
 enum { OP_SHOULD_NOTIFY, OP_PENDING, OP_ENABLE, OP_DISABLE };
 
+int should_notify(Queue *q, const ctx *c)
+{
+    uint16_t old = q->signalled_used, new = q->used_idx;
+    /* Full barrier: our used->idx store must be visible before we read the driver's
+     * flags/used_event (store->load), or both sides can miss the update. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    q->signalled_used = new;
+    if (c->event_idx) /* vring_need_event(used_event, new, old) */
+        return (uint16_t)(new - ld16(c->avail + 4 + 2 * (size_t)c->size) - 1) <
+               (uint16_t)(new - old);
+    return new != old && !(ld16(c->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
 /* The small calls: a few 16-bit accesses, run with the GIL held. */
 static PyObject *small_call(Queue *q, PyObject *mem, int op)
 {
@@ -484,17 +497,7 @@ static PyObject *small_call(Queue *q, PyObject *mem, int op)
         if (avail_count(&c, &n) == 0)
             out = PyLong_FromLong(n);
     } else if (op == OP_SHOULD_NOTIFY) {
-        uint16_t old = q->signalled_used, new = q->used_idx;
-        /* Full barrier: our used->idx store must be visible before we read the driver's
-         * flags/used_event (store->load), or both sides can miss the update. */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        q->signalled_used = new;
-        if (c.event_idx) /* vring_need_event(used_event, new, old) */
-            n = (uint16_t)(new - ld16(c.avail + 4 + 2 * (size_t)c.size) - 1) <
-                (uint16_t)(new - old);
-        else
-            n = new != old && !(ld16(c.avail) & AVAIL_F_NO_INTERRUPT);
-        out = PyBool_FromLong(n);
+        out = PyBool_FromLong(should_notify(q, &c));
     } else {
         if (!c.event_idx) {
             uint16_t flags = ld16(c.used);

@@ -123,6 +123,9 @@ HIDDEN PyObject *raise_err(Queue *q, const err_t *e);
 HIDDEN PyObject *chain_tuple(const popjob *j, size_t k);
 
 HIDDEN int rings_map(ctx *c);
+/* With the GIL, rings mapped: must the driver be signalled for what was pushed since the
+ * last call (SplitQueue.should_notify)? Records the used idx as signalled. */
+HIDDEN int should_notify(Queue *q, const ctx *c);
 
 /* ---- _blk.c: the virtio-blk request of a chain, shared by serve_blk and BlkAio ---- */
 
@@ -141,6 +144,7 @@ typedef struct {
 
 typedef struct {
     unsigned long long reads, writes, flushes, errors, bytes_read, bytes_written, bounced;
+    int notified; /* the call eventfd was signalled (BlkAio.reap) */
     char error[256]; /* the first failure, for the log */
 } blkstats;
 

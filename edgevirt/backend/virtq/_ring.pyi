@@ -33,6 +33,8 @@ class BlkResult(tuple[object, ...]):
     def error(self) -> str | None: ...
     @property
     def bounced(self) -> int: ...
+    @property
+    def notified(self) -> bool: ...
 
 class SplitQueue:
     def __init__(
@@ -104,6 +106,10 @@ class BlkAio:
         counter: int = 0,
     ) -> BlkResult: ...
     def reap(
-        self, queue: SplitQueue, inflight: memoryview | bytearray | None = None, wait: bool = False
+        self,
+        queue: SplitQueue,
+        inflight: memoryview | bytearray | None = None,
+        wait: bool = False,
+        call: int = -1,
     ) -> BlkResult: ...
     def close(self) -> None: ...
