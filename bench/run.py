@@ -36,12 +36,16 @@ def main() -> None:
         return
     if "--storage" in sys.argv:
         print(table(storage.run()))
+        print()
+        print(table(storage.measure_mq()))
         return
     print(table(ring.run()))
     print()
     print(table(blk.run()))
     print()
     print(table(storage.run()))
+    print()
+    print(table(storage.measure_mq()))
 
 
 if __name__ == "__main__":

@@ -52,14 +52,14 @@ def edgevirt(opts: str) -> Starter:
     return start
 
 
-def qsd(aio: str) -> Starter:
+def qsd(aio: str, queues: int = 1) -> Starter:
     def start(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
-        sock = str(d / f"qsd-{aio}.sock")
+        sock = str(d / f"qsd-{aio}-{queues}.sock")
         proc = subprocess.Popen(
             ["qemu-storage-daemon",
              "--blockdev", f"driver=file,node-name=f,filename={disk},cache.direct=on,aio={aio}",
              "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-             f"addr.path={sock},writable=on,num-queues=1"],
+             f"addr.path={sock},writable=on,num-queues={queues}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         return proc, sock
@@ -139,6 +139,50 @@ def measure(
              for name, runs in per.items()}
         for wl, per in raw.items()
     }  # fmt: skip
+
+
+#: name, queues, depth per queue (4 KiB random reads)
+MQ_WORKLOADS = [("1 queue QD128", 1, 128), ("2 queues QD128 each", 2, 128),
+                ("2 queues QD64 each", 2, 64)]  # fmt: skip
+MQ_BACKENDS: list[tuple[str, Starter]] = [
+    ("qsd io_uring", qsd("io_uring", 2)),
+    ("ev io_uring", edgevirt(",queues=2")),
+]
+
+
+def measure_mq(rounds: int = 3, total: int = 20000) -> list[dict]:
+    """Multiqueue: the same back-ends with two queues, driven on one or both (interleaved
+    rounds, medians as in :func:`measure`)."""
+    d = image_dir()
+    disk = make_image(d)
+    procs, socks = [], []
+    raw: dict[str, dict[str, list[float]]] = {}
+    try:
+        for name, start in MQ_BACKENDS:
+            proc, sock = start(disk, d)
+            procs.append(proc)
+            socks.append((name, sock))
+        for (_n, sock), proc in zip(socks, procs, strict=True):
+            wait_socket(sock, proc)
+        for wl, nq, qd in MQ_WORKLOADS:
+            for r in range(rounds):
+                for name, sock in socks[r % 2 :] + socks[: r % 2]:
+                    res = drive(sock, qd, 4096, False, total, qsize=QSIZE, disk=DISK, queues=nq)
+                    raw.setdefault(wl, {}).setdefault(name, []).append(res["iops"])
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(10)
+    one = {name: statistics.median(raw[MQ_WORKLOADS[0][0]][name]) for name, _ in MQ_BACKENDS}
+    out = []
+    for wl, per in raw.items():
+        row: dict = {"bench (4 KiB rand read)": wl}
+        for name, runs in per.items():
+            row[f"{name} IOPS"] = round(statistics.median(runs))
+            row[f"{name} / 1 queue"] = round(statistics.median(runs) / one[name], 2)
+        out.append(row)
+    return out
 
 
 def rows(results: dict[str, dict[str, dict]]) -> list[dict]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import select
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ SECTORS = 256
 DISK = SECTORS * 512
 QSIZE = 32
 ENGINES = ["io_uring", "threads"]
+#: the engine's own serving thread (what the back-end runs), on either engine
+THREADED = ["io_uring+thread", "threads+thread"]
 
 
 @pytest.fixture
@@ -113,8 +117,9 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
     disk = d / f"disk-{engine}.img"
     disk.write_bytes(random.Random(seed ^ 1).randbytes(DISK))
     readonly = rng.random() < 0.15
+    aio = (engine or "sync").removesuffix("+thread")
     dev = BlockDevice(str(disk), readonly=readonly, cache="none" if engine else "writeback",
-                      aio=engine or "sync", seg_max=rng.choice([2, 126]))  # fmt: skip
+                      aio=aio, seg_max=rng.choice([2, 126]))  # fmt: skip
     if rng.random() < 0.5:  # as on a host whose DIO buffers must be 512-aligned: bounces
         dev.mem_align = 512
     mem = GuestMemory()
@@ -124,7 +129,11 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
     vr.queue = drv.queue(IMPLEMENTATIONS["c"])
     if engine not in (None, "sync"):
         vr.aio, vr.blk = dev.open_aio(QSIZE, BlkAio), dev
-        assert vr.aio.engine == engine
+        assert vr.aio.engine == engine.removesuffix("+thread")
+        if engine.endswith("+thread"):
+            vr.threaded = True
+            vr.kick = os.eventfd(0, os.EFD_NONBLOCK)
+            vr.call = os.eventfd(0, os.EFD_NONBLOCK)
     inflight = InflightQueue(memoryview(bytearray(16 + 16 * QSIZE)), QSIZE)
     inflight.init(0)
     vr.inflight = inflight if rng.random() < 0.7 else None
@@ -134,8 +143,11 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
         for _round in range(rng.randrange(1, 4)):
             drv.reset_data()
             add_round(rng, drv, readonly)
-            vr.serve(dev, mem, fastpath=engine is not None)
-            vr.reap(mem, wait=True)
+            if vr.threaded:
+                serve_threaded(vr, dev, mem, drv)
+            else:
+                vr.serve(dev, mem, fastpath=engine is not None)
+                vr.reap(mem, wait=True)
             q = vr.queue
             s = dev.stats
             guest = bytearray(mem.regions[0].buf)
@@ -157,14 +169,31 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
     finally:
         vr.stop(mem)
         dev.close()
+        vr.close_fds()
     return trace
+
+
+def serve_threaded(vr: Vring, dev: BlockDevice, mem: GuestMemory, drv: DriverQueue) -> None:
+    """Let the engine's thread serve what the driver published (kicked, as a driver does),
+    answer the chains it hands to Python, then take the ring back (its state then reads as
+    the loop thread's would)."""
+    if vr.aio.running:
+        os.eventfd_write(vr.kick, 1)
+    else:
+        vr.serve(dev, mem)
+    deadline = time.monotonic() + 10
+    while drv.used_idx != drv.avail_idx and not vr.aio.broken:
+        assert time.monotonic() < deadline, "the engine thread did not serve the ring"
+        if select.select([vr.aio.wakeup_fd], [], [], 0.01)[0]:
+            vr.wakeup(dev, mem)
+    vr.pause(mem)
 
 
 FIELDS = ["last_avail_idx", "used_idx", "broken", "served", "stats", "guest memory",
           "used entries", "inflight region", "inflight counter", "disk"]  # fmt: skip
 
 
-@pytest.mark.parametrize("engine", [*ENGINES, "sync"])
+@pytest.mark.parametrize("engine", [*ENGINES, *THREADED, "sync"])
 def test_differential_async_odirect_and_python(ddir: Path, engine: str) -> None:
     """``sync``: cache=none served by serve_blk on the O_DIRECT fd, the page-cache fd taking
     what O_DIRECT refuses."""
@@ -347,7 +376,7 @@ def test_cache_none_without_o_direct_is_a_clear_error(
         BlockDevice(str(disk), cache="none")
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [*ENGINES, *THREADED])
 def test_hostile_chains_are_safe(ddir: Path, engine: str) -> None:
     """Corrupted descriptors (overlaps with the rings and other requests, bad lengths and
     flags): the engine never crashes or hangs, every submitted request is reaped, and a walk
@@ -355,8 +384,9 @@ def test_hostile_chains_are_safe(ddir: Path, engine: str) -> None:
     outcomes = set()
     for seed in range(60):
         rng = random.Random(seed)
-        mem, drv, q, dev, aio = setup(ddir, engine)
-        vr = Vring(0, num=QSIZE, queue=q, aio=aio, blk=dev)
+        mem, drv, q, dev, aio = setup(ddir, engine.removesuffix("+thread"))
+        vr = Vring(0, num=QSIZE, queue=q, aio=aio, blk=dev, threaded=engine.endswith("+thread"))
+        vr.kick, vr.call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
         try:
             for _ in range(3):
                 drv.reset_data()
@@ -372,15 +402,32 @@ def test_hostile_chains_are_safe(ddir: Path, engine: str) -> None:
                     else:
                         drv.corrupt_desc(i, flags=rng.randrange(8), next=rng.randrange(QSIZE + 2))
                 try:
-                    vr.serve(dev, mem)
+                    if vr.threaded:
+                        serve_hostile_threaded(vr, dev, mem, drv)
+                    else:
+                        vr.serve(dev, mem)
                     outcomes.add("ok")
                 except BackendError as e:
                     outcomes.add(type(e).__name__)
-                vr.reap(mem, wait=True)
-                assert aio.in_flight == 0
+                if not vr.threaded:
+                    vr.reap(mem, wait=True)
+                assert aio.in_flight == 0 and not aio.running
                 if q.broken:
                     break
         finally:
             vr.stop(mem)
             dev.close()
+            vr.close_fds()
     assert {"ok", "RingError"} <= outcomes, outcomes
+
+
+def serve_hostile_threaded(vr: Vring, dev: BlockDevice, mem: GuestMemory,
+                           drv: DriverQueue) -> None:  # fmt: skip
+    """As serve_threaded, but a ring error or an unanswerable chain may stop the thread, and
+    a corrupted chain may never complete: wait a bounded time, then take the ring back."""
+    vr.serve(dev, mem)
+    deadline = time.monotonic() + 0.5
+    while drv.used_idx != drv.avail_idx and not vr.aio.broken and time.monotonic() < deadline:
+        if select.select([vr.aio.wakeup_fd], [], [], 0.01)[0]:
+            vr.wakeup(dev, mem)
+    vr.pause(mem)

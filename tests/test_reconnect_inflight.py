@@ -206,6 +206,10 @@ def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk, io):
     try:
         fd, size = fe.get_inflight(1, QSIZE)
         drv = attach(fe, (fd, size)).driver
+        log = tmp_path / "be.log"
+        deadline = time.monotonic() + 10  # the ring must be running before the signal
+        while "vring 0 started" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
         writes(drv, 0, QSIZE // 3, size=64 * 1024)
         fe.kick(0)
         time.sleep(0.005)

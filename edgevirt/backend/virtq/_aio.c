@@ -19,57 +19,13 @@
  * goes through an aligned bounce buffer (counted); one whose offset or length is not aligned
  * to its DIO offset alignment goes to the buffered fd.
  */
-#include "_ring.h"
-
 #include <errno.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
-#ifdef HAVE_LIBURING
-#include <liburing.h>
-#endif
 
-enum { ENG_URING, ENG_THREADS, POOL_THREADS = 8, URING_ENTRIES = 256 };
-
-typedef struct aioreq {
-    uint8_t busy, kind; /* kind: BLK_T_IN / OUT / FLUSH */
-    uint16_t head;
-    int fd;
-    uint64_t off, len;
-    uint8_t *status;
-    struct iovec *iov; /* what the kernel reads/writes: the guest's, or `one` (bounce) */
-    int iovcnt;
-    struct iovec one;
-    struct iovec *guest; /* a read's guest iovecs, for the bounce copy-out */
-    size_t nguest;
-    void *bounce;
-    long long res; /* bytes moved or -errno */
-    struct aioreq *next;
-} aioreq;
-
-typedef struct {
-    PyObject_HEAD
-    blkdev d;
-    int fd_buffered, direct;
-    uint32_t align, mem_align, depth, nflight; /* DIO offset and buffer alignment */
-    aioreq *reqs; /* [depth], indexed by chain head */
-    int efd, engine;
-    const char *why; /* why the engine is what it is */
-    PyObject *mem_obj;
-    guestmem m;
-    unsigned long long total_bounced;
-#ifdef HAVE_LIBURING
-    struct io_uring ring;
-    int ring_up;
-#endif
-    pthread_t th[POOL_THREADS];
-    int nthreads, stop, running, barrier;
-    pthread_mutex_t mu;
-    pthread_cond_t cv, cv_done;
-    aioreq *qhead, *qtail, *done;
-} BlkAio;
+#include "_aio.h"
 
 /* ---- the request itself: blocking form (pool) and its completion ---- */
 
@@ -90,7 +46,7 @@ static long long do_io(aioreq *r)
     return n < 0 ? -errno : n;
 }
 
-static void req_free(aioreq *r)
+void req_free(aioreq *r)
 {
     if (r->iov != &r->one)
         PyMem_RawFree(r->iov);
@@ -102,7 +58,7 @@ static void req_free(aioreq *r)
 }
 
 /* Status byte and counts of a finished request; written length into *written. */
-static int req_finish(aioreq *r, blkstats *st, uint32_t *written)
+int req_finish(aioreq *r, blkstats *st, uint32_t *written)
 {
     int ok = r->res >= 0;
     *written = 1;
@@ -262,19 +218,8 @@ static void pool_queue(BlkAio *a, aioreq *r)
     pthread_mutex_unlock(&a->mu);
 }
 
-typedef struct {
-    popjob j;
-    uint8_t *infl;
-    unsigned long long counter;
-    uint32_t *ids;   /* answered at once: (head, len) pairs */
-    size_t nids;
-    size_t *rest;    /* indexes of chains for Python */
-    size_t nrest;
-    blkstats st;
-    struct iovec iov[BLK_MAX_SEG_MAX];
-} submitjob;
 
-static void submit_run(BlkAio *a, submitjob *s)
+void submit_run(BlkAio *a, submitjob *s)
 {
     ctx *c = s->j.c;
     pop_run(&s->j);
@@ -383,6 +328,8 @@ static PyObject *Aio_submit(BlkAio *a, PyObject *args, PyObject *kw)
                                      &mem, &max_chains, &inflight, &counter))
         return NULL;
     Queue *q = (Queue *)qo;
+    if (a->srv.running)
+        return PyErr_Format(PyExc_RuntimeError, "BlkAio.submit: the serving thread owns it");
     if (max_chains < 0)
         return PyErr_Format(PyExc_ValueError, "max_chains %zd < 0", max_chains);
     if (q->size > a->depth)
@@ -458,7 +405,7 @@ done:
 }
 
 /* Without the GIL: collect finished requests (waiting for one if wait and none is ready). */
-static aioreq *harvest(BlkAio *a, int wait)
+aioreq *harvest(BlkAio *a, int wait)
 {
     aioreq *list = NULL;
     uint64_t v;
@@ -512,6 +459,8 @@ static PyObject *Aio_reap(BlkAio *a, PyObject *args, PyObject *kw)
                                      &inflight, &wait, &call))
         return NULL;
     Queue *q = (Queue *)qo;
+    if (a->srv.running)
+        return PyErr_Format(PyExc_RuntimeError, "BlkAio.reap: the serving thread owns it");
     memset(&st, 0, sizeof st);
     if (a->nflight == 0) {
         uint64_t v;
@@ -570,6 +519,7 @@ static PyObject *Aio_reap(BlkAio *a, PyObject *args, PyObject *kw)
 
 static void aio_shutdown(BlkAio *a)
 {
+    srv_join(a); /* the thread publishes what it has in flight, then ends */
     /* Wait for every request the kernel or a worker still has: their buffers are ours. */
     while (a->nflight > 0) {
         for (aioreq *r = harvest(a, 1), *nx; r != NULL; r = nx) {
@@ -599,6 +549,25 @@ static void aio_shutdown(BlkAio *a)
     if (a->efd >= 0)
         close(a->efd);
     a->efd = -1;
+    if (a->srv.ctl >= 0) {
+        close(a->srv.ctl);
+        close(a->srv.pyfd);
+        pthread_mutex_destroy(&a->srv.mu);
+        a->srv.ctl = a->srv.pyfd = -1;
+    }
+    PyMem_RawFree(a->srv.py);
+    PyMem_RawFree(a->srv.rest);
+    a->srv.py = NULL;
+    a->srv.rest = NULL;
+}
+
+/* With the GIL, after aio_shutdown: what the thread held for Python objects. */
+static void aio_release(BlkAio *a)
+{
+    if (a->srv.infl_buf.obj != NULL)
+        PyBuffer_Release(&a->srv.infl_buf);
+    mem_release(&a->m);
+    Py_CLEAR(a->mem_obj);
 }
 
 static PyObject *Aio_close(BlkAio *a, PyObject *Py_UNUSED(ignored))
@@ -606,8 +575,7 @@ static PyObject *Aio_close(BlkAio *a, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     aio_shutdown(a);
     Py_END_ALLOW_THREADS
-    mem_release(&a->m);
-    Py_CLEAR(a->mem_obj);
+    aio_release(a);
     Py_RETURN_NONE;
 }
 
@@ -646,8 +614,21 @@ static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     a->mem_align = mem_align ? mem_align : align;
     a->depth = depth;
     a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    a->srv.ctl = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    a->srv.pyfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    a->srv.kick = a->srv.call = -1;
+    pthread_mutex_init(&a->srv.mu, NULL);
     a->reqs = PyMem_RawCalloc(depth, sizeof *a->reqs);
-    if (a->efd < 0 || a->reqs == NULL) {
+    a->srv.py = PyMem_RawMalloc(2 * (size_t)depth * sizeof *a->srv.py);
+    if (a->srv.ctl < 0 || a->srv.pyfd < 0) { /* close() in shutdown needs both or neither */
+        if (a->srv.ctl >= 0)
+            close(a->srv.ctl);
+        if (a->srv.pyfd >= 0)
+            close(a->srv.pyfd);
+        a->srv.ctl = a->srv.pyfd = -1;
+        pthread_mutex_destroy(&a->srv.mu);
+    }
+    if (a->efd < 0 || a->srv.ctl < 0 || a->reqs == NULL || a->srv.py == NULL) {
         PyErr_SetFromErrno(a->efd < 0 ? PyExc_OSError : PyExc_MemoryError);
         Py_DECREF(a);
         return NULL;
@@ -692,8 +673,7 @@ static void Aio_dealloc(BlkAio *a)
     Py_BEGIN_ALLOW_THREADS
     aio_shutdown(a);
     Py_END_ALLOW_THREADS
-    mem_release(&a->m);
-    Py_CLEAR(a->mem_obj);
+    aio_release(a);
     PyMem_RawFree(a->reqs);
     tp->tp_free(a);
     Py_DECREF(tp);
@@ -706,6 +686,9 @@ static PyObject *Aio_get(BlkAio *a, void *which)
     case 1: return PyUnicode_FromString(a->why);
     case 2: return PyLong_FromLong(a->efd);
     case 3: return PyLong_FromUnsignedLong(a->nflight);
+    case 5: return PyLong_FromLong(a->srv.pyfd);
+    case 6: return PyBool_FromLong(a->srv.running);
+    case 7: return PyBool_FromLong(a->srv.broken);
     default: return PyLong_FromUnsignedLongLong(a->total_bounced);
     }
 }
@@ -715,7 +698,12 @@ static PyGetSetDef Aio_getset[] = {
     {"reason", (getter)Aio_get, NULL, "why this engine (io_uring, or why not)", (void *)1},
     {"eventfd", (getter)Aio_get, NULL, "readable when completions wait for reap()", (void *)2},
     {"in_flight", (getter)Aio_get, NULL, "requests submitted and not reaped", (void *)3},
-    {"bounced", (getter)Aio_get, NULL, "requests bounced so far", (void *)4},
+    {"bounced", (getter)Aio_get, NULL, "requests bounced so far (submit path)", (void *)4},
+    {"wakeup_fd", (getter)Aio_get, NULL, "readable when the thread has chains for Python or "
+     "the queue broke", (void *)5},
+    {"running", (getter)Aio_get, NULL, "the serving thread runs", (void *)6},
+    {"broken", (getter)Aio_get, NULL, "the serving thread found a ring error (stop() raises "
+     "it)", (void *)7},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -726,6 +714,17 @@ static PyMethodDef Aio_methods[] = {
     {"reap", (PyCFunction)(void (*)(void))Aio_reap, METH_VARARGS | METH_KEYWORDS,
      "reap(queue, inflight=None, wait=False, call=-1) -> BlkResult: publish finished "
      "requests (all of them with wait), signal the call eventfd if the driver wants it"},
+    {"start", (PyCFunction)(void (*)(void))Aio_start, METH_VARARGS | METH_KEYWORDS,
+     "start(queue, mem, kick, call, inflight=None, counter=0): serve the queue on a thread"},
+    {"stop", (PyCFunction)Aio_stop, METH_O,
+     "stop(queue) -> inflight counter: finish the I/O in flight, give the ring state back "
+     "(raises the ring error that stopped the thread, if any)"},
+    {"take_rest", (PyCFunction)Aio_take_rest, METH_NOARGS,
+     "take_rest() -> chains the thread left to Python, as pop() gives them"},
+    {"complete", (PyCFunction)Aio_complete, METH_O,
+     "complete([(head, len), ...]): the thread publishes these chains from take_rest()"},
+    {"take_stats", (PyCFunction)Aio_take_stats, METH_NOARGS,
+     "take_stats() -> BlkResult: what the thread served since the last call"},
     {"close", (PyCFunction)Aio_close, METH_NOARGS, "wait for the I/O in flight, release all"},
     {NULL, NULL, 0, NULL},
 };

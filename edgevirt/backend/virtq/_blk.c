@@ -283,7 +283,7 @@ static PyStructSequence_Field result_fields[] = {
     {"bytes_written", "bytes read from the disk into the guest (device to guest)"},
     {"error", "None, or what went wrong with the first failed request"},
     {"bounced", "requests moved through an aligned bounce buffer (O_DIRECT)"},
-    {"notified", "the driver was signalled on the call eventfd (BlkAio.reap)"},
+    {"notified", "times the driver was signalled on its call eventfd (BlkAio)"},
     {NULL, NULL},
 };
 
@@ -317,7 +317,7 @@ PyObject *blk_result(PyTypeObject *tp, size_t pushed, PyObject *done, PyObject *
     PyStructSequence_SET_ITEM(res, 10, st->error[0] ? PyUnicode_DecodeUTF8(
         st->error, (Py_ssize_t)strlen(st->error), "replace") : Py_NewRef(Py_None));
     PyStructSequence_SET_ITEM(res, 11, PyLong_FromUnsignedLongLong(st->bounced));
-    PyStructSequence_SET_ITEM(res, 12, PyBool_FromLong(st->notified));
+    PyStructSequence_SET_ITEM(res, 12, PyLong_FromUnsignedLongLong(st->notified));
     for (int i = 0; i < 13; i++)
         if (PyStructSequence_GET_ITEM(res, i) == NULL)
             return Py_DECREF(res), NULL;

@@ -470,17 +470,22 @@ done:
 
 enum { OP_SHOULD_NOTIFY, OP_PENDING, OP_ENABLE, OP_DISABLE };
 
-int should_notify(Queue *q, const ctx *c)
+int need_notify(uint16_t *signalled, uint16_t used_idx, const ctx *c)
 {
-    uint16_t old = q->signalled_used, new = q->used_idx;
+    uint16_t old = *signalled, new = used_idx;
     /* Full barrier: our used->idx store must be visible before we read the driver's
      * flags/used_event (store->load), or both sides can miss the update. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    q->signalled_used = new;
+    *signalled = new;
     if (c->event_idx) /* vring_need_event(used_event, new, old) */
         return (uint16_t)(new - ld16(c->avail + 4 + 2 * (size_t)c->size) - 1) <
                (uint16_t)(new - old);
     return new != old && !(ld16(c->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
+int should_notify(Queue *q, const ctx *c)
+{
+    return need_notify(&q->signalled_used, q->used_idx, c);
 }
 
 /* The small calls: a few 16-bit accesses, run with the GIL held. */

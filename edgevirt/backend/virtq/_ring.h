@@ -126,6 +126,8 @@ HIDDEN int rings_map(ctx *c);
 /* With the GIL, rings mapped: must the driver be signalled for what was pushed since the
  * last call (SplitQueue.should_notify)? Records the used idx as signalled. */
 HIDDEN int should_notify(Queue *q, const ctx *c);
+/* The same on any ring state: *signalled is the used idx last signalled for. */
+HIDDEN int need_notify(uint16_t *signalled, uint16_t used_idx, const ctx *c);
 
 /* ---- _blk.c: the virtio-blk request of a chain, shared by serve_blk and BlkAio ---- */
 
@@ -144,7 +146,7 @@ typedef struct {
 
 typedef struct {
     unsigned long long reads, writes, flushes, errors, bytes_read, bytes_written, bounced;
-    int notified; /* the call eventfd was signalled (BlkAio.reap) */
+    unsigned long long notified; /* times the call eventfd was signalled (BlkAio) */
     char error[256]; /* the first failure, for the log */
 } blkstats;
 

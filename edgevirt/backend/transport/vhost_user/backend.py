@@ -332,6 +332,7 @@ class VhostUserBackend:
             v = msg.u64()
             vr = self._vring(v & p.VRING_IDX_MASK)
             name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call", R.SET_VRING_ERR: "err"}[r]
+            paused = name != "err" and self._pause(vr)  # the engine thread uses kick and call
             old = getattr(vr, name)
             if name == "kick" and old >= 0:
                 self.loop.remove_reader(old)
@@ -340,6 +341,8 @@ class VhostUserBackend:
             setattr(vr, name, os.dup(msg.fds[0]) if msg.fds else -1)
             if name == "kick":
                 self._try_start(vr)
+            if paused and vr.enabled:
+                self._serve(vr)
             return None
         if r is R.GET_VRING_BASE:
             idx, _ = msg.state()
@@ -352,6 +355,8 @@ class VhostUserBackend:
             vr.enabled = bool(on)
             if vr.enabled and vr.queue is not None:
                 self._serve(vr)
+            elif not vr.enabled:
+                self._pause(vr)
             return None
         if r is R.GET_CONFIG:
             off, size, flags = p.CONFIG_HEADER.unpack_from(msg.payload)
@@ -474,7 +479,8 @@ class VhostUserBackend:
             self._break(vr, f"vring {vr.index}: {e}")
             return
         self._open_aio(vr)
-        self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
+        if vr.aio is None:  # else the engine's thread waits on the kick fd
+            self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
         log.info(
             "%s: vring %d started: %d entries, desc gpa %#x, avail idx %d%s",
             self.device.name,
@@ -489,8 +495,11 @@ class VhostUserBackend:
 
     def _stop_ring(self, vr: Vring) -> None:
         if vr.aio is not None:
-            self.loop.remove_reader(vr.aio.eventfd)
-        vr.stop(self.mem)
+            self.loop.remove_reader(vr.aio.wakeup_fd)
+        try:
+            vr.stop(self.mem)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
         if vr.kick >= 0:
             self.loop.remove_reader(vr.kick)
 
@@ -507,17 +516,26 @@ class VhostUserBackend:
                       "Python path", d.name, vr.index, e)  # fmt: skip
             return
         if vr.aio is not None:
-            vr.blk = d
-            self.loop.add_reader(vr.aio.eventfd, lambda: self._reaped(vr))
-            log.info("%s: vring %d: %s (%s)", d.name, vr.index, vr.aio.engine, vr.aio.reason)
+            vr.blk, vr.threaded = d, True
+            self.loop.add_reader(vr.aio.wakeup_fd, lambda: self._aio_wakeup(vr))
+            log.info("%s: vring %d: %s on its own thread (%s)", d.name, vr.index,
+                     vr.aio.engine, vr.aio.reason)  # fmt: skip
 
-    def _reaped(self, vr: Vring) -> None:
+    def _aio_wakeup(self, vr: Vring) -> None:
         try:
-            vr.reap(self.mem)
+            vr.wakeup(self.device, self.mem)
         except BackendError as e:
             self._break(vr, f"vring {vr.index}: {e}")
         except OSError as e:
             log.error("%s: vring %d: %s", self.device.name, vr.index, e)
+
+    def _pause(self, vr: Vring) -> bool:
+        """Take a ring back from its engine thread (before its fds change); True if it ran."""
+        try:
+            return vr.pause(self.mem)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+            return False
 
     def _break(self, vr: Vring, why: str) -> None:
         vr.broken = why
@@ -549,6 +567,8 @@ class VhostUserBackend:
 
     def snapshot(self) -> dict:
         d = self.device
+        for vr in self.vrings:
+            vr.sync_stats()  # what engine threads served since the last snapshot
         return {
             "device": d.name,
             "socket": self.path,

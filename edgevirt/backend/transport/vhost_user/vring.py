@@ -7,9 +7,12 @@ has already made available. A guest fault marks the vring broken (logged, counte
 on the err fd); the process and every other vring keep running.
 
 A blk device with an asynchronous engine (``cache=none``: ``BlkAio``, io_uring or threads)
-gets one per vring: ``serve`` submits batches, ``reap`` publishes what finished (the back-end
-calls it when the engine's eventfd is readable), and ``stop`` first waits for the I/O in
-flight and publishes it, so no request outlives the ring or the memory it points into.
+gets one per vring. With ``threaded`` (the back-end's choice) the engine's C thread serves
+the ring by itself from kick to call (``start_thread``); Python only serves the chains the
+thread hands back (``wakeup``: get_id, discard, ...) and takes statistics. Without it,
+``serve`` submits batches on the loop thread and ``reap`` publishes what finished. Either
+way ``stop`` first waits for the I/O in flight and publishes it, so no request outlives the
+ring or the memory it points into.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
 from edgevirt.backend.virtq import SplitQueue
 from edgevirt.backend.virtq.pyring import USED_ELEM, walk_chain
+from edgevirt.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class Vring:
     aio: Any = None
     #: the device it serves, for the engine's accounting
     blk: BlockDevice | None = None
+    #: the engine serves the ring on its own thread (``start_thread``)
+    threaded: bool = False
 
     @property
     def served(self) -> int:
@@ -117,7 +123,15 @@ class Vring:
         return q
 
     def stop(self, mem: GuestMemory | None = None) -> None:
-        """Stop serving; ``mem`` (the memory the ring lives in) lets in-flight I/O finish."""
+        """Stop serving; ``mem`` (the memory the ring lives in) lets in-flight I/O finish.
+        BackendError if the serving thread had found a guest fault (the ring stops anyway)."""
+        try:
+            if mem is not None:
+                self.pause(mem)
+        finally:
+            self._stop(mem)
+
+    def _stop(self, mem: GuestMemory | None) -> None:
         if self.queue is not None and mem is not None:
             self.drain(mem)
         if self.queue is not None:
@@ -127,6 +141,80 @@ class Vring:
         if self.aio is not None:
             self.aio.close()
             self.aio = None
+
+    # -- the engine's thread ---------------------------------------------------------------
+
+    def start_thread(self, device: VirtioDevice, mem: GuestMemory) -> None:
+        """Hand the ring to the engine's thread (chains a predecessor left are served first,
+        here, as they are already marked in the inflight region)."""
+        q, aio, iq = self.queue, self.aio, self.inflight
+        if q is None or aio is None or aio.running or self.broken:
+            return
+        if self.resubmit:
+            chains, self.resubmit = self.resubmit, None
+            self._finish(q, mem, device, chains)
+        aio.start(q, mem, self.kick, self.call, iq.buf if iq is not None else None,
+                  iq.counter if iq is not None else 0)  # fmt: skip
+
+    def pause(self, mem: GuestMemory) -> bool:
+        """Take the ring back from the thread (its I/O finished and published); True if it
+        ran. BackendError if the thread had stopped on a guest fault."""
+        q, aio = self.queue, self.aio
+        if q is None or aio is None or not aio.running:
+            return False
+        try:
+            counter = aio.stop(q)
+        finally:
+            self.sync_stats()
+        if self.inflight is not None:
+            self.inflight.counter = counter
+        rest = aio.take_rest()  # chains it left and Python had not taken yet
+        if rest and self.blk is not None:
+            self._finish(q, mem, self.blk, rest)
+        return True
+
+    def wakeup(self, device: VirtioDevice, mem: GuestMemory) -> None:
+        """The thread has chains for the device, or stopped on a guest fault (raised)."""
+        aio = self.aio
+        if aio is None or not aio.running:
+            return
+        if aio.broken:
+            self.pause(mem)  # raises the thread's error
+            return
+        rest = aio.take_rest()
+        try:
+            if rest:
+                aio.complete([(h, device.handle(self.index, Chain(h, r, w), mem))
+                              for h, r, w in rest])  # fmt: skip
+        except BackendError:  # a chain nobody can answer: the ring stops here
+            self.pause(mem)
+            raise
+        self.sync_stats()
+
+    def sync_stats(self) -> None:
+        """Add what the thread served since the last call to the device and ring stats."""
+        if self.aio is None:
+            return
+        res = self.aio.take_stats()
+        if self.blk is not None:
+            self.blk.account(res)
+        self.stats.served += res.pushed
+        self.stats.notifications += res.notified
+
+    def _finish(self, q: SplitQueue, mem: GuestMemory, device: VirtioDevice,
+                chains: list) -> None:  # fmt: skip
+        """Serve popped chains with the device and publish them (the loop thread's way)."""
+        iq = self.inflight
+        done = [(h, device.handle(self.index, Chain(h, r, w), mem)) for h, r, w in chains]
+        if iq is not None:
+            iq.before_push(done[-1][0])
+        q.push(mem, done)
+        if iq is not None:
+            iq.completed([h for h, _ in done], q.used_idx)
+        self.stats.served += len(done)
+        self._notify(q, mem)
+
+    # -- the engine on the loop thread -------------------------------------------------------
 
     def reap(self, mem: GuestMemory, wait: bool = False) -> None:
         """Publish the engine's finished requests (all in flight with ``wait``)."""
@@ -167,7 +255,10 @@ class Vring:
         assert q is not None
         iq = self.inflight
         if self.aio is not None and self.blk is not None:
-            self._serve_aio(q, device, mem)
+            if self.threaded:
+                self.start_thread(device, mem)
+            else:
+                self._serve_aio(q, device, mem)
             return
         serve_blk = getattr(q, "serve_blk", None) if fastpath else None
         blk = device if isinstance(device, BlockDevice) and serve_blk is not None else None
@@ -236,14 +327,7 @@ class Vring:
                 if popped < BATCH and not q.event_idx and not rest:
                     return
             if rest:
-                done = [(h, device.handle(self.index, Chain(h, r, w), mem)) for h, r, w in rest]
-                if iq is not None:
-                    iq.before_push(done[-1][0])
-                q.push(mem, done)
-                if iq is not None:
-                    iq.completed([h for h, _ in done], q.used_idx)
-                self.stats.served += len(done)
-                self._notify(q, mem)
+                self._finish(q, mem, device, rest)
 
     def _notify(self, q: SplitQueue, mem: GuestMemory) -> None:
         if q.should_notify(mem) and self.call >= 0:
@@ -272,6 +356,7 @@ class Vring:
             "resubmitted": self.stats.resubmitted,
             "inflight_tracking": self.inflight is not None,
             "io": self.aio.engine if self.aio is not None else None,
+            "io_thread": self.aio is not None and self.aio.running,
             "in_flight_io": self.aio.in_flight if self.aio is not None else 0,
             "broken": self.broken,
         }
