@@ -131,7 +131,7 @@ def drive(
         sectors = disk // 512 - block // 512
         pos = issued = 0
         lat: list[float] = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         while len(lat) < total:
             for r in rings:
                 if not r.free or issued >= total:
@@ -166,10 +166,12 @@ def drive(
                     r.free.append(k)
                     r.used_seen = (r.used_seen + 1) & 0xFFFF
         elapsed = time.perf_counter() - t0
+        fe_cpu = (time.process_time() - c0) / elapsed
     finally:
         fe.close()
     lat.sort()
     return {
+        "fe cpu": fe_cpu,  # share of one core the front-end itself used: near 1 = its limit
         "iops": total / elapsed,
         "MB/s": total * block / elapsed / 1e6,
         "p50 us": lat[len(lat) // 2] * 1e6,

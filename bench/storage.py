@@ -169,6 +169,7 @@ def measure_mq(rounds: int = 3, total: int = 20000) -> list[dict]:
                 for name, sock in socks[r % 2 :] + socks[: r % 2]:
                     res = drive(sock, qd, 4096, False, total, qsize=QSIZE, disk=DISK, queues=nq)
                     raw.setdefault(wl, {}).setdefault(name, []).append(res["iops"])
+                    raw[wl].setdefault(f"{name} fe", []).append(res["fe cpu"])
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -178,9 +179,11 @@ def measure_mq(rounds: int = 3, total: int = 20000) -> list[dict]:
     out = []
     for wl, per in raw.items():
         row: dict = {"bench (4 KiB rand read)": wl}
-        for name, runs in per.items():
-            row[f"{name} IOPS"] = round(statistics.median(runs))
-            row[f"{name} / 1 queue"] = round(statistics.median(runs) / one[name], 2)
+        for name, _ in MQ_BACKENDS:
+            iops = statistics.median(per[name])
+            row[f"{name} IOPS"] = round(iops)
+            row[f"{name} / 1 queue"] = round(iops / one[name], 2)
+            row[f"front-end CPU ({name})"] = f"{statistics.median(per[name + ' fe']):.0%}"
         out.append(row)
     return out
 
@@ -197,6 +200,7 @@ def rows(results: dict[str, dict[str, dict]]) -> list[dict]:
         row["qsd io_uring p50/p99 us"] = f"{q['p50 us']:.0f}/{q['p99 us']:.0f}"
         row["ev io_uring p50/p99 us"] = f"{e['p50 us']:.0f}/{e['p99 us']:.0f}"
         row["ev/qsd io_uring"] = round(e["iops"] / q["iops"], 2)
+        row["front-end CPU (ev io_uring)"] = f"{e['fe cpu']:.0%}"
         if "ev sync" in per:
             row["ev io_uring/ev sync"] = round(e["iops"] / per["ev sync"]["iops"], 2)
         out.append(row)
