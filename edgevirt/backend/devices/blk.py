@@ -276,7 +276,12 @@ class BlockDevice(VirtioDevice):
         of reads, writes and flushes; it hands every other chain back to :meth:`handle`.
         None when closed or when the queues use :meth:`open_aio` instead. With cache=none
         the fd is the O_DIRECT one and :attr:`fallback_fd` serves what it refuses."""
-        if self.fd < 0 or self.aio != "sync":
+        return self.sync_args() if self.aio == "sync" else None
+
+    def sync_args(self) -> tuple[int, int, int, bool] | None:
+        """As :meth:`fast_path_args` whatever the ``aio`` mode, for a transport that serves
+        its queues on the loop thread only (virtio-msg)."""
+        if self.fd < 0:
             return None
         fd = self.fd_direct if self.direct else self.fd
         return fd, self.capacity, self.seg_max, self.readonly
