@@ -122,16 +122,19 @@ class Vring:
             self.queue = q
         return q
 
-    def stop(self, mem: GuestMemory | None = None) -> None:
-        """Stop serving; ``mem`` (the memory the ring lives in) lets in-flight I/O finish.
-        BackendError if the serving thread had found a guest fault (the ring stops anyway)."""
+    def stop(self, mem: GuestMemory | None = None) -> bool:
+        """Stop serving; True if the ring was running. ``mem`` (the memory the ring lives
+        in) lets the engine's I/O in flight finish and be published first. BackendError if
+        the engine's thread had found a guest fault (the ring stops all the same)."""
         try:
             if mem is not None:
                 self.pause(mem)
         finally:
-            self._stop(mem)
+            running = self._stop(mem)
+        return running
 
-    def _stop(self, mem: GuestMemory | None) -> None:
+    def _stop(self, mem: GuestMemory | None) -> bool:
+        running = self.queue is not None
         if self.queue is not None and mem is not None:
             self.drain(mem)
         if self.queue is not None:
@@ -141,6 +144,7 @@ class Vring:
         if self.aio is not None:
             self.aio.close()
             self.aio = None
+        return running
 
     # -- the engine's thread ---------------------------------------------------------------
 
