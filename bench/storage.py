@@ -126,9 +126,11 @@ def measure(
                 for name, sock in socks[r % len(socks) :] + socks[: r % len(socks)]:
                     if r == 0:
                         drive(sock, qd, block, seq, min(total, 300), **kw)  # warm-up
-                    raw.setdefault(wl, {}).setdefault(name, []).append(
-                        drive(sock, qd, block, seq, total, **kw)
-                    )
+                    try:
+                        res = drive(sock, qd, block, seq, total, **kw)
+                    except RuntimeError as e:
+                        raise RuntimeError(f"{name}, {wl}, round {r}: {e}") from e
+                    raw.setdefault(wl, {}).setdefault(name, []).append(res)
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGTERM)
