@@ -430,4 +430,8 @@ def serve_hostile_threaded(vr: Vring, dev: BlockDevice, mem: GuestMemory,
     while drv.used_idx != drv.avail_idx and not vr.aio.broken and time.monotonic() < deadline:
         if select.select([vr.aio.wakeup_fd], [], [], 0.01)[0]:
             vr.wakeup(dev, mem)
-    vr.pause(mem)
+    try:
+        vr.pause(mem)
+    finally:
+        vr.wakeup(dev, mem)  # as the loop would call it once more: the fd must go quiet
+        assert not select.select([vr.aio.wakeup_fd], [], [], 0)[0]

@@ -180,7 +180,10 @@ class Vring:
     def wakeup(self, device: VirtioDevice, mem: GuestMemory) -> None:
         """The thread has chains for the device, or stopped on a guest fault (raised)."""
         aio = self.aio
-        if aio is None or not aio.running:
+        if aio is None:
+            return
+        if not aio.running:  # taken back already: only drain the fd, or the loop spins on it
+            aio.take_rest()
             return
         if aio.broken:
             self.pause(mem)  # raises the thread's error
