@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from edgevirt.backend.devices import BlockDevice
+from edgevirt.backend.devices import BlockDevice, parse_device
 from edgevirt.backend.devices import blk as b
 from edgevirt.backend.memory import GuestMemory, Region
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
@@ -356,6 +356,16 @@ def test_engines_and_errors(ddir: Path) -> None:
         BlockDevice(str(disk), cache="fast")
     with pytest.raises(ConfigError, match="aio=native"):
         BlockDevice(str(disk), aio="native")
+    dev = parse_device(f"blk:path={disk},cache=none,aio=threads")
+    assert isinstance(dev, BlockDevice) and (dev.direct, dev.aio) == (True, "threads")
+    assert dev.fast_path_args() is None and dev.sync_args() is not None
+    dev.close()
+    dev = parse_device(f"blk:path={disk}")  # writeback: the synchronous C path
+    assert isinstance(dev, BlockDevice) and (dev.direct, dev.aio) == (False, "sync")
+    assert dev.fast_path_args() is not None and dev.open_aio(64, BlkAio) is None
+    dev.close()
+    with pytest.raises(ConfigError, match="unknown blk option"):
+        parse_device(f"blk:path={disk},cache_mode=none")
 
 
 def test_cache_none_without_o_direct_is_a_clear_error(
