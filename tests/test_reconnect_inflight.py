@@ -256,6 +256,57 @@ def test_configure_mem_slots_add_remove_region(served, disk):
     assert disk.read_bytes()[:1024] == b"a" * 512 + b"b" * 512
 
 
+def test_region_added_while_the_engine_thread_serves(tmp_path, disk):
+    """ADD_MEM_REG while a cache=none queue runs on its engine thread: the thread is paused
+    and restarted with the new table, so a request whose data lies in the new region is
+    served (not refused as outside guest memory)."""
+    from edgevirt.backend.memory import memfd_region
+    from edgevirt.backend.transport.vhost_user.frontend import FAKE_UVA
+    from edgevirt.backend.virtq.pyring import DESC_F_NEXT, DESC_F_WRITE
+
+    loop = Loop()
+    be = VhostUserBackend(BlockDevice(str(disk), cache="none"), str(tmp_path / "b.sock"), loop)
+    t = threading.Thread(target=loop.run, daemon=True)
+    t.start()
+    fe = VhostUserFrontend(be.path)
+    fd2, region2 = memfd_region(0x6000_0000, 1 << 20, "second")
+    try:
+        fe.negotiate()
+        assert fe.add_mem_reg() == 0
+        fe.setup_vring(0)
+        drv = fe.vrings[0].driver
+        drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 0), b"a" * 512], [1])
+        fe.kick(0)
+        assert fe.wait_call(0)
+        assert be.snapshot()["queues"][0]["io_thread"]
+        uva2 = FAKE_UVA + (1 << 32)
+        body = p.MEM_REG.pack(0) + p.MEM_REGION.pack(region2.gpa, region2.size, uva2, 0)
+        assert fe.ack(R.ADD_MEM_REG, body, [fd2]) == 0
+        region2.buf[:512] = b"z" * 512  # the data of the next write, in the new region
+        drv.get_used()
+        hdr, status = drv.alloc(16, b.REQ_HEADER.pack(b.T_OUT, 0, 1)), drv.alloc(1)
+        head = drv._free.pop(0)
+        ids = [head, drv._free.pop(0), drv._free.pop(0)]
+        drv.write_desc(ids[0], hdr, 16, DESC_F_NEXT, ids[1])
+        drv.write_desc(ids[1], region2.gpa, 512, DESC_F_NEXT, ids[2])
+        drv.write_desc(ids[2], status, 1, DESC_F_WRITE, 0)
+        drv._chains[head] = ids
+        drv.make_available(head)
+        fe.kick(0)
+        assert fe.wait_call(0)
+        assert drv.get_used() == [(head, 1)] and drv.read(status, 1) == b"\0"
+        assert disk.read_bytes()[:1024] == b"a" * 512 + b"z" * 512
+        snap = be.snapshot()
+        assert snap["broken"] == [] and snap["queues"][0]["io_thread"]
+    finally:
+        fe.close()
+        loop.stop()
+        t.join(5)
+        be.close()
+        region2.buf.close()
+        os.close(fd2)
+
+
 def test_get_status_reports_needs_reset_after_a_broken_vring(served, disk):
     be, fe = served
     fe.negotiate()

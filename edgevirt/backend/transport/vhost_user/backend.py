@@ -434,11 +434,18 @@ class VhostUserBackend:
     def _add_region(self, reg: p.MemRegion, fd: int) -> None:
         if len(self.mem.regions) >= p.MAX_MEM_SLOTS:
             raise VhostUserError(f"ADD_MEM_REG: all {p.MAX_MEM_SLOTS} memory slots in use")
+        # Engine threads work on the memory table they started with: take their rings back
+        # while the table grows, then hand them the new one.
+        paused = [vr for vr in self.vrings if self._pause(vr)]
         try:
             self.mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
         except (OSError, BackendError) as e:
             raise VhostUserError(f"ADD_MEM_REG: cannot map region: {e}") from e
-        self._memory_changed()
+        finally:
+            self._memory_changed()
+            for vr in paused:
+                if vr.enabled:
+                    self._serve(vr)
 
     def _remove_region(self, reg: p.MemRegion) -> None:
         key = (reg.gpa, reg.size, reg.uva)
