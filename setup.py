@@ -29,6 +29,7 @@ setup(
                 "edgevirt/backend/virtq/_ring.c",
                 "edgevirt/backend/virtq/_blk.c",
                 "edgevirt/backend/virtq/_aio.c",
+                "edgevirt/backend/virtq/_aiopool.c",
                 "edgevirt/backend/virtq/_aiothread.c",
             ],
             depends=["edgevirt/backend/virtq/_ring.h", "edgevirt/backend/virtq/_aio.h"],

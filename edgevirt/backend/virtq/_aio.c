@@ -27,24 +27,7 @@
 
 #include "_aio.h"
 
-/* ---- the request itself: blocking form (pool) and its completion ---- */
-
-static long long do_io(aioreq *r)
-{
-    ssize_t n;
-    if (r->kind == BLK_T_FLUSH) {
-        int rc;
-        do
-            rc = fdatasync(r->fd);
-        while (rc < 0 && errno == EINTR);
-        return rc < 0 ? -errno : 0;
-    }
-    do
-        n = r->kind == BLK_T_IN ? preadv(r->fd, r->iov, r->iovcnt, (off_t)r->off)
-                                : pwritev(r->fd, r->iov, r->iovcnt, (off_t)r->off);
-    while (n < 0 && errno == EINTR);
-    return n < 0 ? -errno : n;
-}
+/* ---- the request's completion ---- */
 
 void req_free(aioreq *r)
 {
@@ -87,51 +70,6 @@ int req_finish(aioreq *r, blkstats *st, uint32_t *written)
         st->errors++;
     *r->status = ok ? BLK_S_OK : BLK_S_IOERR;
     return ok;
-}
-
-/* ---- thread pool ---- */
-
-static void *pool_worker(void *arg)
-{
-    BlkAio *a = arg;
-    uint64_t one = 1;
-    pthread_mutex_lock(&a->mu);
-    for (;;) {
-        /* A flush at the head waits for every running request; while it runs, nothing else. */
-        while (!a->stop && (a->qhead == NULL || a->barrier ||
-                            (a->qhead->kind == BLK_T_FLUSH && a->running > 0)))
-            pthread_cond_wait(&a->cv, &a->mu);
-        if (a->stop)
-            break;
-        aioreq *r = a->qhead;
-        if (!(a->qhead = r->next))
-            a->qtail = NULL;
-        a->running++;
-        a->barrier = r->kind == BLK_T_FLUSH;
-        pthread_mutex_unlock(&a->mu);
-        r->res = do_io(r);
-        pthread_mutex_lock(&a->mu);
-        a->running--;
-        a->barrier = 0;
-        r->next = a->done;
-        a->done = r;
-        pthread_cond_broadcast(&a->cv);
-        pthread_cond_signal(&a->cv_done);
-        (void)!write(a->efd, &one, sizeof one);
-    }
-    pthread_mutex_unlock(&a->mu);
-    return NULL;
-}
-
-static int pool_start(BlkAio *a)
-{
-    pthread_mutex_init(&a->mu, NULL);
-    pthread_cond_init(&a->cv, NULL);
-    pthread_cond_init(&a->cv_done, NULL);
-    for (; a->nthreads < POOL_THREADS; a->nthreads++)
-        if (pthread_create(&a->th[a->nthreads], NULL, pool_worker, a) != 0)
-            break;
-    return a->nthreads > 0 ? 0 : -1;
 }
 
 /* ---- submit ---- */
@@ -204,20 +142,6 @@ static void uring_queue(BlkAio *a, aioreq *r)
     io_uring_sqe_set_data(sqe, r);
 }
 #endif
-
-static void pool_queue(BlkAio *a, aioreq *r)
-{
-    pthread_mutex_lock(&a->mu);
-    r->next = NULL;
-    if (a->qtail)
-        a->qtail->next = r;
-    else
-        a->qhead = r;
-    a->qtail = r;
-    pthread_cond_signal(&a->cv);
-    pthread_mutex_unlock(&a->mu);
-}
-
 
 void submit_run(BlkAio *a, submitjob *s)
 {
@@ -426,14 +350,7 @@ aioreq *harvest(BlkAio *a, int wait)
         io_uring_cq_advance(&a->ring, seen);
     } else
 #endif
-    {
-        pthread_mutex_lock(&a->mu);
-        while (wait && a->done == NULL)
-            pthread_cond_wait(&a->cv_done, &a->mu);
-        list = a->done;
-        a->done = NULL;
-        pthread_mutex_unlock(&a->mu);
-    }
+        list = pool_take(a, wait);
     aioreq *fifo = NULL; /* both lists are newest first: publish in completion order */
     while (list != NULL) {
         aioreq *nx = list->next;
@@ -534,18 +451,7 @@ static void aio_shutdown(BlkAio *a)
         a->ring_up = 0;
     }
 #endif
-    if (a->nthreads) {
-        pthread_mutex_lock(&a->mu);
-        a->stop = 1;
-        pthread_cond_broadcast(&a->cv);
-        pthread_mutex_unlock(&a->mu);
-        for (int i = 0; i < a->nthreads; i++)
-            pthread_join(a->th[i], NULL);
-        a->nthreads = 0;
-        pthread_mutex_destroy(&a->mu);
-        pthread_cond_destroy(&a->cv);
-        pthread_cond_destroy(&a->cv_done);
-    }
+    pool_stop(a);
     if (a->efd >= 0)
         close(a->efd);
     a->efd = -1;
@@ -634,7 +540,7 @@ static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         return NULL;
     }
     a->engine = ENG_THREADS;
-    a->why = "built without liburing";
+    a->why = want_uring ? "built without liburing" : "thread pool asked for";
 #ifdef HAVE_LIBURING
     if (want_uring) {
         unsigned entries = depth < URING_ENTRIES ? depth : URING_ENTRIES;
@@ -650,8 +556,6 @@ static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                      : rc == -ENOSYS             ? "io_uring not in this kernel (ENOSYS)"
                                                  : "io_uring setup failed";
         }
-    } else {
-        a->why = "thread pool asked for";
     }
 #endif
     if (a->engine == ENG_URING)

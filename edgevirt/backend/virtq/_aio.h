@@ -1,5 +1,5 @@
-/* Internals of BlkAio shared by _aio.c (the engine, submit/reap) and _aiothread.c (the
- * per-queue serving thread). Not an API: every function here has hidden visibility. */
+/* Internals of BlkAio shared by _aio.c (the engine, submit/reap), _aiopool.c (the thread
+ * pool engine) and _aiothread.c (the per-queue serving thread). Not an API: every function here has hidden visibility. */
 #ifndef EDGEVIRT_AIO_H
 #define EDGEVIRT_AIO_H
 
@@ -93,6 +93,12 @@ HIDDEN int req_finish(aioreq *r, blkstats *st, uint32_t *written);
 HIDDEN void submit_run(BlkAio *a, submitjob *s);
 /* Finished requests in completion order (waiting for one with wait). */
 HIDDEN aioreq *harvest(BlkAio *a, int wait);
+
+/* _aiopool.c: the thread pool engine (start: 0 or -1; take: the done list, newest first) */
+HIDDEN int pool_start(BlkAio *a);
+HIDDEN void pool_queue(BlkAio *a, aioreq *r);
+HIDDEN aioreq *pool_take(BlkAio *a, int wait);
+HIDDEN void pool_stop(BlkAio *a);
 
 /* _aiothread.c: with the GIL */
 HIDDEN PyObject *Aio_start(BlkAio *a, PyObject *args, PyObject *kw);
