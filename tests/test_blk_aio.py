@@ -30,6 +30,7 @@ from edgevirt.backend.transport.vhost_user.vring import Vring
 from edgevirt.backend.virtq import IMPLEMENTATIONS, BlkAio
 from edgevirt.backend.virtq.driver import DriverQueue
 from edgevirt.errors import BackendError, ConfigError, RingError
+from tests.helpers import no_uring
 
 pytestmark = pytest.mark.skipif(BlkAio is None, reason="C extension not built")
 
@@ -40,19 +41,7 @@ DISK = SECTORS * 512
 QSIZE = 32
 
 
-def _uring_reason() -> str | None:
-    """None if BlkAio gets io_uring here, else why not (no liburing, seccomp, sysctl)."""
-    if BlkAio is None:
-        return "C extension not built"
-    fd = os.open("/dev/zero", os.O_RDONLY)
-    try:
-        aio = BlkAio(fd, 8, 1, True, 8)
-        return None if aio.engine == "io_uring" else aio.reason
-    finally:
-        os.close(fd)
-
-
-NO_URING = _uring_reason()
+NO_URING = no_uring()
 _uring = pytest.mark.skipif(NO_URING is not None, reason=f"no io_uring here: {NO_URING}")
 ENGINES = [pytest.param("io_uring", marks=_uring), "threads"]
 #: the engine's own serving thread (what the back-end runs), on either engine

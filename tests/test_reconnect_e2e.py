@@ -25,6 +25,7 @@ from edgevirt.deploy.qemu import QemuConfig, VhostUserDevice, virtio_mmio_slots,
 from edgevirt.image.kernel import build_kernel
 from edgevirt.report import Reporter
 from edgevirt.up import BackendProcess, backend_socket, build_initramfs, compose_dtb
+from tests.helpers import no_uring
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +70,14 @@ def stats_requests(path: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("opts", ["", ",cache=none,aio=io_uring"], ids=["sync", "odirect-io_uring"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        pytest.param("", id="sync"),
+        pytest.param(",cache=none,aio=io_uring", id="odirect-io_uring",
+                     marks=pytest.mark.skipif(no_uring() is not None, reason="no io_uring here")),
+    ],
+)  # fmt: skip
 def test_backend_killed_mid_write_guest_verifies_every_block(tmp_path, opts):
     board = load_board("qemu-virt")
     build = tmp_path / "build"

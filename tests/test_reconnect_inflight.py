@@ -18,6 +18,7 @@ from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
 from edgevirt.backend.virtq.driver import DriverQueue
 from edgevirt.up import BackendProcess, backend_socket
+from tests.helpers import no_uring
 
 QSIZE = 64
 DISK = 4 << 20
@@ -33,6 +34,8 @@ def disk(tmp_path):
 #: the synchronous C path on the page cache, and O_DIRECT with io_uring (requests stay in
 #: the kernel between loop callbacks: a SIGKILL catches many in flight)
 PATHS = {"sync": "", "odirect-io_uring": ",cache=none,aio=io_uring"}
+NEEDS_URING = pytest.mark.skipif(no_uring() is not None, reason=f"no io_uring: {no_uring()}")
+IO_PARAMS = ["sync", pytest.param("odirect-io_uring", marks=NEEDS_URING)]
 
 
 def start_backend(tmp_path, disk, name="be", opts=""):
@@ -130,7 +133,7 @@ def in_flight(fd, size):
     return n
 
 
-@pytest.mark.parametrize("io", list(PATHS))
+@pytest.mark.parametrize("io", IO_PARAMS)
 def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk, io):
     """SIGKILL the back-end process while it is in the middle of a batch of writes (caught
     by stopping it and looking at the inflight region), restart it, reconnect like QEMU
@@ -198,7 +201,7 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk, io):
         proc.stop()
 
 
-@pytest.mark.parametrize("io", list(PATHS))
+@pytest.mark.parametrize("io", IO_PARAMS)
 def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk, io):
     proc, path = start_backend(tmp_path, disk, opts=PATHS[io])
     fe = VhostUserFrontend(path, size=16 << 20)
