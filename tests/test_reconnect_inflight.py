@@ -301,6 +301,10 @@ def test_region_added_while_the_engine_thread_serves(tmp_path, disk):
         assert disk.read_bytes()[:1024] == b"a" * 512 + b"z" * 512
         snap = be.snapshot()
         assert snap["broken"] == [] and snap["queues"][0]["io_thread"]
+        q = snap["queues"][0]  # the thread's kicks, calls and chains reach the stats
+        assert q["kicks"] >= 2 and q["notifications"] >= 2 and q["served"] == 2
+        # the first write's buffer is 16-byte aligned (bounced), the second 4 KiB aligned
+        assert snap["requests"] == 2 and snap["by_type"] == {"write": 2, "bounced": 1}
     finally:
         fe.close()
         loop.stop()

@@ -29,7 +29,7 @@ typedef struct {
     uint64_t *rest;     /* chains for Python: head, nread, nwrite, (addr, len)... */
     size_t nrest, caprest;
     blkstats acc;       /* since the last take_stats() */
-    unsigned long long pushed, notified;
+    unsigned long long pushed, notified, kicks;
     err_t err;
 } srvstate;
 

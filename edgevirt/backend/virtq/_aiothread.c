@@ -206,6 +206,9 @@ static void *srv_main(void *arg)
         if (pf[0].revents & POLLIN) {
             drain_fd(v->kick);
             kicked = 1;
+            pthread_mutex_lock(&v->mu);
+            v->kicks++;
+            pthread_mutex_unlock(&v->mu);
         }
         if (pf[2].revents & POLLIN)
             drain_fd(v->ctl);
@@ -265,7 +268,7 @@ PyObject *Aio_start(BlkAio *a, PyObject *args, PyObject *kw)
     v->stop = v->broken = 0;
     v->npy = v->nrest = 0;
     memset(&v->acc, 0, sizeof v->acc);
-    v->pushed = v->notified = 0;
+    v->pushed = v->notified = v->kicks = 0;
     v->c.err.kind = ERR_NONE;
     if (pthread_create(&v->th, NULL, srv_main, a) != 0) {
         PyErr_SetString(PyExc_OSError, "BlkAio.start: cannot start the thread");
@@ -419,9 +422,10 @@ PyObject *Aio_take_stats(BlkAio *a, PyObject *Py_UNUSED(ignored))
     pthread_mutex_lock(&v->mu);
     st = v->acc;
     st.notified = v->notified;
+    st.kicks = v->kicks;
     size_t pushed = (size_t)v->pushed;
     memset(&v->acc, 0, sizeof v->acc);
-    v->pushed = v->notified = 0;
+    v->pushed = v->notified = v->kicks = 0;
     pthread_mutex_unlock(&v->mu);
     return blk_result((PyTypeObject *)rs->blk_result_type, pushed, PyList_New(0),
                       PyList_New(0), v->counter, &st);

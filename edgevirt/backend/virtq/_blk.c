@@ -284,12 +284,13 @@ static PyStructSequence_Field result_fields[] = {
     {"error", "None, or what went wrong with the first failed request"},
     {"bounced", "requests moved through an aligned bounce buffer (O_DIRECT)"},
     {"notified", "times the driver was signalled on its call eventfd (BlkAio)"},
+    {"kicks", "kicks the engine thread took from the driver (BlkAio.take_stats)"},
     {NULL, NULL},
 };
 
 static PyStructSequence_Desc result_desc = {
     "edgevirt.backend.virtq._ring.BlkResult", "What SplitQueue.serve_blk() did.",
-    result_fields, 13,
+    result_fields, 14,
 };
 
 PyObject *blk_result_type_new(void)
@@ -318,7 +319,8 @@ PyObject *blk_result(PyTypeObject *tp, size_t pushed, PyObject *done, PyObject *
         st->error, (Py_ssize_t)strlen(st->error), "replace") : Py_NewRef(Py_None));
     PyStructSequence_SET_ITEM(res, 11, PyLong_FromUnsignedLongLong(st->bounced));
     PyStructSequence_SET_ITEM(res, 12, PyLong_FromUnsignedLongLong(st->notified));
-    for (int i = 0; i < 13; i++)
+    PyStructSequence_SET_ITEM(res, 13, PyLong_FromUnsignedLongLong(st->kicks));
+    for (int i = 0; i < 14; i++)
         if (PyStructSequence_GET_ITEM(res, i) == NULL)
             return Py_DECREF(res), NULL;
     return res;

@@ -207,6 +207,7 @@ class Vring:
             self.blk.account(res)
         self.stats.served += res.pushed
         self.stats.notifications += res.notified
+        self.stats.kicks += res.kicks
 
     def _finish(self, q: SplitQueue, mem: GuestMemory, device: VirtioDevice,
                 chains: list) -> None:  # fmt: skip
