@@ -293,6 +293,50 @@ def test_unaligned_buffers_are_bounced_and_counted(
     dev.close()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bounce_memory_in_flight_is_bounded(ddir: Path, engine: str) -> None:
+    """Past the bounce budget an unaligned request goes through the page-cache fd (no
+    allocation); without one it is answered IOERR, naming why."""
+    disk = ddir / "b.img"
+    disk.write_bytes(bytes(DISK))
+    fd_direct = os.open(disk, os.O_RDWR | os.O_DIRECT)
+    fd = os.open(disk, os.O_RDWR)
+    mem = GuestMemory()
+    mem.add(Region(GPA, MEM, mmap.mmap(-1, MEM)))
+    try:
+        for buffered, budget in ((fd, 0), (fd, 4096), (-1, 0)):
+            drv = DriverQueue(mem, QSIZE)
+            q = drv.queue(IMPLEMENTATIONS["c"])
+            aio = BlkAio(fd_direct, SECTORS, 126, False, QSIZE, engine=engine, direct=True,
+                         mem_align=512, fd_buffered=buffered, bounce_budget=budget)  # fmt: skip
+            datas = [bytes([budget % 251 + i + 1]) * 4096 for i in range(4)]
+            for i, data in enumerate(datas):  # 16-byte aligned buffers: all need a bounce
+                drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 8 * i), data], [1], publish=False)
+            drv.publish()
+            res = aio.submit(q, mem)
+            assert res.bounced == 4
+            aio.reap(q, None, True)
+            aio.close()
+            image = disk.read_bytes()
+            if buffered >= 0:
+                assert all(image[4096 * i : 4096 * (i + 1)] == d for i, d in enumerate(datas))
+            else:
+                assert res.errors == 4 and "bounce buffer" in (res.error or "")
+                assert all(drv.read(addr, 1) == b"\1" for addr in status_bytes(drv, 4))
+    finally:
+        os.close(fd_direct)
+        os.close(fd)
+
+
+def status_bytes(drv: DriverQueue, n: int) -> list[int]:
+    """Addresses of the status bytes of the first n chains the driver has out."""
+    out = []
+    for head in sorted(drv._chains)[:n]:
+        addr, length, _f, _n = drv.read_desc(drv._chains[head][-1])
+        out.append(addr + length - 1)
+    return out
+
+
 def test_unaligned_offset_goes_through_the_page_cache(
     ddir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

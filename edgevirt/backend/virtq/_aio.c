@@ -29,11 +29,13 @@
 
 /* ---- the request's completion ---- */
 
-void req_free(aioreq *r)
+void req_free(BlkAio *a, aioreq *r)
 {
     if (r->iov != &r->one)
         PyMem_RawFree(r->iov);
     PyMem_RawFree(r->guest);
+    if (r->bounce != NULL)
+        a->bounce_bytes -= r->len;
     free(r->bounce);
     r->iov = r->guest = NULL;
     r->bounce = NULL;
@@ -101,8 +103,17 @@ static int req_prepare(BlkAio *a, aioreq *r, const blkreq *p, const struct iovec
         r->fd = a->fd_buffered; /* DIO cannot address it: the page cache can */
     else if (a->direct && !aligned(iov, p->cnt, a->mem_align, a->align)) {
         st->bounced++;
-        if (posix_memalign(&r->bounce, a->align > 64 ? a->align : 64, r->len ? r->len : 1))
+        /* Bounce memory in flight is bounded: a guest making every request unaligned and
+         * large cannot make us allocate queue size x request size. Past the budget the
+         * page cache serves the request, which needs no copy of ours. */
+        if (a->bounce_bytes + r->len > a->bounce_budget && a->fd_buffered >= 0) {
+            r->fd = a->fd_buffered;
+            goto direct_iov;
+        }
+        if (a->bounce_bytes + r->len > a->bounce_budget ||
+            posix_memalign(&r->bounce, a->align > 64 ? a->align : 64, r->len ? r->len : 1))
             return r->bounce = NULL, -1;
+        a->bounce_bytes += r->len;
         r->one = (struct iovec){r->bounce, (size_t)r->len};
         r->iov = &r->one;
         r->iovcnt = 1;
@@ -118,6 +129,7 @@ static int req_prepare(BlkAio *a, aioreq *r, const blkreq *p, const struct iovec
         r->nguest = p->cnt;
         return 0;
     }
+direct_iov:
     if (!(r->iov = PyMem_RawMalloc((p->cnt ? p->cnt : 1) * sizeof *iov)))
         return -1;
     memcpy(r->iov, iov, p->cnt * sizeof *iov);
@@ -185,8 +197,8 @@ void submit_run(BlkAio *a, submitjob *s)
         }
         if (!p.ok || req_prepare(a, r, &p, s->iov, &s->st) < 0) {
             if (p.ok)
-                blk_note(&s->st, h, "no memory for the request");
-            req_free(r);
+                blk_note(&s->st, h, "no memory for the request (or its bounce buffer)");
+            req_free(a, r);
             s->st.errors++;
             *p.status = BLK_S_IOERR;
             s->ids[2 * s->nids] = h;
@@ -406,7 +418,7 @@ static PyObject *Aio_reap(BlkAio *a, PyObject *args, PyObject *kw)
                 ids[2 * n + 1] = len;
                 n++;
             }
-            req_free(r);
+            req_free(a, r);
             a->nflight--;
         }
     } while (wait && a->nflight > 0);
@@ -441,7 +453,7 @@ static void aio_shutdown(BlkAio *a)
     while (a->nflight > 0) {
         for (aioreq *r = harvest(a, 1), *nx; r != NULL; r = nx) {
             nx = r->next;
-            req_free(r);
+            req_free(a, r);
             a->nflight--;
         }
     }
@@ -488,14 +500,15 @@ static PyObject *Aio_close(BlkAio *a, PyObject *Py_UNUSED(ignored))
 static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "capacity", "seg_max", "readonly", "depth", "engine",
-                             "direct", "align", "mem_align", "fd_buffered", NULL};
+                             "direct", "align", "mem_align", "fd_buffered", "bounce_budget",
+                             NULL};
     int fd, readonly, direct = 0, fd_buffered = -1;
-    unsigned long long capacity;
+    unsigned long long capacity, bounce_budget = BOUNCE_BUDGET;
     unsigned int seg_max, depth, align = 512, mem_align = 0;
     const char *engine = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKIpI|spIIi:BlkAio", kwlist, &fd, &capacity,
-                                     &seg_max, &readonly, &depth, &engine, &direct, &align,
-                                     &mem_align, &fd_buffered))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKIpI|spIIiK:BlkAio", kwlist, &fd,
+                                     &capacity, &seg_max, &readonly, &depth, &engine, &direct,
+                                     &align, &mem_align, &fd_buffered, &bounce_budget))
         return NULL;
     if (fd < 0 || seg_max < 1 || seg_max > BLK_MAX_SEG_MAX || depth < 1 ||
         depth > MAX_QUEUE_SIZE || capacity > (unsigned long long)INT64_MAX / BLK_SECTOR ||
@@ -518,6 +531,7 @@ static PyObject *Aio_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     a->direct = direct;
     a->align = align;
     a->mem_align = mem_align ? mem_align : align;
+    a->bounce_budget = bounce_budget;
     a->depth = depth;
     a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     a->srv.ctl = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -635,8 +649,8 @@ static PyMethodDef Aio_methods[] = {
 
 static PyType_Slot Aio_slots[] = {
     {Py_tp_doc, "BlkAio(fd, capacity, seg_max, readonly, depth, engine='auto', direct=False, "
-                "align=512, mem_align=align, fd_buffered=-1): the asynchronous virtio-blk "
-                "request path of one queue"},
+                "align=512, mem_align=align, fd_buffered=-1, bounce_budget=32 MiB): the "
+                "asynchronous virtio-blk request path of one queue"},
     {Py_tp_new, Aio_new},
     {Py_tp_dealloc, Aio_dealloc},
     {Py_tp_methods, Aio_methods},

@@ -11,6 +11,7 @@
 #endif
 
 enum { ENG_URING, ENG_THREADS, POOL_THREADS = 8, URING_ENTRIES = 256 };
+#define BOUNCE_BUDGET (32ULL << 20) /* bounce buffer bytes in flight, per engine */
 
 /* The serving thread of one queue: it owns the ring state while it runs. */
 typedef struct {
@@ -54,6 +55,7 @@ typedef struct {
     blkdev d;
     int fd_buffered, direct;
     uint32_t align, mem_align, depth, nflight; /* DIO offset and buffer alignment */
+    unsigned long long bounce_bytes, bounce_budget;
     aioreq *reqs; /* [depth], indexed by chain head */
     int efd, engine;
     const char *why; /* why the engine is what it is */
@@ -85,7 +87,7 @@ typedef struct {
 } submitjob;
 
 /* Without the GIL. */
-HIDDEN void req_free(aioreq *r);
+HIDDEN void req_free(BlkAio *a, aioreq *r);
 /* Status byte and counts of a finished request; its used length into *written. */
 HIDDEN int req_finish(aioreq *r, blkstats *st, uint32_t *written);
 /* Pop a batch (s->j.c, s->j.max_chains), mark it taken, start its I/O; chains answered at

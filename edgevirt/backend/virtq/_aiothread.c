@@ -155,7 +155,7 @@ static void srv_reap(BlkAio *a, uint32_t *ids)
         req_finish(r, &st, &len);
         ids[2 * n] = r->head;
         ids[2 * n++ + 1] = len;
-        req_free(r);
+        req_free(a, r);
         a->nflight--;
     }
     if (n == 0)

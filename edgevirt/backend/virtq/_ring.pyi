@@ -88,6 +88,7 @@ class BlkAio:
         align: int = 512,
         mem_align: int = 0,
         fd_buffered: int = -1,
+        bounce_budget: int = 32 << 20,
     ) -> None: ...
     @property
     def engine(self) -> str: ...
