@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
-
-from collections.abc import Callable
 
 import serial
 
