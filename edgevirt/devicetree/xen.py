@@ -167,21 +167,21 @@ def validate(system: XenSystem, ram: tuple[int, int], loads: Sequence[Load]) -> 
                 f"{where}: guest address {_span(r.guest, r.size)} is outside the free "
                 f"window {_span(lo, hi - lo)} of Xen 4.17's guest memory map"
             )
-        for d in r.domains:
-            if d not in names:
-                raise DeviceTreeError(f"{where}: unknown domain {d!r} (domains: {names})")
+        for dn in r.domains:
+            if dn not in names:
+                raise DeviceTreeError(f"{where}: unknown domain {dn!r} (domains: {names})")
         taken.append((f"region {r.name}", r.host, r.size))
         reserved += r.size
     seen_guest: dict[str, list[XenRegion]] = {}
     for r in system.regions:
-        for d in r.domains:
-            for other in seen_guest.setdefault(d, []):
+        for dn in r.domains:
+            for other in seen_guest.setdefault(dn, []):
                 if _overlap((r.guest, r.size), (other.guest, other.size)):
                     raise DeviceTreeError(
-                        f"xen: domain {d}: region {r.name} at guest {_span(r.guest, r.size)} "
+                        f"xen: domain {dn}: region {r.name} at guest {_span(r.guest, r.size)} "
                         f"overlaps region {other.name} at {_span(other.guest, other.size)}"
                     )
-            seen_guest[d].append(r)
+            seen_guest[dn].append(r)
     regions = {r.name: r for r in system.regions}
     for d in system.domains:
         if d.memory <= 0 or d.memory % (1 << 20):

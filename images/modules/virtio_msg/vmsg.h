@@ -117,6 +117,7 @@ struct vmsg_bus {
 	unsigned int total_vqs;
 	void (*ring)(struct vmsg_bus *bus);	/* doorbell to the device side; NULL: ivshmem */
 	void *priv;				/* the doorbell's own state */
+	unsigned int header_ms;	/* wait for the device side's header; 0: timeout_ms */
 };
 
 struct vmsg_device {

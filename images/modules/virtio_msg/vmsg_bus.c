@@ -617,12 +617,13 @@ static int vmsg_check_header(struct vmsg_bus *bus, size_t len)
 static int vmsg_wait_header(struct vmsg_bus *bus, size_t len)
 {
 	const struct vmsg_mem_header *mh = bus->mem;
-	unsigned long deadline = jiffies + msecs_to_jiffies(timeout_ms);
+	unsigned int wait_ms = bus->header_ms ?: timeout_ms;
+	unsigned long deadline = jiffies + msecs_to_jiffies(wait_ms);
 
 	while (!READ_ONCE(mh->magic)) {
 		if (time_after(jiffies, deadline)) {
 			dev_err(bus->dev, "virtio-msg: no message memory header within %u ms: device side (back-end or service VM) not running? bus not created\n",
-				timeout_ms);
+				wait_ms);
 			return -ETIMEDOUT;
 		}
 		msleep(20);

@@ -82,6 +82,9 @@ int vmsg_xen_attach(struct platform_device *pdev, struct vmsg_bus **busp,
 	vx->port = port;
 	bus->priv = vx;
 	bus->ring = vmsg_xen_ring;
+	/* Both domains boot at once: the service domain may take a while to lay out the
+	 * header (its back-end is Python), so the node may allow a longer first wait. */
+	of_property_read_u32(np, "edgevirt,header-timeout-ms", &bus->header_ms);
 	ret = vmsg_bus_init(bus, &pdev->dev, mem, resource_size(&msg));
 	if (ret)
 		goto free;
