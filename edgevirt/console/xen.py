@@ -3,7 +3,8 @@
 Without dom0, Xen prints every dom0less domU's vpl011 output on its own UART, a line at a
 time, as ``(XEN) DOM<n>: text``; its own lines start ``(XEN) `` too. Input goes to one
 domain at a time: Ctrl-A pressed three times moves it on (Xen, DOM1, DOM2, …) and Xen
-confirms with ``(XEN) *** Serial input to DOM<n>`` (or ``to Xen``).
+confirms with ``(XEN) *** Serial input to DOM<n>`` (or ``to Xen``). The cycle is Xen, DOM0,
+DOM1, DOM2 …, DOM0 included even without a dom0 (its input is dropped).
 
 :class:`XenConsoleMux` reads the UART, keeps the raw transcript, and hands each domain's
 lines to a :class:`DomainPort`, which has the subset of pyserial's API the expect engine
@@ -15,8 +16,8 @@ The domain that has the input is printed differently: character by character, ea
 prefixed ``(XEN) `` only; those lines go to it unless they look like Xen's own (``***``,
 ``d1v0:`` …).
 
-Xen's in-hypervisor vpl011 buffer holds 127 characters: a longer line arrives as several
-``DOM<n>:`` lines of exactly 127 characters, which are joined back here.
+Xen's in-hypervisor vpl011 buffer holds 126 characters: a longer line arrives as several
+``DOM<n>:`` lines of 126 characters, which are joined back here.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from edgevirt.console.expect import CommandResult, Console
 from edgevirt.errors import ConsoleError, ConsoleTimeout
 
 CTRL_A = b"\x01"
-#: Xen 4.17's vpl011 output buffer (SBSA_UART_OUT_BUF_SIZE) less its NUL: longer lines split.
-XEN_VPL011_CHUNK = 127
-INPUT_CHUNK = 16
-INPUT_PAUSE = 0.04
+#: Xen 4.17's vpl011 output buffer (SBSA_UART_OUT_BUF_SIZE) less newline and NUL: longer
+#: lines come in pieces of this many characters.
+XEN_VPL011_CHUNK = 126
+INPUT_CHUNK = 8
+INPUT_PAUSE = 0.05
 #: Focus value for Xen itself.
 XEN = -1
 #: Xen's own lines, told apart from the focused domain's unprefixed output.
@@ -90,9 +92,10 @@ class XenConsoleMux:
             self._raw.flush()
         *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
-            self._line(line.rstrip(b"\r"))
+            self._line(line)
 
-    def _line(self, line: bytes) -> None:
+    def _line(self, raw: bytes) -> None:
+        line = raw.rstrip(b"\r")
         m = _DOM.match(line)
         if m is None:
             f = _FOCUS.search(line)
@@ -107,8 +110,10 @@ class XenConsoleMux:
                 self.xen_lines.append(line.decode("utf-8", "replace"))
             return
         domid, chunk = int(m.group(1)), self._pending.pop(int(m.group(1)), b"") + m.group(2)
-        if len(m.group(2)) == XEN_VPL011_CHUNK:
-            self._pending[domid] = chunk  # Xen's buffer was full: the line goes on
+        # A guest line ends "\r\n" and Xen adds its own "\r": a piece that Xen cut because
+        # its buffer was full has one "\r" only, and the line goes on.
+        if len(m.group(2)) >= XEN_VPL011_CHUNK and not raw.endswith(b"\r\r"):
+            self._pending[domid] = chunk
             return
         self.domains.setdefault(domid, bytearray()).extend(chunk + b"\n")
 

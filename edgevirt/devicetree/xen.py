@@ -299,6 +299,9 @@ def compose_xen(base: Fdt, system: XenSystem, out_dir: Path) -> XenDt:
         node.set(Property.from_u64("memory", d.memory >> 10))
         node.set(Property.from_u32("cpus", d.cpus))
         node.set(Property.empty("vpl011"))
+        # The /hypervisor node (event channels, grant table) without xenstore: there is
+        # no dom0 to run one. Static event channels need it (Xen 4.17 booting.txt).
+        node.set(Property.from_string("xen,enhanced", "no-xenstore"))
         for ld in by_dom[d.name]:
             kind = ld.what.split(" ")[1]
             if kind == "kernel":
