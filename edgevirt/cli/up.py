@@ -117,6 +117,15 @@ def run_up(opts: Any, as_json: bool) -> None:
     "must fail naming that VM; service-restart: kill and restart it under the running "
     "front-end, whose devices must come back).",
 )
+@click.option(
+    "--platform",
+    type=click.Choice(["qemu", "xen"]),
+    default="qemu",
+    show_default=True,
+    help="qemu: QEMU virt is the hypervisor (back-end on the host or in a service VM); "
+    "xen: Debian's Xen 4.17 dom0less on QEMU (front-end and service domUs, virtio-msg over "
+    "passthrough regions and static event channels).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def up(
     board: str,
@@ -127,6 +136,7 @@ def up(
     no_restrict: bool,
     boot_timeout: float | None,
     fault: str | None,
+    platform: str,
     as_json: bool,
 ) -> None:
     """Build, boot and test a carve-out-restricted guest on QEMU virt.
@@ -140,9 +150,11 @@ def up(
     """
     from edgevirt.up import UpOptions
 
-    service = backend == "service-vm"
+    service = backend == "service-vm" or platform == "xen"
+    default_dir = f"{board}-xen" if platform == "xen" else (
+        f"{board}-servicevm" if service else board)  # fmt: skip
     opts = UpOptions(
-        build_dir=build_dir or Path("out") / (f"{board}-servicevm" if service else board),
+        build_dir=build_dir or Path("out") / default_dir,
         board=board,
         transport=transport,
         backend=backend,
@@ -150,5 +162,6 @@ def up(
         restrict=not no_restrict,
         boot_timeout=boot_timeout if boot_timeout is not None else (180.0 if service else 120.0),
         fault=fault,
+        platform=platform,
     )
     run_up(opts, as_json)

@@ -34,16 +34,17 @@ static size_t ev_len;
 static u64 ev_find(const u8 *buf, size_t len, size_t limit)
 {
 	u8 first = ~ev_inv[0];
-	size_t i, j;
+	const u8 *p = buf, *end = buf + min(limit, len - min(len, ev_len - 1));
+	size_t j;
 	u64 hits = 0;
 
-	for (i = 0; i < limit && i + ev_len <= len; i++) {
-		if (buf[i] != first)
-			continue;
-		for (j = 1; j < ev_len && buf[i + j] == (u8)~ev_inv[j]; j++)
+	/* memchr is the optimised one: a plain byte loop took 48 s for 512 MiB under TCG. */
+	while (p < end && (p = memchr(p, first, end - p))) {
+		for (j = 1; j < ev_len && p[j] == (u8)~ev_inv[j]; j++)
 			;
 		if (j == ev_len)
 			hits++;
+		p++;
 	}
 	return hits;
 }
