@@ -147,6 +147,12 @@ def up(
     bus; or a service VM behind the host's ivshmem server), boot QEMU, run the smoke
     suite over the serial console, power off and print a summary. Logs stay in the
     build dir.
+
+    \b
+    Examples:
+      edgevirt up                                       # vhost-user, back-end on the host
+      edgevirt up --transport msg --backend service-vm  # two QEMU VMs
+      edgevirt up --platform xen --json                 # Xen 4.17 dom0less, two domUs
     """
     from edgevirt.up import UpOptions
 
