@@ -83,6 +83,27 @@ def isolation_check(fe: Console, svc: Console, layout: XenLayout) -> list[Check]
     return checks
 
 
+#: A guest address nothing is mapped at in the service domain (Xen 4.17's guest layout has
+#: nothing between the virtual PCI window and the grant table).
+UNMAPPED = 0x30000000
+
+
+def fault_check(fe: Console, svc: Console) -> list[Check]:
+    """A service-domain process touching memory outside its mappings is stopped by a fault;
+    Xen, the service domain and the front-end's devices carry on."""
+    r = svc.run(f"devmem {UNMAPPED:#x} 32; echo status=$?", 30)
+    m = re.search(r"status=(\d+)", r.output)
+    status = int(m.group(1)) if m else -1
+    alive = svc.run("echo alive", 20).output.strip() == "alive"
+    rng = fe.run("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -tx1 | wc -w", 30)
+    works = rng.output.strip() == "64"
+    signal = {135: "SIGBUS", 139: "SIGSEGV"}.get(status, f"status {status}")
+    return [Check("isolation: access outside the mappings", status > 128 and alive and works,
+                  f"service-domain devmem {UNMAPPED:#x} stopped by {signal}; service domain "
+                  f"{'alive' if alive else 'DEAD'}; front-end hwrng "
+                  f"{'still works' if works else 'BROKEN: ' + rng.output[-80:]}")]  # fmt: skip
+
+
 def service_checks(svc: Console, carveout: int) -> tuple[list[Check], dict]:
     pid = svc.run("cat /run/edgevirt/backend.pid; kill -0 $(cat /run/edgevirt/backend.pid)", 20)
     tail = svc.run("tail -n 5 /run/edgevirt/backend.log", 20).output
@@ -147,6 +168,7 @@ def up_xen(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         t = time.monotonic()
         result.checks += isolation_check(fe, svc, layout)
         result.timings["isolation_scan"] = time.monotonic() - t
+        result.checks += fault_check(fe, svc)
         reporter.step("service domU: health checks")
         checks, result.backend = service_checks(svc, layout.carveout_size)
         result.checks += checks
