@@ -55,30 +55,25 @@ def isolation_check(fe: Console, svc: Console, layout: XenLayout) -> list[Check]
     cmd = "; ".join(f"devmem {at + 8 * i:#x} 64 {w:#x}" for i, w in enumerate(words))
     fe.run(cmd, 30)
     checks = []
-    found: dict[str, str] = {}
-    for name, secret in (("private", private), ("carve-out", shared)):
-        inverted = bytes(b ^ 0xFF for b in secret).hex()
-        svc.run(f"echo {inverted} > /proc/ev-scan", 20)
-        found[name] = svc.run("cat /proc/ev-scan", 180).output
-    ram = re.search(r"ram pages=(\d+) skipped=(\d+) hits=(\d+)", found["private"])
-    pt_private = [int(h) for h in re.findall(r"hits=(\d+)", found["private"])[1:]]
-    pt_shared = re.findall(r"passthrough (\S+) (0x[0-9a-f]+)-(0x[0-9a-f]+) hits=(\d+)",
-                           found["carve-out"])  # fmt: skip
-    ram_shared = re.search(r"ram pages=\d+ skipped=\d+ hits=(\d+)", found["carve-out"])
-    if ram is None or not pt_shared or ram_shared is None:  # noqa: SIM114
-        return [Check("isolation: scan", False, f"scanner output: {found}")]
+    inverted = " ".join(bytes(b ^ 0xFF for b in x).hex() for x in (private, shared))
+    svc.run(f"echo {inverted} > /proc/ev-scan", 20)
+    out = svc.run("cat /proc/ev-scan", 180).output
+    ram = re.search(r"ram pages=(\d+) skipped=(\d+) hits=(\d+),(\d+)", out)
+    pts = re.findall(r"passthrough (\S+) (0x[0-9a-f]+)-(0x[0-9a-f]+) hits=(\d+),(\d+)", out)
+    if ram is None or not pts:
+        return [Check("isolation: scan", False, f"scanner output: {out[-300:]!r}")]
     pages = int(ram.group(1))
-    priv_hits = int(ram.group(3)) + sum(pt_private)
-    carve_hits = sum(int(h) for *_, h in pt_shared)
-    regions = ", ".join(f"[{a}, {b})" for _n, a, b, _h in pt_shared)
+    priv_hits = int(ram.group(3)) + sum(int(p[3]) for p in pts)
+    carve_hits = sum(int(p[4]) for p in pts)
+    regions = ", ".join(f"[{a}, {b})" for _n, a, b, _h, _g in pts)
     checks.append(Check("isolation: front-end's private secret", priv_hits == 0 and pages > 0,
                         f"0 of {SECRET_BYTES} B found: service domain scanned {pages} RAM "
                         f"pages ({pages * 4 >> 10} MiB, {ram.group(2)} unmapped) and the "
                         f"passthrough regions {regions}" if priv_hits == 0 else
                         f"FOUND {priv_hits} times in the service domain"))  # fmt: skip
     checks.append(Check("isolation: carve-out secret", carve_hits >= 1,
-                        f"found {carve_hits}× in the passthrough regions at guest {at:#x} "
-                        f"(RAM hits {ram_shared.group(1)})"))  # fmt: skip
+                        f"found {carve_hits}x in the passthrough regions at guest {at:#x} "
+                        f"(RAM hits {ram.group(4)})"))  # fmt: skip
     fe.run(f"rm -f /tmp/private-secret; {cmd.replace(' 64 0x', ' 64 0x0 #')}", 30)
     return checks
 
@@ -94,12 +89,14 @@ def fault_check(fe: Console, svc: Console) -> list[Check]:
     r = svc.run(f"devmem {UNMAPPED:#x} 32; echo status=$?", 30)
     m = re.search(r"status=(\d+)", r.output)
     status = int(m.group(1)) if m else -1
+    why = svc.run("dmesg | tail -n 3 | grep -iE 'abort|fault|devmem' | tail -n 1", 20).output
     alive = svc.run("echo alive", 20).output.strip() == "alive"
     rng = fe.run("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -tx1 | wc -w", 30)
     works = rng.output.strip() == "64"
-    signal = {135: "SIGBUS", 139: "SIGSEGV"}.get(status, f"status {status}")
+    signal = {135: "SIGBUS", 137: "SIGKILL", 139: "SIGSEGV"}.get(status, f"status {status}")
+    why = f" (kernel: {why.strip()[:120]})" if why.strip() else ""
     return [Check("isolation: access outside the mappings", status > 128 and alive and works,
-                  f"service-domain devmem {UNMAPPED:#x} stopped by {signal}; service domain "
+                  f"service-domain devmem {UNMAPPED:#x} stopped by {signal}{why}; service domain "
                   f"{'alive' if alive else 'DEAD'}; front-end hwrng "
                   f"{'still works' if works else 'BROKEN: ' + rng.output[-80:]}")]  # fmt: skip
 

@@ -5,7 +5,7 @@
     host (QEMU virt, EL2, GICv3, 2 GiB)      Xen 4.17 (Debian), no dom0, no toolstack
       /reserved-memory no-map:  carve-out 64 MiB @ 0xa0000000, message memory 64 KiB
       domain 1 "frontend"  256 MiB: virtio_msg.ko → virtio_blk, virtio-rng (unmodified)
-      domain 2 "service"   512 MiB: Python back-end (ev_evtchn.ko), disk in its own RAM
+      domain 2 "service"   384 MiB: Python back-end (ev_evtchn.ko), disk in its own RAM
       both: /passthrough/virtio-msg@3a000000 = message memory @ 0x3a000000 (guest),
             carve-out @ 0x3c000000 (guest); static event channel frontend:10 ↔ service:11
 
@@ -45,7 +45,7 @@ class XenLayout:
     msg_guest: int = 0x3A000000
     carveout_guest: int = 0x3C000000
     frontend_mem: int = 256 << 20
-    service_mem: int = 512 << 20
+    service_mem: int = 384 << 20
     frontend_port: int = 10
     service_port: int = 11
     #: How long the front-end's module waits for the service domain's back-end.
