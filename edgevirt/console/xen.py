@@ -52,6 +52,8 @@ class XenConsoleMux:
         self.port = port
         self._raw: IO[bytes] | None = open(raw_log, "ab") if raw_log else None  # noqa: SIM115
         self._partial = b""
+        #: Everything read, for what runs before Xen (a bootloader's prompt has no newline).
+        self.raw = bytearray()
         self._pending: dict[int, bytes] = {}  # a split line waiting for its continuation
         self.domains: dict[int, bytearray] = {}
         self.xen_lines: list[str] = []
@@ -90,6 +92,7 @@ class XenConsoleMux:
         if self._raw is not None:
             self._raw.write(data)
             self._raw.flush()
+        self.raw += data
         *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
             self._line(line)
@@ -116,6 +119,28 @@ class XenConsoleMux:
             self._pending[domid] = chunk
             return
         self.domains.setdefault(domid, bytearray()).extend(chunk + b"\n")
+
+    def expect_raw(self, pattern: bytes, timeout: float, start: int = 0,
+                   abort: Callable[[], None] | None = None) -> int:  # fmt: skip
+        """Wait for ``pattern`` (a regex) in the raw stream after ``start``; return its end
+        (the bootloader before Xen, whose prompt has no newline)."""
+        deadline = time.monotonic() + timeout
+        pat = re.compile(pattern)
+        while True:
+            m = pat.search(self.raw, start)
+            if m:
+                return m.end()
+            if time.monotonic() >= deadline:
+                tail = self.raw[-400:].decode("utf-8", "replace")
+                raise ConsoleTimeout(f"Xen console: {pattern!r} did not appear within "
+                                     f"{timeout:.0f}s; last output:\n{tail}")  # fmt: skip
+            if abort is not None:
+                abort()
+            self.pump(0.1)
+
+    def send_raw(self, data: bytes) -> None:
+        """Straight to the UART: for the bootloader, before Xen owns the line."""
+        self._write(data)
 
     # -- input focus ----------------------------------------------------------------------
 

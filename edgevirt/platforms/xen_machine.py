@@ -33,6 +33,7 @@ from edgevirt.image.rootfs import ServiceRootfs, build_service_rootfs
 from edgevirt.image.xen import XenBinary, fetch_xen
 from edgevirt.paths import images_dir
 from edgevirt.platforms.xen_system import DOMID, FRONTEND, SERVICE, XenLayout, xen_system
+from edgevirt.platforms.xen_uboot import SCRIPT_ADDR, BootScript, write_boot_script
 from edgevirt.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MACHINE = "virt,virtualization=on,gic-version=3"
 CPU, SMP, MEMORY = "cortex-a57", 2, "2048M"
 STATS = "/run/edgevirt/stats.json"
+UBOOT_BIN = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
 DISK = "/run/edgevirt/disk.img"
 
 
@@ -66,6 +68,10 @@ class XenMachine:
     mux: XenConsoleMux | None = None
     consoles: dict[str, XenDomainConsole] = field(default_factory=dict)
     started: float = 0.0
+    #: "direct" (QEMU loads Xen, DTB and modules) or "uboot" (u-boot-qemu runs the boot
+    #: script over TFTP, as a real board would).
+    boot_via: str = "direct"
+    script: BootScript | None = None
 
     # -- images and device trees ----------------------------------------------------------
 
@@ -118,9 +124,17 @@ class XenMachine:
     def command(self) -> list[str]:
         assert self.images is not None and self.images.dt is not None
         dt = self.images.dt
-        extra = ["-dtb", str(dt.host_dtb), "-kernel", str(self.images.xen.image)]
-        for ld in dt.loads:
-            extra += ["-device", f"loader,file={ld.path},addr={ld.addr:#x},force-raw=on"]
+        if self.boot_via == "uboot":
+            if not UBOOT_BIN.exists():
+                raise SetupError(f"{UBOOT_BIN} not found", hint="apt-get install u-boot-qemu")
+            self.script = write_boot_script(dt, self.images.xen.image, self.build / "tftp")
+            extra = ["-bios", str(UBOOT_BIN),
+                     "-netdev", f"user,id=n0,tftp={self.script.dir}",
+                     "-device", "virtio-net-device,netdev=n0"]  # fmt: skip
+        else:
+            extra = ["-dtb", str(dt.host_dtb), "-kernel", str(self.images.xen.image)]
+            for ld in dt.loads:
+                extra += ["-device", f"loader,file={ld.path},addr={ld.addr:#x},force-raw=on"]
         extra += ["-serial", f"unix:{self.socket},server=on,wait=off", "-monitor", "none"]
         return qemu_base(MACHINE, cpu=CPU, smp=SMP, memory=MEMORY, extra=extra)
 
@@ -147,6 +161,8 @@ class XenMachine:
                 raise DeployError(f"QEMU made no console socket within 30s: {self._qemu_tail()}")
             time.sleep(0.05)
         self.mux = XenConsoleMux.open(f"unix://{self.socket}", self.build / "xen-console.log")
+        if self.boot_via == "uboot":
+            self._uboot(reporter, timeout)
         for name, domid in DOMID.items():
             self.consoles[name] = XenDomainConsole(
                 self.mux.port_for(domid), log_path=self.build / f"{name}-console.log",
@@ -157,6 +173,21 @@ class XenMachine:
             reporter.step(f"{name} domU: waiting for its agent")
             self.consoles[name].expect(SHELL_READY, timeout, self.alive)
         return self.consoles
+
+    def _uboot(self, reporter: Reporter, timeout: float) -> None:
+        """Stop autoboot, fetch the boot script over TFTP and run it."""
+        assert self.mux is not None
+        reporter.step("U-Boot (EL2): boot script over TFTP loads Xen, DTB, domU modules")
+        at = self.mux.expect_raw(rb"Hit any key to stop autoboot", 60, abort=self.alive)
+        self.mux.send_raw(b" ")
+        at = self.mux.expect_raw(rb"=> ", 20, at, self.alive)
+        for cmd in ("setenv autoload no", "setenv tftpblocksize 1468", "dhcp",
+                    f"tftpb {SCRIPT_ADDR:#x} boot.scr", f"source {SCRIPT_ADDR:#x}"):  # fmt: skip
+            self.mux.send_raw(cmd.encode() + b"\r")
+            if cmd.startswith("source"):
+                break
+            at = self.mux.expect_raw(rb"=> ", timeout, at, self.alive)
+        self.mux.expect_raw(rb"Starting kernel", timeout, at, self.alive)
 
     def _qemu_tail(self) -> str:
         try:
