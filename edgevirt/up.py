@@ -93,6 +93,8 @@ class UpOptions:
     #: "qemu" (QEMU virt, back-end on the host or in a service VM) or "xen" (Xen 4.17
     #: dom0less on QEMU: edgevirt.platforms.xen_dom0less).
     platform: str = "qemu"
+    #: xen only: "direct" (QEMU loads Xen, DTB, modules) or "uboot" (boot script over TFTP).
+    boot: str = "direct"
 
 
 @dataclass
@@ -290,6 +292,8 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         from edgevirt.platforms.xen_dom0less import up_xen
 
         return up_xen(opts, reporter)
+    if opts.boot != "direct":
+        raise ConfigError(f"--boot {opts.boot} applies to --platform xen only")
     t0 = time.monotonic()
     board = load_board(opts.board)
     transport, backend, spec = resolve(opts, board)

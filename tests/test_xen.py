@@ -304,3 +304,35 @@ def test_bus_node_errors_name_the_file(tmp_path: Path) -> None:
     _node(tmp_path, "virtio-msg@3a000000", b"device", [0, 0x3A000000, 0, 0x10000], 11)
     with pytest.raises(VirtioMsgError, match=r"reg: 4 cells, expected 8"):
         find_bus_node(tmp_path)
+
+
+# -- U-Boot boot script -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not shutil.which("mkimage"), reason="u-boot-tools not installed")
+def test_boot_script_loads_every_module_at_its_planned_address(tmp_path: Path) -> None:
+    from edgevirt.platforms.xen_uboot import DTB_ADDR, XEN_ADDR, write_boot_script
+
+    xdt = compose_xen(_base(), _system(tmp_path), tmp_path / "dt")
+    xen = tmp_path / "xen-4.17-arm64"
+    xen.write_bytes(b"x" * 4096)
+    bs = write_boot_script(xdt, xen, tmp_path / "tftp")
+    lines = bs.cmd.read_text().splitlines()
+    assert f"tftpb {XEN_ADDR:#x} xen" in lines
+    assert f"tftpb {DTB_ADDR:#x} host.dtb" in lines
+    for ld in xdt.loads:
+        name = ld.what.replace(" ", "-")
+        assert f"tftpb {ld.addr:#x} {name}" in lines
+        assert (bs.dir / name).read_bytes() == ld.path.read_bytes()
+    assert lines[-1] == f"booti {XEN_ADDR:#x} - {DTB_ADDR:#x}"
+    listing = subprocess.run(["dumpimage", "-l", str(bs.scr)], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    assert "Linux Script" in listing and "edgevirt xen dom0less" in listing
+
+
+def test_boot_option_outside_xen_is_refused(tmp_path: Path) -> None:
+    from edgevirt.errors import ConfigError
+    from edgevirt.up import UpOptions, up
+
+    with pytest.raises(ConfigError, match="--boot uboot applies to --platform xen only"):
+        up(UpOptions(tmp_path, boot="uboot"))

@@ -126,6 +126,14 @@ def run_up(opts: Any, as_json: bool) -> None:
     "xen: Debian's Xen 4.17 dom0less on QEMU (front-end and service domUs, virtio-msg over "
     "passthrough regions and static event channels).",
 )
+@click.option(
+    "--boot",
+    type=click.Choice(["direct", "uboot"]),
+    default="direct",
+    show_default=True,
+    help="xen: direct (QEMU loads Xen, host DTB and modules) or uboot (u-boot-qemu runs "
+    "edgevirt's boot script over TFTP: the real-board path).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def up(
     board: str,
@@ -137,6 +145,7 @@ def up(
     boot_timeout: float | None,
     fault: str | None,
     platform: str,
+    boot: str,
     as_json: bool,
 ) -> None:
     """Build, boot and test a carve-out-restricted guest on QEMU virt.
@@ -153,6 +162,7 @@ def up(
       edgevirt up                                       # vhost-user, back-end on the host
       edgevirt up --transport msg --backend service-vm  # two QEMU VMs
       edgevirt up --platform xen --json                 # Xen 4.17 dom0less, two domUs
+      edgevirt up --platform xen --boot uboot           # same, loaded by a U-Boot script
     """
     from edgevirt.up import UpOptions
 
@@ -169,5 +179,6 @@ def up(
         boot_timeout=boot_timeout if boot_timeout is not None else (180.0 if service else 120.0),
         fault=fault,
         platform=platform,
+        boot=boot,
     )
     run_up(opts, as_json)

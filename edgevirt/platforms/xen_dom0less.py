@@ -135,7 +135,9 @@ def up_xen(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
     t0 = time.monotonic()
     build = opts.build_dir.resolve()
     layout = XenLayout()
-    machine = XenMachine(build, layout, disk_size=opts.disk_size)
+    if opts.boot not in ("direct", "uboot"):
+        raise ConfigError(f"--boot {opts.boot}: expected direct or uboot")
+    machine = XenMachine(build, layout, disk_size=opts.disk_size, boot_via=opts.boot)
     result = UpResult(board="qemu-virt-xen", transport="msg", backend_in="service domU (Xen)",
                       carveout=(layout.carveout_guest, layout.carveout_size))  # fmt: skip
     try:
