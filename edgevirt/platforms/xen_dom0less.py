@@ -163,6 +163,9 @@ def up_xen(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
                           for s in sr.steps if s.outcome != "skipped"]  # fmt: skip
         outputs = {s.name: s.output for s in sr.steps}
         result.checks.append(_bus_check(outputs.get(DMA_STEP, "")))
+        if opts.workload is not None and all(c.ok for c in result.checks):
+            reporter.step("front-end domU: workload")
+            result.workload = opts.workload(fe, machine.alive)
         reporter.step("isolation: secrets in front-end RAM and carve-out, scan in service domU")
         t = time.monotonic()
         result.checks += isolation_check(fe, svc, layout)
