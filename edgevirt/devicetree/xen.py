@@ -336,6 +336,7 @@ def compose_xen(base: Fdt, system: XenSystem, out_dir: Path) -> XenDt:
                      for ld in loads]  # fmt: skip
     xdt.host_map += [{"what": f"reserved no-map: {r.name} → {', '.join(r.domains)}",
                       "base": r.host, "size": r.size} for r in system.regions]  # fmt: skip
+    xdt.host_map.sort(key=lambda row: (row["base"], -row["size"]))
     for d in system.domains:
         rows = [{"what": "RAM (allocated by Xen)", "base": GUEST_RAM0_BASE, "size": d.memory}]
         rows += [{"what": f"passthrough {r.name} (host {r.host:#x})", "base": r.guest,
