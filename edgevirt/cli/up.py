@@ -115,7 +115,7 @@ def run_up(opts: Any, as_json: bool) -> None:
     default=None,
     help="service-vm: inject a service-VM failure (late-service, backend-crash: the run "
     "must fail naming that VM; service-restart: kill and restart it under the running "
-    "front-end, whose devices must come back).",
+    "front-end, whose devices must come back). xen: backend-crash.",
 )
 @click.option(
     "--platform",
