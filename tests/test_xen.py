@@ -336,3 +336,24 @@ def test_boot_option_outside_xen_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="--boot uboot applies to --platform xen only"):
         up(UpOptions(tmp_path, boot="uboot"))
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"transport": "vhost-user"}, "--platform xen runs virtio-msg"),
+        ({"backend": "host"}, "--platform xen runs virtio-msg"),
+        ({"fault": "service-restart"}, "fault 'service-restart' not supported"),
+        ({"restrict": False}, "takes no --spec or --no-restrict"),
+        ({"boot": "pxe"}, "--boot pxe: expected direct or uboot"),
+    ],
+)
+def test_xen_platform_refuses_options_it_cannot_honour(
+    tmp_path: Path, opts: dict, message: str
+) -> None:
+    from edgevirt.errors import ConfigError
+    from edgevirt.up import UpOptions, up
+
+    with pytest.raises(ConfigError, match=message):
+        up(UpOptions(tmp_path / "b", platform="xen", **opts))
+    assert not (tmp_path / "b").exists()  # nothing built, nothing started
