@@ -100,5 +100,8 @@ def xen_system(
                                                bus_properties(layout, "service"))]),
     ]  # fmt: skip
     evtchns = [XenEvtchn((FRONTEND, layout.frontend_port), (SERVICE, layout.service_port))]
-    bootargs = f"console=dtuart dtuart={layout.uart} xsm=dummy guest_loglvl=all"
+    # vwfi=native: a guest's WFI is not trapped (one vCPU per physical CPU here); with the
+    # trap, every doorbell waited for Xen to unblock the vCPU: ~100 ms per request under
+    # QEMU TCG against 2.4 ms without (200 x 4 KiB O_DIRECT reads: 19.4 s vs 0.49 s).
+    bootargs = f"console=dtuart dtuart={layout.uart} xsm=dummy guest_loglvl=all vwfi=native"
     return XenSystem(domains, regions, evtchns, bootargs)
