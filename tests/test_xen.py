@@ -103,7 +103,7 @@ def test_partial_dtb_maps_both_regions_with_xen_reg(tmp_path: Path) -> None:
     assert node.prop("edgevirt,evtchn").as_u32() == 10
     svc = Fdt.from_bytes(xdt.partials["service"].read_bytes())
     snode = svc.get("/passthrough/virtio-msg@3a000000")
-    assert snode.prop("edgevirt,role").as_string() == "device"
+    assert snode.prop("edgevirt,role").as_string() == "backend"
     assert snode.prop("edgevirt,evtchn").as_u32() == 11
     assert "passthrough {" in _dts(xdt.partials["service"])  # dtc reads it back
     # What each side sees: the service domain's map has its RAM and the two regions only.
@@ -291,7 +291,7 @@ def _node(root: Path, name: str, role: bytes, cells: list[int], port: int) -> No
 
 
 def test_bus_node_found_by_role(tmp_path: Path) -> None:
-    _node(tmp_path, "virtio-msg@3a000000", b"device",
+    _node(tmp_path, "virtio-msg@3a000000", b"backend",
           [0, 0x3A000000, 0, 0x10000, 0, 0x3C000000, 0, 0x4000000], 11)  # fmt: skip
     node = find_bus_node(tmp_path)
     assert (node.msg, node.carveout, node.port) == (
@@ -301,7 +301,7 @@ def test_bus_node_found_by_role(tmp_path: Path) -> None:
 def test_bus_node_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(VirtioMsgError, match="no virtio-msg node with edgevirt,role"):
         find_bus_node(tmp_path)
-    _node(tmp_path, "virtio-msg@3a000000", b"device", [0, 0x3A000000, 0, 0x10000], 11)
+    _node(tmp_path, "virtio-msg@3a000000", b"backend", [0, 0x3A000000, 0, 0x10000], 11)
     with pytest.raises(VirtioMsgError, match=r"reg: 4 cells, expected 8"):
         find_bus_node(tmp_path)
 

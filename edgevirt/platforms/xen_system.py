@@ -62,7 +62,7 @@ def bus_properties(layout: XenLayout, role: str) -> tuple[Property, ...]:
     port = layout.frontend_port if role == "frontend" else layout.service_port
     props = [
         Property.from_string("compatible", "edgevirt,virtio-msg"),
-        Property.from_string("edgevirt,role", role if role == "frontend" else "device"),
+        Property.from_string("edgevirt,role", role if role == "frontend" else "backend"),
         Property.from_string("edgevirt,doorbell", "xen-evtchn"),
         Property.from_u32("edgevirt,evtchn", port),
     ]

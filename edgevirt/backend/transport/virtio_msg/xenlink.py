@@ -3,7 +3,7 @@
 In a dom0less service domU nothing is a PCI device: Xen mapped the message memory and the
 carve-out into this domain (``xen,reg``), and the virtio-msg bus node of its partial DTB
 says where (``/passthrough/virtio-msg@…``: ``reg`` = message memory, carve-out;
-``edgevirt,role = "device"``; ``edgevirt,evtchn`` = our static event channel port). The
+``edgevirt,role = "backend"``; ``edgevirt,evtchn`` = our static event channel port). The
 ``ev_evtchn`` helper module (``images/xen/modules``) binds that port and gives
 ``/dev/ev-evtchn``: read = notification count, poll, write = notify the driver.
 
@@ -50,12 +50,12 @@ def _u32s(path: Path) -> list[int]:
 
 
 def find_bus_node(root: Path = DT_PASSTHROUGH) -> BusNode:
-    """The ``edgevirt,virtio-msg`` node with role ``device`` under ``/passthrough``."""
+    """The ``edgevirt,virtio-msg`` node with role ``backend`` under ``/passthrough``."""
     nodes = sorted(root.glob("virtio-msg@*")) if root.is_dir() else []
     for node in nodes:
         role = (node / "edgevirt,role").read_bytes().rstrip(b"\0") if (
             node / "edgevirt,role").exists() else b""  # fmt: skip
-        if role != b"device":
+        if role != b"backend":
             continue
         cells = _u32s(node / "reg")  # #address-cells = #size-cells = 2 under /passthrough
         if len(cells) != 8:
@@ -70,7 +70,7 @@ def find_bus_node(root: Path = DT_PASSTHROUGH) -> BusNode:
             raise VirtioMsgError(f"{node}/edgevirt,evtchn: expected one cell, got {port}")
         return BusNode(node, pairs[0], pairs[1], port[0])
     raise VirtioMsgError(
-        f"no virtio-msg node with edgevirt,role = \"device\" under {root} "
+        f"no virtio-msg node with edgevirt,role = \"backend\" under {root} "
         f"(found {[n.name for n in nodes]}): is this the service domain?"
     )
 

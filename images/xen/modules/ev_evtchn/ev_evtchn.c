@@ -4,7 +4,7 @@
  *
  * Xen connects static event channels (xen,evtchn in the host DTB) when it builds the
  * domains; the guest learns its local port from the virtio-msg bus node of its partial
- * DTB (/passthrough/virtio-msg@…, edgevirt,role = "device", edgevirt,evtchn = <port>).
+ * DTB (/passthrough/virtio-msg@…, edgevirt,role = "backend", edgevirt,evtchn = <port>).
  * Linux 6.1's /dev/xen/evtchn cannot bind an already connected static port, so this
  * helper binds it and gives user space /dev/ev-evtchn with eventfd semantics:
  *
@@ -128,7 +128,7 @@ static int ev_probe(struct platform_device *pdev)
 	u32 port;
 	int ret;
 
-	if (of_property_read_string(np, "edgevirt,role", &role) || strcmp(role, "device"))
+	if (of_property_read_string(np, "edgevirt,role", &role) || strcmp(role, "backend"))
 		return -ENODEV;	/* the front-end's node: the virtio_msg module's */
 	if (!xen_domain())
 		return -ENODEV;
