@@ -57,6 +57,7 @@ class XenConsoleMux:
         self._pending: dict[int, bytes] = {}  # a split line waiting for its continuation
         self.domains: dict[int, bytearray] = {}
         self.xen_lines: list[str] = []
+        self.pause = INPUT_PAUSE
         #: Domain id that has the input (:data:`XEN` = Xen itself); None until Xen said so.
         self.focus: int | None = None
         self._focus_seen = 0
@@ -183,12 +184,16 @@ class XenConsoleMux:
             seen = self._focus_seen
             self._write(piece + (CTRL_A * 3 if last else b""))
             if not last:
-                self.pump(INPUT_PAUSE)
+                self.pump(self.pause)
         deadline = time.monotonic() + 10
         while self._focus_seen == seen and time.monotonic() < deadline:
             self.pump()
         self.switch_to(XEN)
         return len(data)
+
+    def slow_down(self) -> None:
+        """Input was lost: give the guests more time per piece from now on."""
+        self.pause = min(self.pause * 2, 0.2)
 
     def close(self) -> None:
         try:
@@ -244,31 +249,40 @@ class XenDomainConsole(Console):
     Xen's vpl011 drops input the guest has not read within its 32-character FIFO, which a
     loaded host provokes now and then. So every command travels with its own length: the
     shell runs it only if ``${#c}`` matches, else answers ``EVX<n>``; a missing answer or a
-    mismatch (after Ctrl-C to drop a half line) sends it again.
+    mismatch (after Ctrl-C to drop a half line) sends it again, more slowly. The shell
+    waits a moment before it answers: until Xen has moved the input focus away, the
+    domain's output is printed unprefixed, with line breaks of Xen's own.
     """
 
-    retries = 4
+    retries = 5
     answer_timeout = 5.0
+    settle = 0.3
 
     def run(
         self, command: str, timeout: float = 30.0, abort: Callable[[], None] | None = None
     ) -> CommandResult:
         t0 = time.monotonic()
         quoted = command.replace("'", "'\\''")
+        port = self.port
         for attempt in range(self.retries):
             n = next(self._ids)
             self.log.note(f"run #{n}: {command}" + (f" (attempt {attempt + 1})" if attempt else ""))
             self.sendline(
-                f"c='{quoted}'; if [ ${{#c}} = {len(command.encode())} ]; then echo EV''B{n};"
-                f" eval \"$c\"; echo EV''E{n} $?; else echo EV''X{n}; fi"
+                f"c='{quoted}'; sleep {self.settle}; if [ ${{#c}} = {len(command.encode())} ];"
+                f" then echo EV''B{n}; eval \"$c\"; echo EV''E{n} $?; else echo EV''X{n}; fi"
             )
+            # Tolerate a break Xen put into the marker while the domain still had the focus.
+            marker = (re.escape(ch).encode() for ch in f"EV#{n}")
+            begin = b"\n?".join(marker).replace(b"\\#", b"([BX])")
             try:
-                m = self.expect(rf"EV([BX]){n}\r?\n".encode(), self.answer_timeout, abort)
+                m = self.expect(begin + rb"\r?\n", self.answer_timeout, abort)
             except ConsoleTimeout:
                 m = None
             if m is None or m.group(1) == b"X":
                 self.send(b"\x03")
                 self.drain(0.3, 2.0)
+                if isinstance(port, DomainPort):
+                    port.mux.slow_down()
                 continue
             start = self.pos
             m = self.expect(rf"EVE{n} (\d+)\r?\n".encode(), timeout, abort)
