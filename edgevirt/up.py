@@ -90,6 +90,11 @@ class UpOptions:
     #: edgevirt.servicevm.up).
     fault: str | None = None
     workload: Workload | None = None
+    #: "qemu" (QEMU virt, back-end on the host or in a service VM) or "xen" (Xen 4.17
+    #: dom0less on QEMU: edgevirt.platforms.xen_dom0less).
+    platform: str = "qemu"
+    #: xen only: "direct" (QEMU loads Xen, DTB, modules) or "uboot" (boot script over TFTP).
+    boot: str = "direct"
 
 
 @dataclass
@@ -276,8 +281,19 @@ def memory_rows(board: Board, result: UpResult) -> list[dict[str, Any]]:
 # -- the whole path ---------------------------------------------------------------------------
 
 
+PLATFORMS = ("qemu", "xen")
+
+
 def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
     reporter = reporter or Reporter()
+    if opts.platform not in PLATFORMS:
+        raise ConfigError(f"platform {opts.platform!r}: expected one of {', '.join(PLATFORMS)}")
+    if opts.platform == "xen":
+        from edgevirt.platforms.xen_dom0less import up_xen
+
+        return up_xen(opts, reporter)
+    if opts.boot != "direct":
+        raise ConfigError(f"--boot {opts.boot} applies to --platform xen only")
     t0 = time.monotonic()
     board = load_board(opts.board)
     transport, backend, spec = resolve(opts, board)

@@ -304,3 +304,58 @@ def dt_diff(base_path: Path, final_path: Path, as_json: bool) -> None:
             out.print(Text(f"    - {name} = {value}", style="red"))
         for name, (old, new) in c.changed.items():
             out.print(Text(f"    ~ {name}: {old} → {new}", style="yellow"))
+
+
+@dt.command("xen")
+@click.option(
+    "--build-dir",
+    type=click.Path(path_type=Path),
+    default=Path("out") / "qemu-virt-xen",
+    show_default=True,
+    help="Where the images, DTBs and the boot script go.",
+)
+@click.option("--uboot", is_flag=True, help="Also write tftp/boot.cmd, boot.scr and the files.")
+@click.option("--json", "as_json", is_flag=True)
+def dt_xen(build_dir: Path, uboot: bool, as_json: bool) -> None:
+    """Compose the Xen dom0less host DTB and each domU's partial DTB; draw the host's map
+    and each domain's.
+
+    \b
+    Builds (or reuses) the front-end image, the service domU's rootfs and Debian's Xen,
+    dumps the base DTB of QEMU virt at EL2, and writes dt/host.dtb, dt/<domain>.dtb and
+    dt/memory-map.json. With --uboot, the boot script a real board runs.
+
+    \b
+    Examples:
+      edgevirt dt xen
+      edgevirt dt xen --uboot --build-dir /srv/tftp/xen
+    """
+    from edgevirt.cli.common import RichReporter
+    from edgevirt.platforms.xen_machine import XenMachine
+    from edgevirt.platforms.xen_uboot import write_boot_script
+
+    try:
+        m = XenMachine(build_dir.resolve())
+        images = m.prepare(RichReporter(quiet=as_json))
+        assert images.dt is not None
+        script = write_boot_script(images.dt, images.xen.image, m.build / "tftp") if uboot else None
+    except EdgevirtError as e:
+        fail(e)
+    xdt = images.dt
+    data = {"host_dtb": str(xdt.host_dtb), "partials": {k: str(v) for k, v in xdt.partials.items()},
+            "host": xdt.host_map, "domains": xdt.domain_maps,
+            "boot_script": str(script.scr) if script else None}  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for title, rows in [("host (what Xen sees)", xdt.host_map),
+                        *((f"domain {d} (what Xen maps for it)", r)
+                          for d, r in xdt.domain_maps.items())]:  # fmt: skip
+        t = Table(title=title)
+        for col in ("start", "end", "size", "what"):
+            t.add_column(col, no_wrap=col != "what")
+        for r in rows:
+            t.add_row(f"{r['base']:#x}", f"{r['base'] + r['size'] - 1:#x}", _human(r["size"]),
+                      r["what"])  # fmt: skip
+        out.print(t)
+    out.print(f"host DTB {xdt.host_dtb}" + (f"; boot script {script.scr}" if script else ""))

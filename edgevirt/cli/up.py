@@ -115,7 +115,24 @@ def run_up(opts: Any, as_json: bool) -> None:
     default=None,
     help="service-vm: inject a service-VM failure (late-service, backend-crash: the run "
     "must fail naming that VM; service-restart: kill and restart it under the running "
-    "front-end, whose devices must come back).",
+    "front-end, whose devices must come back). xen: backend-crash.",
+)
+@click.option(
+    "--platform",
+    type=click.Choice(["qemu", "xen"]),
+    default="qemu",
+    show_default=True,
+    help="qemu: QEMU virt is the hypervisor (back-end on the host or in a service VM); "
+    "xen: Debian's Xen 4.17 dom0less on QEMU (front-end and service domUs, virtio-msg over "
+    "passthrough regions and static event channels).",
+)
+@click.option(
+    "--boot",
+    type=click.Choice(["direct", "uboot"]),
+    default="direct",
+    show_default=True,
+    help="xen: direct (QEMU loads Xen, host DTB and modules) or uboot (u-boot-qemu runs "
+    "edgevirt's boot script over TFTP: the real-board path).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def up(
@@ -127,6 +144,8 @@ def up(
     no_restrict: bool,
     boot_timeout: float | None,
     fault: str | None,
+    platform: str,
+    boot: str,
     as_json: bool,
 ) -> None:
     """Build, boot and test a carve-out-restricted guest on QEMU virt.
@@ -137,12 +156,21 @@ def up(
     bus; or a service VM behind the host's ivshmem server), boot QEMU, run the smoke
     suite over the serial console, power off and print a summary. Logs stay in the
     build dir.
+
+    \b
+    Examples:
+      edgevirt up                                       # vhost-user, back-end on the host
+      edgevirt up --transport msg --backend service-vm  # two QEMU VMs
+      edgevirt up --platform xen --json                 # Xen 4.17 dom0less, two domUs
+      edgevirt up --platform xen --boot uboot           # same, loaded by a U-Boot script
     """
     from edgevirt.up import UpOptions
 
-    service = backend == "service-vm"
+    service = backend == "service-vm" or platform == "xen"
+    default_dir = f"{board}-xen" if platform == "xen" else (
+        f"{board}-servicevm" if service else board)  # fmt: skip
     opts = UpOptions(
-        build_dir=build_dir or Path("out") / (f"{board}-servicevm" if service else board),
+        build_dir=build_dir or Path("out") / default_dir,
         board=board,
         transport=transport,
         backend=backend,
@@ -150,5 +178,7 @@ def up(
         restrict=not no_restrict,
         boot_timeout=boot_timeout if boot_timeout is not None else (180.0 if service else 120.0),
         fault=fault,
+        platform=platform,
+        boot=boot,
     )
     run_up(opts, as_json)

@@ -14,7 +14,10 @@
  * children of platform devices (virtio-mmio) whose bus is named "virtio".
  */
 #include <linux/device.h>
+#include <linux/dma-map-ops.h>
 #include <linux/module.h>
+#include <linux/of.h>
+#include <linux/of_address.h>
 #include <linux/platform_device.h>
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
@@ -24,14 +27,35 @@
 
 #define EV_PROC_NAME "edgevirt-dma"
 
-static bool ev_in_pool(const struct io_tlb_mem *mem, u64 addr, u64 len)
+/* The DMA window of a device: a restricted pool, or (Xen) the carve-out the virtio-msg
+ * module confines DMA to with its own ops, reg[1] of its bus node. */
+struct ev_window {
+	u64 start, end;
+	const char *kind;
+};
+
+static bool ev_in_pool(const struct ev_window *w, u64 addr, u64 len)
 {
-	return mem && addr >= mem->start && len <= mem->end - mem->start &&
-	       addr - mem->start <= mem->end - mem->start - len;
+	return w->kind && addr >= w->start && len <= w->end - w->start &&
+	       addr - w->start <= w->end - w->start - len;
+}
+
+static void ev_carveout_window(struct device *parent, struct ev_window *w)
+{
+	struct resource res;
+
+	if (parent->of_node &&
+	    of_device_is_compatible(parent->of_node, "edgevirt,virtio-msg") &&
+	    of_property_match_string(parent->of_node, "edgevirt,doorbell", "xen-evtchn") >= 0 &&
+	    !of_address_to_resource(parent->of_node, 1, &res) && get_dma_ops(parent)) {
+		w->start = res.start;
+		w->end = res.end + 1;
+		w->kind = "carveout-ops";
+	}
 }
 
 static void ev_show_vq(struct seq_file *m, struct virtio_device *vdev,
-		       struct virtqueue *vq, const struct io_tlb_mem *mem)
+		       struct virtqueue *vq, const struct ev_window *mem)
 {
 	unsigned int size = virtqueue_get_vring_size(vq);
 	dma_addr_t desc = virtqueue_get_desc_addr(vq);
@@ -53,6 +77,7 @@ static int ev_show_child(struct device *child, void *data)
 	struct virtio_device *vdev;
 	struct device *parent = child->parent;
 	struct io_tlb_mem *mem = NULL;
+	struct ev_window w = { 0 };
 	struct virtqueue *vq;
 
 	if (!child->bus || strcmp(child->bus->name, "virtio"))
@@ -64,16 +89,23 @@ static int ev_show_child(struct device *child, void *data)
 	if (mem && !mem->for_alloc)
 		mem = NULL; /* the global bounce buffer, not a restricted pool */
 #endif
+	if (mem) {
+		w.start = mem->start;
+		w.end = mem->end;
+		w.kind = "restricted";
+	} else {
+		ev_carveout_window(parent, &w);
+	}
 	seq_printf(m, "dev %s parent=%s id=%u version_1=%d access_platform=%d pool=%s",
 		   dev_name(child), dev_name(parent), vdev->id.device,
 		   virtio_has_feature(vdev, VIRTIO_F_VERSION_1),
 		   virtio_has_feature(vdev, VIRTIO_F_ACCESS_PLATFORM),
-		   mem ? "restricted" : "none");
-	if (mem)
-		seq_printf(m, " start=%#llx end=%#llx", (u64)mem->start, (u64)mem->end);
+		   w.kind ?: "none");
+	if (w.kind)
+		seq_printf(m, " start=%#llx end=%#llx", w.start, w.end);
 	seq_putc(m, '\n');
 	list_for_each_entry(vq, &vdev->vqs, list)
-		ev_show_vq(m, vdev, vq, mem);
+		ev_show_vq(m, vdev, vq, &w);
 	return 0;
 }
 

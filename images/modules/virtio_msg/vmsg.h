@@ -115,6 +115,9 @@ struct vmsg_bus {
 	spinlock_t dev_lock;	/* devices, and their vq tables */
 	struct list_head devices;
 	unsigned int total_vqs;
+	void (*ring)(struct vmsg_bus *bus);	/* doorbell to the device side; NULL: ivshmem */
+	void *priv;				/* the doorbell's own state */
+	unsigned int header_ms;	/* wait for the device side's header; 0: timeout_ms */
 };
 
 struct vmsg_device {
@@ -132,6 +135,7 @@ struct vmsg_device {
 	unsigned long failed;	/* buffers failed on stale queues */
 	phys_addr_t pool_base;	/* the carve-out pool: the only memory a sweep may write */
 	size_t pool_size;
+	void *pool_va;		/* its mapping, when it is no RAM (a Xen passthrough region) */
 };
 
 /* vmsg_bus.c */
@@ -143,6 +147,20 @@ int vmsg_request(struct vmsg_bus *bus, u16 dev_num, u8 msg_id, const void *req, 
 		 void *ans, u16 ans_min, u16 ans_max);
 int vmsg_event_avail(struct vmsg_bus *bus, struct vmsg_device *vmdev, u32 index);
 void vmsg_bus_quiesce(struct vmsg_bus *bus);
+int vmsg_bus_init(struct vmsg_bus *bus, struct device *dev, void *mem, size_t len);
+void vmsg_bus_start(struct vmsg_bus *bus);
+void vmsg_bus_rx(struct vmsg_bus *bus);
+
+/* vmsg_xen.c: the bus over Xen passthrough regions and a static event channel */
+struct platform_device;
+int vmsg_xen_attach(struct platform_device *pdev, struct vmsg_bus **busp,
+		    phys_addr_t *pool_base, size_t *pool_size, void **pool_va);
+void vmsg_xen_detach(struct platform_device *pdev, struct vmsg_bus *bus);
+
+/* vmsg_dma.c: DMA ops confined to a carve-out that is no reserved-memory node */
+int vmsg_dma_attach(struct device *dev, phys_addr_t base, size_t size, void **va);
+void vmsg_dma_detach(struct device *dev);
+void vmsg_dma_stats(u64 *maps, u64 *bytes_out, u64 *bytes_in, u64 *failures);
 void vmsg_bus_sweep_now(struct vmsg_bus *bus);
 
 /* vmsg_virtio.c: event delivery from the bus (called with bus->dev_lock held) */

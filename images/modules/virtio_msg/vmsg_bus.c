@@ -125,6 +125,10 @@ static int vmsg_tx_put(struct vmsg_bus *bus, const void *msg, u16 len, u32 *pos)
 
 static void vmsg_doorbell(struct vmsg_bus *bus)
 {
+	if (bus->ring) {
+		bus->ring(bus);
+		return;
+	}
 	/* writel orders the index store above before the doorbell (it has a write barrier). */
 	writel(bus->device_peer << 16 | VMSG_VECTOR, bus->regs + IVSHMEM_DOORBELL);
 }
@@ -209,6 +213,11 @@ static void vmsg_drain(struct vmsg_bus *bus)
 		vmsg_handle(bus, buf);
 	}
 	spin_unlock_irqrestore(&bus->rx_lock, flags);
+}
+
+void vmsg_bus_rx(struct vmsg_bus *bus)
+{
+	vmsg_drain(bus);
 }
 
 static irqreturn_t vmsg_irq(int irq, void *data)
@@ -608,12 +617,13 @@ static int vmsg_check_header(struct vmsg_bus *bus, size_t len)
 static int vmsg_wait_header(struct vmsg_bus *bus, size_t len)
 {
 	const struct vmsg_mem_header *mh = bus->mem;
-	unsigned long deadline = jiffies + msecs_to_jiffies(timeout_ms);
+	unsigned int wait_ms = bus->header_ms ?: timeout_ms;
+	unsigned long deadline = jiffies + msecs_to_jiffies(wait_ms);
 
 	while (!READ_ONCE(mh->magic)) {
 		if (time_after(jiffies, deadline)) {
 			dev_err(bus->dev, "virtio-msg: no message memory header within %u ms: device side (back-end or service VM) not running? bus not created\n",
-				timeout_ms);
+				wait_ms);
 			return -ETIMEDOUT;
 		}
 		msleep(20);
@@ -623,10 +633,42 @@ static int vmsg_wait_header(struct vmsg_bus *bus, size_t len)
 	return vmsg_check_header(bus, len);
 }
 
+/* Common set-up of a bus whose message memory is mapped at mem: waits for the header. */
+int vmsg_bus_init(struct vmsg_bus *bus, struct device *dev, void *mem, size_t len)
+{
+	int ret;
+
+	kref_init(&bus->ref);
+	bus->dev = dev;
+	bus->mem = mem;
+	spin_lock_init(&bus->tx_lock);
+	spin_lock_init(&bus->rx_lock);
+	spin_lock_init(&bus->dev_lock);
+	mutex_init(&bus->req_lock);
+	init_completion(&bus->done);
+	INIT_LIST_HEAD(&bus->devices);
+	timer_setup(&bus->poll_timer, vmsg_poll, 0);
+	INIT_WORK(&bus->reset_work, vmsg_reset_work);
+	INIT_WORK(&bus->sweep_work, vmsg_sweep);
+	INIT_DELAYED_WORK(&bus->watch, vmsg_watch);
+	ret = vmsg_wait_header(bus, len);
+	if (ret)
+		return ret;
+	bus->epoch = vmsg_header_epoch(bus);
+	return 0;
+}
+
+/* The bus is wired to its doorbell: start the liveness watch. */
+void vmsg_bus_start(struct vmsg_bus *bus)
+{
+	schedule_delayed_work(&bus->watch, msecs_to_jiffies(watch_ms));
+}
+
 static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	resource_size_t start = pci_resource_start(pdev, 2), len = pci_resource_len(pdev, 2);
 	struct vmsg_bus *bus;
+	void *mem;
 	int ret, nvec;
 
 	ret = pcim_enable_device(pdev);
@@ -642,29 +684,16 @@ static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	bus = kzalloc(sizeof(*bus), GFP_KERNEL);
 	if (!bus)
 		return -ENOMEM;
-	kref_init(&bus->ref);
-	bus->dev = &pdev->dev;
 	bus->regs = pcim_iomap_table(pdev)[0];
 	/* Normal cacheable memory: the peer is another CPU, not a device. */
-	bus->mem = devm_memremap(&pdev->dev, start, len, MEMREMAP_WB);
-	if (IS_ERR(bus->mem)) {
-		ret = PTR_ERR(bus->mem);
+	mem = devm_memremap(&pdev->dev, start, len, MEMREMAP_WB);
+	if (IS_ERR(mem)) {
+		ret = PTR_ERR(mem);
 		goto free;
 	}
-	spin_lock_init(&bus->tx_lock);
-	spin_lock_init(&bus->rx_lock);
-	spin_lock_init(&bus->dev_lock);
-	mutex_init(&bus->req_lock);
-	init_completion(&bus->done);
-	INIT_LIST_HEAD(&bus->devices);
-	timer_setup(&bus->poll_timer, vmsg_poll, 0);
-	INIT_WORK(&bus->reset_work, vmsg_reset_work);
-	INIT_WORK(&bus->sweep_work, vmsg_sweep);
-	INIT_DELAYED_WORK(&bus->watch, vmsg_watch);
-	ret = vmsg_wait_header(bus, len);
+	ret = vmsg_bus_init(bus, &pdev->dev, mem, len);
 	if (ret)
 		goto free;
-	bus->epoch = vmsg_header_epoch(bus);
 	bus->own_id = readl(bus->regs + IVSHMEM_IVPOSITION);
 	pci_set_master(pdev);	/* MSI-X messages are bus-master writes */
 	nvec = pci_alloc_irq_vectors(pdev, 1, 2, PCI_IRQ_MSIX);
@@ -683,7 +712,7 @@ static int vmsg_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (!vmsg_the_bus)
 		vmsg_the_bus = bus;
 	mutex_unlock(&vmsg_bus_lock);
-	schedule_delayed_work(&bus->watch, msecs_to_jiffies(watch_ms));
+	vmsg_bus_start(bus);
 	dev_info(&pdev->dev, "virtio-msg bus: %u slots per direction, we are peer %u, device side peer %u, epoch %u, %s\n",
 		 bus->nslots, bus->own_id, bus->device_peer, bus->epoch,
 		 bus->polling ? "polling" : "MSI-X");

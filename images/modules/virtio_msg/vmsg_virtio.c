@@ -36,6 +36,10 @@
 
 struct vmsg_platform {
 	struct vmsg_bus *bus;
+	bool xen;		/* the bus is this node's own (Xen), not the ivshmem device's */
+	phys_addr_t pool_base;	/* carve-out without a reserved-memory node (Xen) */
+	size_t pool_size;
+	void *pool_va;
 	unsigned int count;
 	struct vmsg_device *devs[VMSG_MAX_DEVICES];
 };
@@ -205,6 +209,8 @@ static void *vmsg_guest_ptr(struct vmsg_device *vmdev, u64 dma, u32 len)
 	if (vmdev->pool_size) {
 		if (pa < vmdev->pool_base || pa + len > vmdev->pool_base + vmdev->pool_size)
 			return NULL;
+		if (vmdev->pool_va)	/* a passthrough region: not in the linear map */
+			return vmdev->pool_va + (pa - vmdev->pool_base);
 	} else if (!pfn_valid(PHYS_PFN(pa)) || !pfn_valid(PHYS_PFN(pa + len - 1))) {
 		return NULL;
 	}
@@ -512,9 +518,10 @@ static void vmsg_pool_bounds(struct platform_device *pdev, phys_addr_t *base, si
 }
 
 /* Ask the device side what dev_num is, and register it as a virtio device. */
-static struct vmsg_device *vmsg_add(struct platform_device *pdev, struct vmsg_bus *bus,
+static struct vmsg_device *vmsg_add(struct platform_device *pdev, struct vmsg_platform *vp,
 				    u16 dev_num, u32 dt_id)
 {
+	struct vmsg_bus *bus = vp->bus;
 	struct {
 		__le32 device_id, vendor_id, feature_bits, config_size, max_vqs;
 		__le16 admin_start, admin_count;
@@ -560,7 +567,13 @@ static struct vmsg_device *vmsg_add(struct platform_device *pdev, struct vmsg_bu
 	}
 	vmdev->bus = bus;
 	vmdev->dev_num = dev_num;
-	vmsg_pool_bounds(pdev, &vmdev->pool_base, &vmdev->pool_size);
+	if (vp->xen) {
+		vmdev->pool_base = vp->pool_base;
+		vmdev->pool_size = vp->pool_size;
+		vmdev->pool_va = vp->pool_va;
+	} else {
+		vmsg_pool_bounds(pdev, &vmdev->pool_base, &vmdev->pool_size);
+	}
 	vmdev->max_vqs = nvqs;
 	vmdev->vdev.id.device = le32_to_cpu(info.device_id);
 	vmdev->vdev.id.vendor = le32_to_cpu(info.vendor_id);
@@ -589,7 +602,7 @@ static int vmsg_platform_probe(struct platform_device *pdev)
 	struct vmsg_platform *vp;
 	struct vmsg_device *vmdev;
 	u32 count, slots, slot_size, id;
-	const char *role;
+	const char *role, *doorbell = NULL;
 	unsigned int i;
 	int ret;
 
@@ -607,9 +620,18 @@ static int vmsg_platform_probe(struct platform_device *pdev)
 	vp = devm_kzalloc(&pdev->dev, sizeof(*vp), GFP_KERNEL);
 	if (!vp)
 		return -ENOMEM;
-	vp->bus = vmsg_bus_get();
-	if (!vp->bus)
-		return -EPROBE_DEFER;	/* the ivshmem device has not been probed yet */
+	of_property_read_string(np, "edgevirt,doorbell", &doorbell);
+	if (doorbell && !strcmp(doorbell, "xen-evtchn")) {
+		vp->xen = true;
+		ret = vmsg_xen_attach(pdev, &vp->bus, &vp->pool_base, &vp->pool_size,
+				      &vp->pool_va);
+		if (ret)
+			return ret;
+	} else {
+		vp->bus = vmsg_bus_get();
+		if (!vp->bus)
+			return -EPROBE_DEFER;	/* the ivshmem device has not been probed yet */
+	}
 	if (slots != vp->bus->nslots || slot_size != VMSG_SLOT_SIZE) {
 		dev_err(&pdev->dev, "virtio-msg: device tree says %u slots of %u bytes, the message memory has %u of %u\n",
 			slots, slot_size, vp->bus->nslots, VMSG_SLOT_SIZE);
@@ -622,7 +644,7 @@ static int vmsg_platform_probe(struct platform_device *pdev)
 	platform_set_drvdata(pdev, vp);
 	for (i = 0; i < count; i++) {
 		of_property_read_u32_index(np, "edgevirt,device-ids", i, &id);
-		vmdev = vmsg_add(pdev, vp->bus, i, id);
+		vmdev = vmsg_add(pdev, vp, i, id);
 		if (IS_ERR(vmdev)) {
 			ret = PTR_ERR(vmdev);
 			if (ret == -ETIMEDOUT || ret == -ENODEV)
@@ -639,6 +661,8 @@ static int vmsg_platform_probe(struct platform_device *pdev)
 	}
 	return 0;
 put:
+	if (vp->xen)
+		vmsg_xen_detach(pdev, vp->bus);
 	vmsg_bus_put(vp->bus);
 	return ret;
 }
@@ -658,6 +682,8 @@ static int vmsg_platform_remove(struct platform_device *pdev)
 		vmsg_unlink(vmdev);
 		put_device(&vmdev->vdev.dev);
 	}
+	if (vp->xen)
+		vmsg_xen_detach(pdev, vp->bus);
 	vmsg_bus_put(vp->bus);
 	return 0;
 }

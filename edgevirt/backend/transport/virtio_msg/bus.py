@@ -48,7 +48,7 @@ from edgevirt.backend.transport.virtio_msg.channel import (
 )
 from edgevirt.backend.transport.virtio_msg.device import MsgDevice
 from edgevirt.backend.transport.virtio_msg.ivshmem import Client, IvshmemServer, drain
-from edgevirt.backend.transport.virtio_msg.pcilink import PciDoorbellLink
+from edgevirt.backend.transport.virtio_msg.pcilink import PeerLink
 from edgevirt.backend.transport.virtio_msg.protocol import BusMsgId, Message, MsgId, VirtioMsgError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class MsgBus:
         nslots: int = DEFAULT_SLOTS,
         vectors: int = VECTORS,
         poll_interval: float | None = None,
-        link: PciDoorbellLink | None = None,
+        link: PeerLink | None = None,
     ) -> None:
         self.mem = mem
         self.loop = loop

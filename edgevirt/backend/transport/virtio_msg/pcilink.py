@@ -24,6 +24,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Protocol
 
 from edgevirt.backend.transport.virtio_msg.protocol import VirtioMsgError
 
@@ -35,6 +36,21 @@ REG_IVPOSITION = 8
 REG_DOORBELL = 12
 REGS_SIZE = 256
 U32 = struct.Struct("<I")
+
+
+class PeerLink(Protocol):
+    """What the bus needs from peer mode: the message memory and doorbells. Implemented
+    here for ivshmem PCI and in :mod:`.xenlink` for Xen passthrough + event channels."""
+
+    buffer: memoryview
+    own_id: int
+    mode: str
+
+    def fds(self) -> list[int]: ...
+    def drain(self, fd: int) -> int: ...
+    def notify(self) -> bool: ...
+    def describe(self) -> dict: ...
+    def close(self) -> None: ...
 
 
 def _read_hex(path: Path) -> int:

@@ -23,7 +23,7 @@ from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.statsfile import StatsFile, process_stats, serve_until_signal
 from edgevirt.backend.transport.virtio_msg.bus import MsgBus
-from edgevirt.backend.transport.virtio_msg.pcilink import PciDoorbellLink
+from edgevirt.backend.transport.virtio_msg.pcilink import PeerLink
 from edgevirt.errors import BackendError, EdgevirtError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class MsgService:
         stats_path: Path | None = None,
         poll_interval: float | None = None,
         *,
-        link: PciDoorbellLink | None = None,
+        link: PeerLink | None = None,
     ) -> None:
         """Server mode (``socket_path``: we are the ivshmem server) or peer mode (``link``:
         a PCI device of the VM we run in, see :mod:`.pcilink`)."""
