@@ -89,6 +89,19 @@ def file_exists(path: str) -> Probe:
     return probe
 
 
+TUN_DEVICE = "/dev/net/tun"
+
+
+def tun_opens() -> tuple[bool, str]:
+    """The TUN/TAP device is there and this process may open it (the net back-end's TAPs)."""
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR)
+    except OSError as e:
+        return False, f"{TUN_DEVICE}: {e.strerror}"
+    os.close(fd)
+    return True, TUN_DEVICE
+
+
 def c_links(
     compiler: str, source: str, flags: Sequence[str] = (), libs: Sequence[str] = ()
 ) -> Probe:
@@ -296,6 +309,21 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     R("tftp (tftp-hpa)", "tests", "tftp-hpa", on_path("tftp"), "TFTP client oracle"),
     R("atftp", "tests", "atftp", on_path("atftp"), "TFTP client oracle (windowsize)"),
     R("curl", "tests", "curl", command("curl", "--version"), "TFTP client oracle (tftp://)"),
+    R(
+        "ip (iproute2)",
+        "tests",
+        "iproute2",
+        command("ip", "-V"),
+        "network namespaces and TAPs for the virtio-net tests and bench",
+    ),
+    R(
+        "/dev/net/tun",
+        "tests",
+        None,
+        tun_opens,
+        "TAP devices behind the virtio-net back-end",
+        fix="modprobe tun (a container needs --device /dev/net/tun and CAP_NET_ADMIN)",
+    ),
 )
 
 

@@ -99,16 +99,21 @@ def check_module(ko: Path, release: str) -> dict[str, str]:
 
 
 def prepare_guest(
-    qcfg: QemuConfig, build: Path, reporter: Reporter, board: str = "qemu-virt"
+    qcfg: QemuConfig,
+    build: Path,
+    reporter: Reporter,
+    board: str = "qemu-virt",
+    devices: tuple[str, ...] = DEVICES,
 ) -> GuestImage:
-    """Kernel, modules, initramfs (image builder) and the composed virtio-msg DTB, set into
-    ``qcfg`` with a console socket; ``qcfg.ivshmem_socket`` is the caller's bus server."""
+    """Kernel, modules, initramfs (image builder) and the composed virtio-msg DTB for
+    ``devices`` (in bus order), set into ``qcfg`` with a console socket;
+    ``qcfg.ivshmem_socket`` is the caller's bus server."""
     b = load_board(board)
     image = build_guest_image(b, build, reporter=reporter)
     if not any(m.name == f"{MODULE}.ko" for m in image.modules):
         raise ImageError(f"the guest image has no {MODULE}.ko: {image.modules}")
     reporter.step("device tree: carve-out pool + edgevirt,virtio-msg bus node (composer)")
-    spec = default_spec(b, "msg", list(DEVICES))
+    spec = default_spec(b, "msg", list(devices))
     gdt = compose_guest_dt(b, qcfg, build, spec, "msg")
     qcfg.kernel, qcfg.initrd, qcfg.dtb = image.image, image.initramfs, gdt.dtb
     qcfg.console_socket = build / "console.sock"

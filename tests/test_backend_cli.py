@@ -252,7 +252,7 @@ SPEC_ERRORS = [
     (BLK + 'readonly = "yes"\n', r"\[0\].readonly: expected bool"),
     (BLK + 'cache = "fast"\n', r"\[0\].cache: expected one of writeback, none, got 'fast'"),
     (BLK + 'aio = "native"\n', r"\[0\].aio: expected one of auto, io_uring, threads, sync"),
-    ('[[device]]\ntype = "floppy"\n', r"\[\[device\]\]\[0\].type: expected 'blk' or 'rng'"),
+    ('[[device]]\ntype = "floppy"\n', r"\[\[device\]\]\[0\].type: expected one of blk, rng"),
     ("", r"b.toml: expected at least one \[\[device\]\]"),
     ('[msg]\nsocket = "x"\n' + RNG, r"\[msg\]: applies to transport 'msg' only"),
     (MSG + 'carveout_base = "low"\n' + RNG, r"\[msg\].carveout_base: expected an address"),

@@ -60,6 +60,7 @@ def test_every_probe_can_fail(req, monkeypatch, tmp_path):
         Path, "is_file", lambda p: False if str(p).startswith("/usr") else real_is_file(p)
     )
     monkeypatch.setattr(hostreqs.sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setattr(hostreqs, "TUN_DEVICE", str(tmp_path / "no-tun"))
     monkeypatch.setattr(
         hostreqs.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-include")}
     )

@@ -25,6 +25,20 @@ Example::
     queues = 2
     [[device]]
     type = "rng"                 # rng: no options
+    [[device]]
+    type = "net"                 # net: tap (required), netns, mac
+    tap = "evtap0"
+    netns = "edgevirt-lab"
+    [[device]]
+    type = "vsock"               # vsock: cid, dir (both required), buf_alloc
+    cid = 3
+    dir = "vsock"                # <dir>/vsock_<port>, <dir>/vsock
+    [[device]]
+    type = "console"             # console: ports (required), dir (required), console
+    ports = ["log", "ctl"]       # <dir>/<name>.sock and <dir>/<name>.log
+    console = "log"              # this port becomes the guest's /dev/hvc0
+    pty = ["log"]                # these ports are pseudo-terminals (<dir>/<name>.pty)
+    dir = "console"
 
 Device numbers on the virtio-msg bus (and vhost-user socket indices) are the order of the
 ``[[device]]`` tables. :class:`MsgBackendService` is the virtio-msg service with the same
@@ -40,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevirt.backend.devices import BlockDevice, RngDevice, VirtioDevice
+from edgevirt.backend.devices import OPTIONS, BlockDevice, RngDevice, VirtioDevice, make_device
 from edgevirt.backend.devices.blk import AIO_MODES, CACHE_MODES
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg.service import MsgService
@@ -62,7 +76,7 @@ BLK_KEYS = {"type", "path", "readonly", "queues", "seg_max", "discard", "serial"
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    kind: str  # blk | rng
+    kind: str  # blk | rng | net | vsock | console
     path: Path | None = None
     readonly: bool = False
     queues: int = 1
@@ -71,10 +85,15 @@ class DeviceSpec:
     serial: str = "edgevirt"
     cache: str = "writeback"
     aio: str = "auto"
+    #: net, vsock, console: their validated options (devices.OPTIONS), in table order.
+    options: tuple[tuple[str, Any], ...] = ()
+    where: str = ""
 
     def open(self) -> VirtioDevice:
         if self.kind == "rng":
             return RngDevice()
+        if self.kind in OPTIONS:
+            return make_device(self.kind, dict(self.options), self.where)
         assert self.path is not None
         return BlockDevice(
             str(self.path),
@@ -158,7 +177,7 @@ def load_backend_spec(path: str | Path) -> BackendSpec:
     if not isinstance(devices, list) or not all(isinstance(t, dict) for t in devices):
         raise ConfigError(f"{f}: [[device]]: expected tables")
     if not devices:
-        raise ConfigError(f"{f}: expected at least one [[device]] (type = 'blk' or 'rng')")
+        raise ConfigError(f"{f}: expected at least one [[device]] (type = 'blk', 'rng', …)")
     specs = tuple(_device(t, f"{f}: [[device]][{i}]", here) for i, t in enumerate(devices))
     return BackendSpec(
         path=p,
@@ -195,8 +214,12 @@ def _device(t: dict[str, Any], w: str, here: Path) -> DeviceSpec:
     if kind == "rng":
         check_keys(t, {"type"}, f"{w} (rng)")
         return DeviceSpec("rng")
+    if kind in OPTIONS:
+        return _comm_device(kind, t, w, here)
     if kind != "blk":
-        raise ConfigError(f"{w}.type: expected 'blk' or 'rng', got {kind!r}")
+        raise ConfigError(
+            f"{w}.type: expected one of blk, rng, {', '.join(OPTIONS)}; got {kind!r}"
+        )
     check_keys(t, BLK_KEYS, f"{w} (blk)")
     path = _path(here, get_key(t, "path", str, w))
     assert path is not None
@@ -226,6 +249,35 @@ def _choice(t: dict[str, Any], key: str, w: str, choices: tuple[str, ...], defau
     if value not in choices:
         raise ConfigError(f"{w}.{key}: expected one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _comm_device(kind: str, t: dict[str, Any], w: str, here: Path) -> DeviceSpec:
+    schema = OPTIONS[kind]
+    extra = ("console", "pty") if kind == "console" else ()
+    check_keys(t, {"type", *schema, *extra}, f"{w} ({kind})")
+    opts: dict[str, Any] = {}
+    for key, (typ, required) in schema.items():
+        if key == "ports":  # a list of names in TOML; "a+b" on the command line
+            names = get_key(t, key, list, w)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"{w}.ports: expected a non-empty list of port names")
+            console = get_key(t, "console", str, w, None)
+            ptys = get_key(t, "pty", list, w, [])
+            opts[key] = "+".join(
+                n + ("@pty" if n in ptys else "") + ("!" if n == console else "") for n in names
+            )
+            if console is not None and console not in names:
+                raise ConfigError(f"{w}.console: {console!r} is not one of ports {names}")
+            if not set(ptys) <= set(names):
+                raise ConfigError(f"{w}.pty: {ptys} are not all among ports {names}")
+            continue
+        value = get_key(t, key, typ, w, ...) if required else get_key(t, key, typ, w, None)
+        if value is None:
+            continue
+        if key == "dir":
+            value = str(_path(here, value))
+        opts[key] = value
+    return DeviceSpec(kind, options=tuple(opts.items()), where=w)
 
 
 class MsgBackendService(MsgService):

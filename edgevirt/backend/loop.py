@@ -19,13 +19,38 @@ class Loop:
         self.running = False
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._sel.register(fd, selectors.EVENT_READ, callback)
+        """Call ``callback`` while ``fd`` is readable; registering again replaces it."""
+        self._set(fd, 0, callback)
 
     def remove_reader(self, fd: int) -> None:
+        self._set(fd, 0, None)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` while ``fd`` is writable (remove it once nothing is queued)."""
+        self._set(fd, 1, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._set(fd, 1, None)
+
+    def _set(self, fd: int, which: int, callback: Callable[[], None] | None) -> None:
         try:
-            self._sel.unregister(fd)
+            key = self._sel.get_key(fd)
+            pair = list(key.data)
         except (KeyError, ValueError):
-            pass
+            key, pair = None, [None, None]
+        pair[which] = callback
+        events = (selectors.EVENT_READ if pair[0] else 0) | (
+            selectors.EVENT_WRITE if pair[1] else 0
+        )
+        try:
+            if key is None and events:
+                self._sel.register(fd, events, tuple(pair))
+            elif key is not None and events:
+                self._sel.modify(fd, events, tuple(pair))
+            elif key is not None:
+                self._sel.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass  # the fd was closed under us: nothing to watch
 
     def every(self, seconds: float, callback: Callable[[], None]) -> None:
         self._ticks.append((seconds, callback, [time.monotonic() + seconds]))
@@ -43,8 +68,18 @@ class Loop:
                     due[0] = now + period
                     cb()
                 timeout = min(timeout, max(0.0, due[0] - now))
-            for key, _ in self._sel.select(timeout):
-                key.data()
+            for key, events in self._sel.select(timeout):
+                reader, writer = key.data
+                if events & selectors.EVENT_READ and reader is not None:
+                    reader()
+                if events & selectors.EVENT_WRITE and writer is not None:
+                    # The reader may have dropped the writer: ask the selector again.
+                    try:
+                        writer = self._sel.get_key(key.fd).data[1]
+                    except (KeyError, ValueError):
+                        writer = None
+                    if writer is not None:
+                        writer()
                 if not self.running:
                     break
 

@@ -37,8 +37,11 @@ def backend() -> None:
     "devices",
     multiple=True,
     help="blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S]"
-    "[,cache=none|writeback][,aio=auto|io_uring|threads|sync] "
-    "or rng; repeatable (or [[device]] tables in --spec).",
+    "[,cache=none|writeback][,aio=auto|io_uring|threads|sync], "
+    "rng, net:tap=NAME[,netns=NS][,mac=M][,offload=off], vsock:cid=N,dir=D[,buf_alloc=N] or "
+    "console:ports=NAME[@pty][!][+NAME…],dir=D (! marks the console port, @pty gives a "
+    "port a pseudo-terminal); repeatable "
+    "(or [[device]] tables in --spec).",
 )
 @click.option(
     "--spec",
@@ -142,6 +145,16 @@ def backend_run(
           --carveout-base 0x5c000000
       qemu-system-aarch64 ... -chardev socket,id=iv,path=/tmp/ev/ivshmem.sock \\
           -device ivshmem-doorbell,chardev=iv,vectors=2
+    \b
+      edgevirt backend run --device net:tap=evtap0,netns=lab --device vsock:cid=3,dir=/tmp/vs \\
+          --socket-dir /tmp/ev
+      qemu-system-aarch64 ... -chardev socket,id=n0,path=/tmp/ev/0-net.sock \\
+          -netdev vhost-user,id=net0,chardev=n0 \\
+          -device virtio-net-device,netdev=net0,iommu_platform=on \\
+          -chardev socket,id=v0,path=/tmp/ev/1-vsock.sock \\
+          -device vhost-user-vsock-device,chardev=v0
+    \b
+      edgevirt backend run --transport msg --device console:ports=log!+ctl,dir=/tmp/con ...
     \b
       edgevirt backend run --spec backend.toml      # see edgevirt/backend/config.py
     """
@@ -368,6 +381,18 @@ def render(stats: dict) -> None:
         out.print(t)
 
 
+def _state_item(key: str, value: object) -> str:
+    """``key=value``; a list of named items (console ports) as ``name(flags)`` each."""
+    if isinstance(value, list):
+        parts = []
+        for item in value:
+            if isinstance(item, dict) and "name" in item:
+                flags = [k for k in ("guest_open", "client", "pty") if item.get(k)]
+                parts.append(f"{item['name']}({','.join(flags)})")  # [] is rich markup
+        return f"{key}=" + " ".join(parts)
+    return f"{key}={value}"
+
+
 def tables(stats: dict) -> list[Table]:
     """Devices, one row per queue and, for virtio-msg, the bus: what an operator looks at
     first. Works on either transport's statistics (``backend status`` reads both)."""
@@ -378,7 +403,7 @@ def tables(stats: dict) -> list[Table]:
     first = ("device", "dev_num") if msg else ("device", "connected")
     for col in (*first, "mapped", "requests", "in B", "out B", "errors", "refused", "broken"):
         dev_table.add_column(col, justify="right" if col not in ("device", "broken") else "left")
-    q_cols = ["device", "queue", "size", "served"]
+    q_cols = ["device", "queue", "size", "served", "deferred"]
     if not msg:
         q_cols[3:3] = ["started"]
         q_cols += ["kicks", "calls", "resubmitted", "avail idx", "inflight", "io"]
@@ -405,6 +430,7 @@ def tables(stats: dict) -> list[Table]:
                 "size": str(q.get("size")),
                 "started": "yes" if q.get("started") else "no",
                 "served": str(q.get("served", 0)),
+                "deferred": str(q.get("deferred", 0)),
                 "kicks": str(q.get("kicks", 0)),
                 "calls": str(q.get("notifications", 0)),
                 "resubmitted": str(q.get("resubmitted", 0)),
@@ -418,6 +444,19 @@ def tables(stats: dict) -> list[Table]:
                 style="red" if q.get("broken") else None,
             )
     result = [dev_table, q_table]
+    detail = Table(title="device state and counters")
+    for col in ("device", "state", "counters"):
+        detail.add_column(col, justify="left")
+    for d in stats.get("devices", []):
+        st, counts = d.get("state") or {}, d.get("by_type") or {}
+        if st:  # the devices with host-side state (net, vsock, console)
+            detail.add_row(
+                d.get("device", "?"),
+                ", ".join(_state_item(k, v) for k, v in st.items()) or "-",
+                ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-",
+            )
+    if detail.row_count:
+        result.append(detail)
     if msg:
         bus = Table(title="virtio-msg bus")
         cols = ("socket", "connected", "messages in", "out", "doorbells in", "out ",

@@ -386,15 +386,20 @@ class QemuMachine(Power):
 
 def build_initramfs(out: Path, reporter: Reporter) -> Path:
     from edgevirt.image import initramfs as initramfs_mod
+    from edgevirt.image.guest_tools import build_guest_tools
     from edgevirt.paths import images_dir
 
-    reporter.step("initramfs: busybox (arm64) + /init + agent")
+    reporter.step("initramfs: busybox (arm64) + /init + agent + test tools")
     busybox = initramfs_mod.fetch_busybox()
     src = images_dir() / "initramfs"
+    extra: dict[str, initramfs_mod.ExtraFile] = {
+        "/bin/edgevirt-agent": (src / "edgevirt-agent", 0o755)
+    }
+    extra.update(build_guest_tools(out.parent / "guest-tools"))
     initramfs_mod.build_initramfs(
         out,
         busybox=busybox,
         init_script=src / "init",
-        extra_files={"/bin/edgevirt-agent": (src / "edgevirt-agent", 0o755)},
+        extra_files=extra,
     )
     return out

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class VhostUserDevice:
     """A ``-device vhost-user-*`` plugged into the virt machine's virtio-mmio bus."""
 
-    kind: str  # QEMU device type, e.g. vhost-user-blk
+    kind: str  # QEMU device type, e.g. vhost-user-blk; virtio-net-device: -netdev vhost-user
     socket: Path
     id: str
     options: dict[str, str] = field(default_factory=dict)
@@ -104,6 +104,16 @@ class QemuConfig:
         for d in self.devices:
             opts = "".join(f",{k}={v}" for k, v in d.options.items())
             chardev = "".join(f",{k}={v}" for k, v in d.chardev_options.items())
+            if d.kind == "virtio-net-device":  # net: a vhost-user netdev behind QEMU's NIC
+                args += [
+                    "-chardev",
+                    f"socket,id={d.id},path={d.socket}{chardev}",
+                    "-netdev",
+                    f"vhost-user,id={d.id}-net,chardev={d.id}",
+                    "-device",
+                    f"virtio-net-device,netdev={d.id}-net,iommu_platform=on{opts}",
+                ]
+                continue
             args += [
                 "-chardev",
                 f"socket,id={d.id},path={d.socket}{chardev}",

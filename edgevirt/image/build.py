@@ -29,6 +29,7 @@ from edgevirt.image import initramfs as initramfs_mod
 from edgevirt.image.cpio import source_date_epoch
 from edgevirt.image.deb import DebArchive
 from edgevirt.image.fit import FitLayout, build_fit
+from edgevirt.image.guest_tools import build_guest_tools
 from edgevirt.image.kernel import (
     KernelBuild,
     build_kernel,
@@ -188,6 +189,7 @@ def build_guest_image(
     busybox = initramfs_mod.fetch_busybox()
     init, agent = images_dir() / INIT, images_dir() / AGENT
     extra: dict[str, initramfs_mod.ExtraFile] = {"/bin/edgevirt-agent": (agent, 0o755)}
+    extra.update(build_guest_tools(out / "guest-tools"))
     for p in mod_paths:
         extra[f"/lib/modules/{p.name}"] = (p, 0o644)
     for guest, f in ispec.files.items():

@@ -12,9 +12,10 @@ import array
 import logging
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from edgevirt.backend.devices.base import VirtioDevice
+from edgevirt.backend.devices.base import Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
@@ -84,6 +85,37 @@ class VhostUserBackend:
             ) from e
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
+        device.attach(self)
+
+    # -- the device's host (DeviceHost: devices/base.py) -------------------------------
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self.loop.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self.loop.remove_writer(fd)
+
+    def every(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.loop.every(seconds, callback)
+
+    def complete(self, queue: int, done: Sequence[tuple[Chain, int]]) -> None:
+        """Publish chains the device deferred; a guest fault breaks that vring only."""
+        if not 0 <= queue < len(self.vrings):
+            raise BackendError(f"{self.device.name}: complete() on queue {queue}, "
+                               f"device has {len(self.vrings)}")  # fmt: skip
+        vr = self.vrings[queue]
+        try:
+            vr.complete(self.mem, done)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+        except OSError as e:
+            log.error("%s: vring %d: %s", self.device.name, vr.index, e)
 
     # -- features -------------------------------------------------------------------------
 
@@ -504,8 +536,9 @@ class VhostUserBackend:
         if vr.aio is not None:
             self.loop.remove_reader(vr.aio.wakeup_fd)
         try:
-            vr.stop(self.mem)
-        except BackendError as e:
+            if vr.stop(self.mem):
+                self.device.queue_stopped(vr.index)  # its deferred chains are not ours now
+        except BackendError as e:  # stopped all the same; _break drops the device's chains
             self._break(vr, f"vring {vr.index}: {e}")
         if vr.kick >= 0:
             self.loop.remove_reader(vr.kick)
@@ -549,6 +582,7 @@ class VhostUserBackend:
         msg = f"{self.device.name}: {why}"
         self.stats.broken.append(msg)
         log.error("%s (queue marked broken; other devices keep running)", msg)
+        self.device.queue_stopped(vr.index)
         vr.signal_err()
 
     def _kicked(self, vr: Vring) -> None:
@@ -596,4 +630,5 @@ class VhostUserBackend:
             "status": self.status,
             "inflight_region": self.inflight.size if self.inflight is not None else 0,
             "queues": [v.snapshot() for v in self.vrings],
+            **({"state": d.snapshot()} if d.snapshot() else {}),
         }

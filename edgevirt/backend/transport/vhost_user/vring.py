@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
@@ -44,6 +45,8 @@ class VringStats:
     notifications: int = 0
     served: int = 0
     resubmitted: int = 0
+    deferred: int = 0  # chains a device kept to complete later
+    stale: int = 0  # completions for an earlier start of the ring, ignored
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Vring:
     broken: str | None = None
     resubmit: list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] | None = None
     stats: VringStats = field(default_factory=VringStats)
+    #: Bumped whenever the ring stops: chains of an earlier start cannot be completed.
+    epoch: int = 0
     #: the blk device's BlkAio engine for this ring (None: synchronous paths)
     aio: Any = None
     #: the device it serves, for the engine's accounting
@@ -140,6 +145,7 @@ class Vring:
         if self.queue is not None:
             self.base = self.queue.last_avail_idx
             self.queue = None
+            self.epoch += 1  # chains a device deferred can no longer be completed
         self.resubmit = None
         if self.aio is not None:
             self.aio.close()
@@ -212,15 +218,15 @@ class Vring:
     def _finish(self, q: SplitQueue, mem: GuestMemory, device: VirtioDevice,
                 chains: list) -> None:  # fmt: skip
         """Serve popped chains with the device and publish them (the loop thread's way)."""
-        iq = self.inflight
-        done = [(h, device.handle(self.index, Chain(h, r, w), mem)) for h, r, w in chains]
-        if iq is not None:
-            iq.before_push(done[-1][0])
-        q.push(mem, done)
-        if iq is not None:
-            iq.completed([h for h, _ in done], q.used_idx)
-        self.stats.served += len(done)
-        self._notify(q, mem)
+        done = []
+        for h, r, w in chains:
+            n = device.handle(self.index, Chain(h, r, w, self.epoch), mem)
+            if n == DEFERRED:
+                self.stats.deferred += 1
+            else:
+                done.append((h, n))
+        if done:
+            self._push(q, mem, done)
 
     # -- the engine on the loop thread -------------------------------------------------------
 
@@ -298,15 +304,35 @@ class Vring:
                     for head, _r, _w in chains:
                         iq.taken(head)
             for head, readable, writable in chains:
-                n = device.handle(self.index, Chain(head, readable, writable), mem)
-                done.append((head, n))
-            if iq is not None:
-                iq.before_push(done[-1][0])
-            q.push(mem, done)
-            if iq is not None:
-                iq.completed([h for h, _ in done], q.used_idx)
-            self.stats.served += len(done)
-            self._notify(q, mem)
+                n = device.handle(self.index, Chain(head, readable, writable, self.epoch), mem)
+                if n == DEFERRED:
+                    self.stats.deferred += 1
+                else:
+                    done.append((head, n))
+            if done:
+                self._push(q, mem, done)
+
+    def complete(self, mem: GuestMemory, done: Sequence[tuple[Chain, int]]) -> None:
+        """Publish chains a device deferred (the one completion path); BackendError on a
+        guest fault. Chains of an earlier start of the ring are ignored and counted."""
+        q = self.queue
+        current = [(c.head, n) for c, n in done if c.epoch == self.epoch]
+        if q is None or self.broken:
+            self.stats.stale += len(done)
+            return
+        self.stats.stale += len(done) - len(current)
+        if current:
+            self._push(q, mem, current)
+
+    def _push(self, q: SplitQueue, mem: GuestMemory, done: list[tuple[int, int]]) -> None:
+        iq = self.inflight
+        if iq is not None:
+            iq.before_push(done[-1][0])
+        q.push(mem, done)
+        if iq is not None:
+            iq.completed([h for h, _ in done], q.used_idx)
+        self.stats.served += len(done)
+        self._notify(q, mem)
 
     def _serve_aio(self, q: SplitQueue, device: VirtioDevice, mem: GuestMemory) -> None:
         """Submit every available chain to the engine; other chains go to ``device.handle``."""
@@ -362,6 +388,8 @@ class Vring:
             "kicks": self.stats.kicks,
             "notifications": self.stats.notifications,
             "resubmitted": self.stats.resubmitted,
+            "deferred": self.stats.deferred,
+            "stale": self.stats.stale,
             "inflight_tracking": self.inflight is not None,
             "io": self.aio.engine if self.aio is not None else None,
             "io_thread": self.aio is not None and self.aio.running,

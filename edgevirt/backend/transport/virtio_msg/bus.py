@@ -97,7 +97,9 @@ class MsgBus:
         self.mem = mem
         self.loop = loop
         self.stats = BusStats()
-        self.devices = {n: MsgDevice(n, d, mem) for n, d in enumerate(devices)}
+        self.devices = {
+            n: MsgDevice(n, d, mem, loop, self._deferred_used) for n, d in enumerate(devices)
+        }
         self.server: IvshmemServer | None = None
         self.link = link
         self.adopted = False
@@ -225,6 +227,9 @@ class MsgBus:
                 break
             for key in list(self._work):
                 self._serve(key)
+        self._ring_driver()
+
+    def _ring_driver(self) -> None:
         if self._kick:
             self._kick = False
             if self.server is not None and self.server.interrupt(VECTOR_MESSAGES):
@@ -248,6 +253,16 @@ class MsgBus:
         if not more:
             self._work.pop(key, None)
         if notify:
+            self._event_used(key)
+
+    def _deferred_used(self, dev_num: int, index: int) -> None:
+        """A device completed deferred chains outside poll(): EVENT_USED and doorbell now."""
+        self._event_used((dev_num, index))
+        self._ring_driver()
+
+    def _event_used(self, key: tuple[int, int]) -> None:
+        dev_num, index = key
+        if self._open:
             pos = self._used_pos.get(key)
             try:
                 if pos is not None and self.msgmem.to_driver.unconsumed(pos):

@@ -19,10 +19,12 @@ happened, and nothing it sends can make the back-end touch memory outside the ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
+from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg import protocol as p
 from edgevirt.backend.transport.virtio_msg.protocol import Message, MsgId
@@ -57,23 +59,97 @@ class VQueue:
     queue: SplitQueue | None = None
     broken: str | None = None
     served: int = 0
+    deferred: int = 0
+    stale: int = 0
+    #: Bumped whenever the queue stops: chains of an earlier start cannot be completed.
+    epoch: int = 0
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """Forget the queue; True if it was set up (its device drops deferred chains)."""
+        was = self.queue is not None
         self.size = self.desc = self.driver = self.device = 0
         self.queue = None
+        self.epoch += 1
+        return was
 
 
 class MsgDevice:
-    def __init__(self, dev_num: int, device: VirtioDevice, mem: GuestMemory) -> None:
+    """Also the device's :class:`~edgevirt.backend.devices.base.DeviceHost`: ``loop`` runs
+    its fds, ``on_used(dev_num, queue)`` tells the bus that deferred completions want an
+    EVENT_USED."""
+
+    def __init__(
+        self,
+        dev_num: int,
+        device: VirtioDevice,
+        mem: GuestMemory,
+        loop: Loop | None = None,
+        on_used: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.dev_num = dev_num
         self.device = device
         self.mem = mem
+        self.loop = loop
+        self.on_used = on_used
         self.status = 0
         self.driver_features = 0
         self.generation = 0
         self._config = device.config()
         self.vqs = [VQueue(i) for i in range(device.num_queues)]
         self.broken: list[str] = []
+        device.attach(self)
+
+    # -- the device's host (DeviceHost: devices/base.py) -------------------------------
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        if self.loop is None:
+            raise BackendError(f"{self.name}: no event loop to watch fd {fd}")
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        if self.loop is None:
+            raise BackendError(f"{self.name}: no event loop to watch fd {fd}")
+        self.loop.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        if self.loop is not None:
+            self.loop.remove_writer(fd)
+
+    def every(self, seconds: float, callback: Callable[[], None]) -> None:
+        if self.loop is None:
+            raise BackendError(f"{self.name}: no event loop for a timer")
+        self.loop.every(seconds, callback)
+
+    def complete(self, queue: int, done: Sequence[tuple[Chain, int]]) -> None:
+        """Publish chains the device deferred; a guest fault breaks that queue only."""
+        if not 0 <= queue < len(self.vqs):
+            raise BackendError(f"{self.name}: complete() on queue {queue}, has {len(self.vqs)}")
+        vq = self.vqs[queue]
+        q = vq.queue
+        current = [(c.head, n) for c, n in done if c.epoch == vq.epoch]
+        if q is None or vq.broken:
+            vq.stale += len(done)
+            return
+        vq.stale += len(done) - len(current)
+        if not current:
+            return
+        try:
+            q.push(self.mem, current)
+            vq.served += len(current)
+            notify = q.should_notify(self.mem)
+        except BackendError as e:
+            self._break(vq, f"queue {queue}: {e}")
+            return
+        if notify and self.on_used is not None:
+            self.on_used(self.dev_num, queue)
+
+    def _stop(self, vq: VQueue) -> None:
+        if vq.clear():
+            self.device.queue_stopped(vq.index)
 
     @property
     def offered_features(self) -> int:
@@ -91,7 +167,7 @@ class MsgDevice:
 
     def reset(self) -> None:
         for vq in self.vqs:
-            vq.clear()
+            self._stop(vq)
             vq.broken = None
         self.status = 0
         self.driver_features = 0
@@ -107,7 +183,7 @@ class MsgDevice:
 
     def _break(self, vq: VQueue, why: str) -> None:
         vq.broken = why
-        vq.queue = None
+        self._stop(vq)
         self.status |= p.STATUS_DEVICE_NEEDS_RESET
         msg = f"{self.name}: {why}"
         self.broken.append(msg)
@@ -215,7 +291,7 @@ class MsgDevice:
         if m == MsgId.RESET_VQUEUE:
             if msg["index"] < len(self.vqs):
                 vq = self.vqs[msg["index"]]
-                vq.clear()
+                self._stop(vq)
                 vq.broken = None
             return p.respond(msg)
         if m == MsgId.GET_SHM:
@@ -264,7 +340,7 @@ class MsgDevice:
         if vq.queue is not None and self.status & p.STATUS_DRIVER_OK:
             log.error("%s: SET_VQUEUE on live %s refused; reset it first", self.name, where)
             return
-        vq.clear()
+        self._stop(vq)
         vq.broken = None
         if not (1 <= size <= MAX_QUEUE_SIZE and size & (size - 1) == 0):
             self._break(vq, f"{where}: size is not a power of two in 1..{MAX_QUEUE_SIZE}")
@@ -320,13 +396,21 @@ class MsgDevice:
                     if not q.pending(self.mem):
                         break
                     continue
+                taken = len(done) + len(chains)
                 for head, readable, writable in chains:
-                    n = self.device.handle(index, Chain(head, readable, writable), self.mem)
-                    done.append((head, n))
-                q.push(self.mem, done)
-                vq.served += len(done)
-                budget -= len(done)
-                notify |= q.should_notify(self.mem)
+                    chain = Chain(head, readable, writable, vq.epoch)
+                    n = self.device.handle(index, chain, self.mem)
+                    if n == DEFERRED:
+                        vq.deferred += 1
+                    else:
+                        done.append((head, n))
+                budget -= taken
+                if vq.queue is not q:  # the device broke or reset the queue meanwhile
+                    return notify, False
+                if done:
+                    q.push(self.mem, done)
+                    vq.served += len(done)
+                    notify |= q.should_notify(self.mem)
         except BackendError as e:
             self._break(vq, f"queue {index}: {e}")
             return notify, False
@@ -347,7 +431,9 @@ class MsgDevice:
             "errors": d.stats.errors,
             "by_type": dict(d.stats.by_type),
             "queues": [
-                {"index": v.index, "size": v.size, "served": v.served, "broken": v.broken}
+                {"index": v.index, "size": v.size, "served": v.served, "broken": v.broken,
+                 "deferred": v.deferred, "stale": v.stale}
                 for v in self.vqs
             ],
+            **({"state": d.snapshot()} if d.snapshot() else {}),
         }
