@@ -16,10 +16,10 @@ from edgevirt.backend.devices import gpio as g
 from edgevirt.backend.devices import i2c
 from edgevirt.backend.devices.gpio import GpioDevice
 from edgevirt.backend.devices.i2c import I2cDevice
+from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.backend.transport.virtio_msg import protocol as p
 from edgevirt.backend.transport.virtio_msg.driver import MsgDriver
 from edgevirt.backend.transport.virtio_msg.service import map_carveout
-from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.backend.virtq.driver import DriverQueue
 from edgevirt.errors import ConfigError
 
@@ -119,7 +119,8 @@ def test_gpio_and_i2c_over_virtio_msg(tmp_path):
     spec.write_text(f'transport = "msg"\n[msg]\nsocket = "bus.sock"\ncarveout_file = "{carve}"\n'
                     f"carveout_base = {BASE:#x}\n"
                     '[[device]]\ntype = "i2c"\ndevices = ["eeprom@0x50"]\n'
-                    f'[[device]]\ntype = "gpio"\nlines = ["led", "button"]\nctl = "{ctl}"\n')  # fmt: skip
+                    '[[device]]\ntype = "gpio"\nlines = ["led", "button"]\n'
+                    f'ctl = "{ctl}"\n')  # fmt: skip
     proc = run_backend(["--spec", str(spec), "--json"])
     mem = map_carveout(carve, BASE)
     try:
