@@ -1,0 +1,123 @@
+"""End to end: the guest's virtio-gpio and virtio-i2c served by the edgevirt back-end with
+simulated peripherals, over vhost-user (QEMU 7.2 ``vhost-user-gpio-device`` and
+``vhost-user-i2c-device``), carve-out topology with the restricted pool, one boot.
+
+gpio: the guest sees the configured line names (``ev-gpio info``), drives an output the
+back-end side reads, reads an input the back-end side drives, and receives the edge the
+back-end side makes (the time from ``gpio set`` to the guest's line on the console is
+measured). i2c: ``i2cdetect`` lists exactly the allowed addresses (a device the back-end
+simulates but this guest was not given stays invisible), ``i2cset``/``i2cget`` write and
+read the EEPROM and the value is in the back-end's EEPROM image afterwards, an access to a
+non-allowed address fails with an I/O error.
+"""
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgevirt.backend.devices.gpiosim import control
+from edgevirt.deploy.qemu import VhostUserDevice
+from tests.test_devices_e2e import booted, device_features
+
+pytestmark = pytest.mark.e2e
+
+
+def test_gpio_and_i2c_in_the_guest_over_vhost_user(tmp_path):
+    ctl = tmp_path / "gpio.sock"
+    image = tmp_path / "eeprom.bin"
+    backend = [f"gpio:lines=led+button+reset,ctl={ctl}",
+               "i2c:devices=eeprom@0x50+regmap@0x48+eeprom@0x51,allow=0x50+0x48,"
+               f"eeprom_file={image}"]  # fmt: skip
+    qemu = [VhostUserDevice("vhost-user-gpio-device", Path(), "vg0"),
+            VhostUserDevice("vhost-user-i2c-device", Path(), "vi0")]  # fmt: skip
+    figures: dict[str, float] = {}
+    with booted(tmp_path, backend, qemu) as (console, be):
+        gpio_feats = device_features(console, 41)
+        feats = device_features(console, 34)
+        assert feats[0] == "1", f"VIRTIO_I2C_F_ZERO_LENGTH_REQUEST missing: {feats}"
+        # -- gpio: the chip and its line names
+        r = console.run("ls /dev/gpiochip*", 10)
+        chips = r.output.split()
+        assert r.status == 0 and len(chips) == 1, r.output
+        chip = chips[0]
+        r = console.run(f"ev-gpio info {chip}", 10)
+        assert r.status == 0, r.output
+        assert re.search(r"lines=3\s+0 led\s+1 button\s+2 reset", r.output), r.output
+        # an output the guest drives: the back-end side reads it while the guest holds it
+        seen: list[int] = []
+
+        def watch() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and 1 not in seen:
+                seen.append(control(ctl, {"op": "get", "line": "led"})["value"])
+                time.sleep(0.05)
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        r = console.run(f"ev-gpio drive {chip} 0 1 3000", 30)
+        t.join(30)
+        assert r.status == 0 and "driving" in r.output and 1 in seen, (r.output, seen[-5:])
+        got = control(ctl, {"op": "get", "line": "led"})
+        assert got["direction"] == "none" and got["value"] == 0, got  # released
+        # an input the back-end side drives
+        assert control(ctl, {"op": "set", "line": "button", "value": 1})["ok"]
+        r = console.run(f"ev-gpio get {chip} 1", 10)
+        assert r.status == 0 and r.output.split() == ["1"], r.output
+        assert control(ctl, {"op": "set", "line": "button", "value": 0})["ok"]
+        # QEMU 7.2's vhost-user-gpio masks the device features with a fixed list and
+        # never adds VIRTIO_GPIO_F_IRQ to its own, so the guest gets no interrupts over
+        # vhost-user (edges are proven over virtio-msg, where the back-end's features reach
+        # the driver). Should a QEMU pass the bit, the edge is checked here too.
+        if gpio_feats[0] == "0":
+            r = console.run(f"ev-gpio wait {chip} 1 rising 1000", 20)
+            assert r.status == 1 and "errno 6" in r.output, r.output  # ENXIO: no IRQ chip
+        else:
+            figures["edge_to_guest_console_s"] = guest_waits_for_edge(console, ctl, chip)
+        # -- i2c: the adapter, the allow-list, the EEPROM both ways
+        r = console.run("ls /sys/bus/i2c/devices/", 10)
+        buses = re.findall(r"i2c-(\d+)", r.output)
+        assert len(buses) == 1, r.output
+        bus = buses[0]
+        r = console.run(f"i2cdetect -y {bus}", 30)
+        assert r.status == 0, r.output
+        assert detected(r.output) == [0x48, 0x50], r.output  # 0x51 exists but is not ours
+        r = console.run(f"i2cset -y {bus} 0x50 0x10 0xab && i2cget -y {bus} 0x50 0x10", 20)
+        assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
+        r = console.run(f"i2cget -y {bus} 0x48 0x0f", 20)
+        assert r.status == 0 and r.output.split()[-1] == "0xa5", r.output
+        r = console.run(f"i2cget -y {bus} 0x51 0x00", 20)
+        assert r.status != 0 and "Input/output error" in r.output, r.output
+        stats = {d["device"]: d for d in be.stats()["devices"]}
+    assert image.read_bytes()[0x10] == 0xAB  # the back-end's EEPROM kept the guest's write
+    gpio, i2c = stats["gpio"], stats["i2c"]
+    assert i2c["by_type"]["address_not_allowed"] >= 1, stats
+    print(json.dumps({"figures": figures, "gpio": gpio["by_type"], "i2c": i2c["by_type"]}))
+    assert figures.get("edge_to_guest_console_s", 0) < 1.0, figures
+
+
+def detected(table: str) -> list[int]:
+    """Addresses ``i2cdetect`` shows as present: rows ``50: 50 -- -- …``."""
+    found = []
+    for m in re.finditer(r"^([0-7])0:((?: ..| {2}){1,16})", table, re.M):
+        for col, cell in enumerate(re.findall(r" (..)", m.group(2))):
+            if re.fullmatch(r"[0-9a-f]{2}|UU", cell):
+                found.append(int(m.group(1), 16) * 16 + col)
+    return found
+
+
+def guest_waits_for_edge(console, ctl: Path, chip: str, line: int = 1) -> float:
+    """The guest waits on ``line``, the back-end side raises it: seconds from the ``set``
+    to the guest's report on the console (an upper bound of the interrupt's latency)."""
+    control(ctl, {"op": "set", "line": line, "value": 0})
+    console.sendline(f"ev-gpio wait {chip} {line} rising 10000; echo rc=$?")
+    console.expect(rb"waiting\r?\n", 20)
+    t0 = time.monotonic()
+    assert control(ctl, {"op": "set", "line": line, "value": 1})["ok"]
+    console.expect(rb"event rising\r?\n", 10)
+    took = time.monotonic() - t0
+    console.expect(rb"rc=0\r?\n", 10)
+    return took
