@@ -121,3 +121,69 @@ def guest_waits_for_edge(console, ctl: Path, chip: str, line: int = 1) -> float:
     took = time.monotonic() - t0
     console.expect(rb"rc=0\r?\n", 10)
     return took
+
+
+def test_gpio_edges_and_i2c_over_virtio_msg(tmp_path):
+    """The same devices behind the virtio-msg bus (host back-end): here the back-end's
+    VIRTIO_GPIO_F_IRQ reaches the driver, so the guest gets edge interrupts."""
+    import os
+    import secrets
+
+    from edgevirt.board import load_board
+    from edgevirt.console.expect import Console
+    from edgevirt.deploy.backend_process import IvshmemBus
+    from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
+    from edgevirt.msgup import prepare_guest
+    from edgevirt.report import Reporter
+    from edgevirt.up import BackendProcess
+
+    board = load_board("qemu-virt")
+    s = board.qemu
+    build = tmp_path / "build"
+    build.mkdir()
+    ctl = tmp_path / "gpio.sock"
+    shm = Path("/dev/shm") / f"edgevirt-{os.getpid()}-{secrets.token_hex(4)}"
+    with open(shm, "wb") as f:
+        f.truncate(s.carveout)
+    qcfg = QemuConfig(s, shm)
+    qcfg.ivshmem_socket = build / "ivshmem.sock"
+    prepare_guest(qcfg, build, Reporter(), devices=("gpio", "i2c"))
+    qcfg.append = f"console={board.console_kernel} panic=-1"
+    devices = [f"gpio:lines=led+button,ctl={ctl}", "i2c:devices=eeprom@0x50+regmap@0x48"]
+    be = BackendProcess(devices, None, build / "stats.json", build / "backend.log",
+                        msg=IvshmemBus(qcfg.ivshmem_socket, shm, s.carveout_base))  # fmt: skip
+    qemu = console = None
+    figures: dict[str, float] = {}
+    try:
+        be.wait_ready()
+        qemu = QemuProcess(qcfg, build / "qemu.log")
+        wait_for_path(qcfg.console_socket, 30, "console", qemu)
+        console = Console.open(f"unix://{qcfg.console_socket}", log_path=build / "console.log")
+        console.expect(rb"EDGEVIRT-AGENT-READY[^\n]*\n", 120, qemu.check_alive)
+        feats = device_features(console, 41)
+        assert feats[0] == "1", f"VIRTIO_GPIO_F_IRQ missing over virtio-msg: {feats}"
+        r = console.run("ls /dev/gpiochip*", 10)
+        [chip] = r.output.split()
+        r = console.run(f"ev-gpio info {chip}", 10)
+        assert re.search(r"lines=2\s+0 led\s+1 button", r.output), r.output
+        edges = [guest_waits_for_edge(console, ctl, chip) for _ in range(3)]
+        figures["edge_to_guest_console_s_max"] = max(edges)
+        r = console.run("i2cset -y 0 0x50 0x20 0x5a && i2cget -y 0 0x50 0x20", 20)
+        assert r.status == 0 and r.output.split()[-1] == "0x5a", r.output
+        console.sendline("poweroff -f")
+        qemu.wait(30)
+        st = be.stats()
+        assert st["protocol_errors"] == 0, st["errors"]
+        by = {d["device"]: d for d in st["devices"]}
+        assert by["gpio"]["by_type"]["irqs"] == 3, by["gpio"]
+        for d in st["devices"]:
+            assert d["broken"] == [] and d["refused"] == 0, d
+    finally:
+        if console is not None:
+            console.close()
+        if qemu is not None:
+            qemu.stop()
+        be.stop()
+        shm.unlink(missing_ok=True)
+    print(json.dumps({"figures": figures}))
+    assert figures["edge_to_guest_console_s_max"] < 1.0, figures
