@@ -187,3 +187,116 @@ def test_gpio_edges_and_i2c_over_virtio_msg(tmp_path):
         shm.unlink(missing_ok=True)
     print(json.dumps({"figures": figures}))
     assert figures["edge_to_guest_console_s_max"] < 1.0, figures
+
+
+# -- the service VM owns the peripherals: gpio-sim and i2c-stub, lent over virtio-msg ------
+
+SIM_LINES = ["led", "button"]
+
+
+def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
+    """Two VMs: the service VM's kernel has a gpio-sim chip and an i2c-stub adapter (at
+    0x50 and 0x48); its back-end lends both lines and only 0x50 to the front-end. Each
+    side is checked from the other's console."""
+    from edgevirt.board import load_board
+    from edgevirt.console.expect import Console
+    from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
+    from edgevirt.msgup import prepare_guest
+    from edgevirt.report import Reporter
+    from edgevirt.servicevm.image import build_service_image
+    from edgevirt.servicevm.up import HypervisorProcess, ServiceVmBackend, peer_config
+    from edgevirt.up import UpOptions
+
+    board = load_board("qemu-virt")
+    s = board.qemu
+    svm = ServiceVmBackend(board, tmp_path, UpOptions(tmp_path, transport="msg",
+                                                      backend="service-vm"))  # fmt: skip
+    svm.svc_dir.mkdir(parents=True)
+    cfg = peer_config(board, ["gpio:lines=led+button,chip=ev-gpio",
+                              "i2c:bus=SMBus stub driver,allow=0x50"])  # fmt: skip
+    cfg.peripherals = {"gpio_sim": {"label": "ev-gpio", "lines": SIM_LINES},
+                       "i2c_stub": {"addresses": [0x50, 0x48]}}  # fmt: skip
+    svm.image = build_service_image(cfg)
+    with open(svm.disk, "wb") as f:
+        f.truncate(1 << 20)
+    svm.hv = HypervisorProcess(svm.carveout, s.carveout, svm.msgmem, tmp_path)
+    qemu = console = None
+    figures: dict[str, float] = {}
+    try:
+        svm.hv.wait_ready()
+        t0 = time.monotonic()
+        svm.boot_service(svm.svc_dir)
+        figures["service_vm_ready_s"] = time.monotonic() - t0
+        assert svm.svc is not None
+        sc = svm.svc.console
+        r = sc.run("cat /sys/kernel/config/gpio-sim/ev-gpio/dev_name "
+                   "/sys/kernel/config/gpio-sim/ev-gpio/bank0/chip_name; "
+                   "for a in /sys/class/i2c-dev/*; do echo $(basename $a) $(cat $a/name); done",
+                   20)  # fmt: skip
+        words = r.output.split()
+        assert r.status == 0 and "SMBus" in words, r.output
+        sim = f"/sys/devices/platform/{words[0]}/{words[1]}"
+        stub_bus = next(ln.split()[0] for ln in r.output.splitlines() if "stub" in ln)
+        fe_dir = tmp_path / "frontend"
+        fe_dir.mkdir()
+        qcfg = QemuConfig(s, svm.carveout)
+        qcfg.ivshmem_socket = svm.sockets["front-end"]
+        prepare_guest(qcfg, fe_dir, Reporter(), devices=("gpio", "i2c"))
+        qcfg.append = f"console={board.console_kernel} panic=-1"
+        qemu = QemuProcess(qcfg, fe_dir / "qemu.log")
+        wait_for_path(qcfg.console_socket, 30, "console", qemu)
+        console = Console.open(f"unix://{qcfg.console_socket}", log_path=fe_dir / "console.log")
+        console.expect(rb"EDGEVIRT-AGENT-READY[^\n]*\n", 120, qemu.check_alive)
+        # -- gpio: the guest sees the gpio-sim chip's line names
+        r = console.run("ls /dev/gpiochip*", 10)
+        [chip] = r.output.split()
+        r = console.run(f"ev-gpio info {chip}", 10)
+        assert re.search(r"lines=2\s+0 led\s+1 button", r.output), r.output
+        # the guest drives led: the service VM's gpio-sim line shows it
+        console.sendline(f"ev-gpio drive {chip} 0 1 4000; echo rc=$?")
+        console.expect(rb"driving\r?\n", 20)
+        r = sc.run(f"cat {sim}/sim_gpio0/value", 10)
+        assert r.output.split() == ["1"], r.output
+        console.expect(rb"rc=0\r?\n", 20)
+        # the service VM pulls button up: the guest's edge arrives
+        sc.run(f"echo pull-down > {sim}/sim_gpio1/pull", 10)
+        console.sendline(f"ev-gpio wait {chip} 1 rising 10000; echo rc=$?")
+        console.expect(rb"waiting\r?\n", 20)
+        t0 = time.monotonic()
+        r = sc.run(f"echo pull-up > {sim}/sim_gpio1/pull", 10)
+        assert r.status == 0, r.output
+        console.expect(rb"event rising\r?\n", 10)
+        figures["sim_pull_to_guest_console_s"] = time.monotonic() - t0
+        console.expect(rb"rc=0\r?\n", 10)
+        r = console.run(f"ev-gpio get {chip} 1", 10)
+        assert r.output.split() == ["1"], r.output
+        # -- i2c: only the lent address is there; writes reach the stub
+        r = console.run("i2cdetect -y 0", 30)
+        assert r.status == 0 and detected(r.output) == [0x50], r.output
+        r = console.run("i2cset -y 0 0x50 0x10 0xab && i2cget -y 0 0x50 0x10", 20)
+        assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
+        r = sc.run(f"i2cget -y {stub_bus.split('-')[1]} 0x50 0x10", 10)
+        assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
+        r = console.run("i2cget -y 0 0x48 0x00", 20)  # the stub answers there, not for us
+        assert r.status != 0 and "Input/output error" in r.output, r.output
+        console.sendline("poweroff -f")
+        qemu.wait(30)
+        r = sc.run("cat /run/edgevirt/stats.json", 10)
+        st = json.loads(r.output[r.output.index("{") :])
+        by = {d["device"]: d for d in st["devices"]}
+        assert by["gpio"]["by_type"]["irqs"] >= 1 and by["gpio"]["broken"] == [], by["gpio"]
+        assert by["i2c"]["by_type"]["address_not_allowed"] >= 1, by["i2c"]
+        assert by["i2c"]["state"]["bus"]["mode"] == "smbus", by["i2c"]
+    finally:
+        if console is not None:
+            console.close()
+        if qemu is not None:
+            qemu.stop()
+        if svm.svc is not None:
+            svm.svc.console.close()
+            svm.svc.qemu.stop()
+        svm.hv.stop()
+        for shm in (svm.carveout, svm.msgmem):
+            shm.unlink(missing_ok=True)
+    print(json.dumps({"figures": figures}))
+    assert figures["sim_pull_to_guest_console_s"] < 1.0, figures

@@ -31,6 +31,7 @@ import ctypes
 import fcntl
 import logging
 import os
+from pathlib import Path
 
 from edgevirt.backend.devices.i2c import I2cError, Msg
 from edgevirt.errors import ConfigError
@@ -95,9 +96,29 @@ def smbus_plan(msgs: list[Msg]) -> tuple[int, int, int, bytes, int]:
     raise I2cError(0, f"group {shape} has no SMBus equivalent on this SMBus-only adapter")
 
 
+def find_adapter(name: str, sysfs: Path = Path("/sys/class/i2c-dev")) -> str:
+    """``/dev/i2c-N`` as given, ``i2c-N``, or the adapter whose name is ``name``
+    (``SMBus stub driver`` is i2c-stub)."""
+    if name.startswith("/"):
+        return name
+    if (sysfs / name).is_dir():
+        return f"/dev/{name}"
+    seen = []
+    for d in sorted(sysfs.glob("i2c-*")):
+        try:
+            adapter = (d / "name").read_text().strip()
+        except OSError:
+            continue
+        seen.append(f"{d.name} ({adapter})")
+        if adapter == name:
+            return f"/dev/{d.name}"
+    raise ConfigError(f"i2c: bus={name}: no adapter of that name; present: "
+                      f"{', '.join(seen) or 'none'}")  # fmt: skip
+
+
 class LinuxBus:
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, name: str) -> None:
+        self.path = path = find_adapter(name)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
