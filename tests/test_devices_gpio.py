@@ -335,3 +335,36 @@ def test_cdev_line_request_layout():
     assert struct.unpack_from("<II", req, 560) == (1, 0)
     struct.pack_into("<i", req, 588, 42)
     assert request_fd(req) == 42
+
+
+def test_reconnect_resets_the_lines_and_serves_the_new_front_end(gpio):
+    """A front-end that goes away (QEMU restarting its chardev): the device resets, the
+    guest's output is released on the wire, the kept event pair is dropped, and the next
+    connection is served from a clean state."""
+    dev, drv, outside, fe, be = gpio
+    drv.call(SET_VALUE, LED, 1)
+    drv.call(SET_DIRECTION, LED, DIR_OUT)
+    drv.call(SET_DIRECTION, BUTTON, DIR_IN)
+    drv.call(SET_IRQ_TYPE, BUTTON, IRQ_RISING)
+    drv.unmask(BUTTON)
+    assert outside("get", "led")["value"] == 1
+    fe.close_socket()
+    deadline = time.monotonic() + 5
+    while be.conn is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = outside("get", "led")
+    assert got["direction"] == "none" and got["value"] == 0, got
+    assert all(ln.event is None and ln.irq_type == IRQ_NONE for ln in dev.lines)
+    fe.reconnect(be.path)
+    fe.negotiate(extra_features=1)
+    fe.set_mem_table()
+    fe.setup_vring(0, 64, base=BASE).driver.data_end = BASE + (4 << 20)
+    fe.setup_vring(1, 64, base=BASE + (4 << 20))
+    drv2 = Driver(fe)
+    assert drv2.call(GET_DIRECTION, LED) == bytes([STATUS_OK, 0])
+    drv2.call(SET_DIRECTION, BUTTON, DIR_IN)
+    drv2.call(SET_IRQ_TYPE, BUTTON, IRQ_FALLING)
+    drv2.unmask(BUTTON)
+    outside("set", "button", 1)
+    outside("set", "button", 0)
+    assert [s for _, s in drv2.irqs()] == [IRQ_VALID]

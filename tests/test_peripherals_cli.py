@@ -208,6 +208,9 @@ def test_spec_tables_open_gpio_and_i2c(tmp_path):
         ('type = "gpio"\nlines = ["a"]\npins = 3\n', r"\(gpio\): unknown key\(s\) pins"),
         ('type = "i2c"\ndevices = ["eeprom@0x50"]\nallow = [0x50, 0x99]\n', "0x99 is outside"),
         ('type = "i2c"\nbus = "/dev/i2c-7"\n', "needs allow="),
+        ('type = "gpio"\nlines = ["a@3"]\nchip = "nosuch"\n', "no /dev/gpiochip. with that label"),
+        ('type = "i2c"\nbus = "nosuch"\nallow = [0x50]\n', "bus=nosuch: no adapter of that name"),
+        ('type = "i2c"\nbus = "/dev/nonexistent-i2c"\nallow = [0x50]\n', "No such file"),
     ],
 )
 def test_bad_tables_name_file_and_key(tmp_path, text, message):
