@@ -91,7 +91,7 @@ print("CON", len(buf), hashlib.sha256(buf).hexdigest())
 
 
 def py(src: str, **kw: object) -> str:
-    return f"python3 -c \"exec(bytes.fromhex('{src.format(**kw).encode().hex()}'))\""
+    return f'python3 -c "exec(bytes.fromhex(\'{src.format(**kw).encode().hex()}\'))"'
 
 
 def sha(output: str) -> str:
@@ -206,7 +206,7 @@ def test_net_vsock_console_served_from_the_service_vm(tmp_path: Path) -> None:
         fe.run("echo hvc-in-service-vm > /dev/hvc0", 20)
         r = sc.run(f"cat {CDIR}/log.log; cat {STATS}", 20)
         assert "hvc-in-service-vm" in r.output, r.output
-        stats = json.loads(r.output[r.output.index("{") :])
+        stats = json.loads(r.output[r.output.index("{"):])
         assert stats["protocol_errors"] == 0, stats["errors"]
         for d in stats["devices"]:
             assert d["broken"] == [] and d["refused"] == 0, d
