@@ -326,3 +326,15 @@ def test_random_requests_never_break_the_device(i2c):
         drv.collect(heads, timeout=0.3)  # some wait for their group's end: fine
     drv.fe.get_vring_base(0)  # stop the queue: open groups are dropped
     assert dev.group == [] and be.snapshot()["broken"] == []
+
+
+def test_i2c_dev_ioctl_layouts():
+    """struct i2c_msg, i2c_rdwr_ioctl_data and i2c_smbus_ioctl_data as on 64-bit Linux."""
+    import ctypes
+
+    from edgevirt.backend.devices import i2cdev
+
+    assert ctypes.sizeof(i2cdev._I2cMsg) == 16 and i2cdev._I2cMsg.buf.offset == 8
+    assert ctypes.sizeof(i2cdev._RdwrData) == 16 and i2cdev._RdwrData.nmsgs.offset == 8
+    assert ctypes.sizeof(i2cdev._SmbusData) == 16 and i2cdev._SmbusData.size.offset == 4
+    assert i2cdev._SmbusData.data.offset == 8
