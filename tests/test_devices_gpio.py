@@ -10,6 +10,7 @@ import pytest
 from edgevirt.backend.devices import parse_device
 from edgevirt.backend.devices.gpio import (
     DIR_IN,
+    DIR_NONE,
     DIR_OUT,
     GET_DIRECTION,
     GET_LINE_NAMES,
@@ -26,6 +27,7 @@ from edgevirt.backend.devices.gpio import (
     SET_VALUE,
     STATUS_ERR,
     STATUS_OK,
+    GpioError,
 )
 from edgevirt.backend.devices.gpiosim import control
 from edgevirt.backend.loop import Loop
@@ -413,3 +415,92 @@ def test_random_requests_never_break_the_device(gpio):
         drv.call(typ, 0, resp=rnd.choice([0, 1, 2, 3, 40]), readable=raw)
     assert be.snapshot()["broken"] == []
     assert drv.call(GET_LINE_NAMES, 0, resp=1 + len(dev.names_block))[0] == STATUS_OK
+
+
+class FakeChip:
+    """The kernel side of the GPIO character device, for CdevBank: ioctls on a chip file
+    and line requests whose fds are pipes (the test writes edge events into them)."""
+
+    def __init__(self, names):
+        self.names = names
+        self.lines = {}  # read fd -> dict(offset, flags, value, wfd)
+
+    def ioctl(self, fd, req, buf, *_):
+        from edgevirt.backend.devices import gpiocdev as c
+
+        if req == c.GPIO_GET_CHIPINFO_IOCTL:
+            buf[:] = c.CHIPINFO.pack(b"gpiochip7", b"ev-fake", len(self.names))
+        elif req == c.GPIO_V2_GET_LINEINFO_IOCTL:
+            off = struct.unpack_from("<I", buf, 64)[0]
+            buf[0:32] = self.names[off].encode().ljust(32, b"\0")
+        elif req == c.GPIO_V2_GET_LINE_IOCTL:
+            import os
+
+            r, w = os.pipe()
+            off = struct.unpack_from("<I", buf, 0)[0]
+            flags, nattrs = struct.unpack_from("<QI", buf, 288)
+            value = struct.unpack_from("<Q", buf, 328)[0] if nattrs else None
+            self.lines[r] = {"offset": off, "flags": flags, "value": value, "wfd": w}
+            struct.pack_into("<i", buf, 588, r)
+        elif req == c.GPIO_V2_LINE_SET_VALUES_IOCTL:
+            self.lines[fd]["value"] = struct.unpack_from("<Q", buf, 0)[0]
+        elif req == c.GPIO_V2_LINE_GET_VALUES_IOCTL:
+            struct.pack_into("<Q", buf, 0, self.lines[fd]["value"] or 0)
+        else:
+            raise OSError(25, "Inappropriate ioctl")
+        return 0
+
+
+class FakeHost:
+    def __init__(self):
+        self.readers = {}
+
+    def add_reader(self, fd, cb):
+        self.readers[fd] = cb
+
+    def remove_reader(self, fd):
+        self.readers.pop(fd, None)
+
+
+def test_cdev_bank_requests_lines_and_turns_edge_events_into_levels(tmp_path, monkeypatch):
+    import os
+
+    from edgevirt.backend.devices import gpiocdev as c
+
+    chip = FakeChip(["", "sensor", "relay", ""])
+    monkeypatch.setattr(c.fcntl, "ioctl", chip.ioctl)
+    dev_file = tmp_path / "gpiochip7"
+    dev_file.write_bytes(b"")
+    with pytest.raises(ConfigError, match="has no line of that name"):
+        c.CdevBank(str(dev_file), [("nosuch", None)])
+    with pytest.raises(ConfigError, match="has 4 lines"):
+        c.CdevBank(str(dev_file), [("x", 9)])
+    bank = c.CdevBank(str(dev_file), [("sensor", None), ("relay", None), ("spare", 3)])
+    assert bank.offsets == [1, 2, 3] and list(bank.names) == ["sensor", "relay", "spare"]
+    host, seen = FakeHost(), []
+    bank.attach(host, lambda line, level: seen.append((line, level)))
+    # in: input with both edges, its fd watched; events become levels
+    bank.set_direction(0, DIR_IN, 0)
+    [(fd, line)] = [(fd, v) for fd, v in chip.lines.items()]
+    assert line["offset"] == 1 and line["flags"] == c.FLAG_INPUT | c.FLAG_EDGE_RISING | \
+        c.FLAG_EDGE_FALLING  # fmt: skip
+    for ident in (1, 2, 1):
+        os.write(line["wfd"], c.LINE_EVENT.pack(123, ident, 1, 1, 1, bytes(24)))
+    host.readers[fd]()
+    assert seen == [(0, 1), (0, 0), (0, 1)]
+    # out: an output with the guest's value, then set_value
+    bank.set_direction(1, DIR_OUT, 1)
+    out_fd = max(chip.lines)
+    assert chip.lines[out_fd]["flags"] == c.FLAG_OUTPUT and chip.lines[out_fd]["value"] == 1
+    bank.set_value(1, 0)
+    assert chip.lines[out_fd]["value"] == 0 and bank.get_value(1) == 0
+    with pytest.raises(GpioError, match="not an output"):
+        bank.set_value(0, 1)
+    # release: fd closed and no longer watched
+    bank.set_direction(0, DIR_NONE, 0)
+    assert fd not in host.readers
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    snap = bank.snapshot()
+    assert snap["label"] == "ev-fake" and snap["requested"] == {"relay": "out"}
+    bank.close()
