@@ -32,9 +32,11 @@ def gpio() -> None:
           --socket-dir /tmp/ev
       qemu-system-aarch64 ... -chardev socket,id=g0,path=/tmp/ev/0-gpio.sock \\
           -device vhost-user-gpio-device,chardev=g0,iommu_platform=on
-      edgevirt backend gpio set --ctl /tmp/ev/gpio.sock button 1   # an edge for the guest
+      edgevirt backend gpio set --ctl /tmp/ev/gpio.sock button 1   # guest reads 1 (+ edge IRQ*)
       edgevirt backend gpio get --ctl /tmp/ev/gpio.sock led        # what the guest drives
       edgevirt backend gpio list --ctl /tmp/ev/gpio.sock
+    \b
+    * over virtio-msg; QEMU 7.2's vhost-user-gpio-device passes the guest no interrupts.
     """
 
 
