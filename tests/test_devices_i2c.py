@@ -338,3 +338,51 @@ def test_i2c_dev_ioctl_layouts():
     assert ctypes.sizeof(i2cdev._RdwrData) == 16 and i2cdev._RdwrData.nmsgs.offset == 8
     assert ctypes.sizeof(i2cdev._SmbusData) == 16 and i2cdev._SmbusData.size.offset == 4
     assert i2cdev._SmbusData.data.offset == 8
+
+
+def test_linux_bus_plain_i2c_passes_a_group_as_one_i2c_rdwr(tmp_path, monkeypatch):
+    """An adapter with I2C_FUNC_I2C: the group reaches the kernel as one I2C_RDWR whose
+    messages point at buffers the kernel fills (emulated here through the pointers)."""
+    import ctypes
+
+    from edgevirt.backend.devices import i2cdev
+    from edgevirt.backend.devices.i2c import I2cError, Msg
+
+    mem = bytearray(range(256))
+    calls = []
+
+    def ioctl(fd, req, arg, *_):
+        if req == i2cdev.I2C_FUNCS:
+            arg[:8] = (1).to_bytes(8, "little")  # I2C_FUNC_I2C
+            return 0
+        assert req == i2cdev.I2C_RDWR
+        data = i2cdev._RdwrData.from_buffer_copy(bytes(arg))
+        msgs = (i2cdev._I2cMsg * data.nmsgs).from_address(data.msgs)
+        calls.append([(m.addr, m.flags, m.len) for m in msgs])
+        ptr = 0
+        for m in msgs:
+            if m.addr != 0x50:
+                raise OSError(6, "No such device or address")
+            if m.flags & i2cdev.I2C_M_RD:
+                ctypes.memmove(m.buf, bytes(mem[ptr : ptr + m.len]), m.len)
+            elif m.len:
+                raw = ctypes.string_at(m.buf, m.len)
+                ptr = raw[0]
+                mem[ptr : ptr + m.len - 1] = raw[1:]
+        return len(msgs)
+
+    monkeypatch.setattr(i2cdev.fcntl, "ioctl", ioctl)
+    dev = tmp_path / "i2c-3"
+    dev.write_bytes(b"")
+    bus = i2cdev.LinuxBus(str(dev))
+    assert bus.plain_i2c and bus.snapshot()["mode"] == "i2c"
+    msgs = [Msg(0x50, False, 3, b"\x10\xaa\xbb"), Msg(0x50, False, 1, b"\x0f"),
+            Msg(0x50, True, 4)]  # fmt: skip
+    bus.transfer(msgs)
+    assert calls == [[(0x50, 0, 3), (0x50, 0, 1), (0x50, 1, 4)]]
+    assert msgs[2].data == bytes([0x0F, 0xAA, 0xBB, 0x12])
+    bus.transfer([Msg(0x50, False, 0, b""), Msg(0x50, True, 0)])  # zero-length both ways
+    assert calls[-1] == [(0x50, 0, 0), (0x50, 1, 0)]
+    with pytest.raises(I2cError, match="I2C_RDWR: No such device"):
+        bus.transfer([Msg(0x51, True, 1)])
+    bus.close()
