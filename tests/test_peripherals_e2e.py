@@ -214,7 +214,8 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
                                                       backend="service-vm"))  # fmt: skip
     svm.svc_dir.mkdir(parents=True)
     cfg = peer_config(board, ["gpio:lines=led+button,chip=ev-gpio",
-                              "i2c:bus=SMBus stub driver,allow=0x50"])  # fmt: skip
+                              "i2c:bus=SMBus stub driver,allow=0x50",
+                              "i2c:bus=edgevirt i2c memory,allow=0x52"])  # fmt: skip
     cfg.peripherals = {"gpio_sim": {"label": "ev-gpio", "lines": SIM_LINES},
                        "i2c_stub": {"addresses": [0x50, 0x48]}}  # fmt: skip
     svm.image = build_service_image(cfg)
@@ -238,11 +239,12 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
         assert r.status == 0 and "SMBus" in words, r.output
         sim = f"/sys/devices/platform/{words[0]}/{words[1]}"
         stub_bus = next(ln.split()[0] for ln in r.output.splitlines() if "stub" in ln)
+        mem_bus = next(ln.split()[0] for ln in r.output.splitlines() if "memory" in ln)
         fe_dir = tmp_path / "frontend"
         fe_dir.mkdir()
         qcfg = QemuConfig(s, svm.carveout)
         qcfg.ivshmem_socket = svm.sockets["front-end"]
-        prepare_guest(qcfg, fe_dir, Reporter(), devices=("gpio", "i2c"))
+        prepare_guest(qcfg, fe_dir, Reporter(), devices=("gpio", "i2c", "i2c"))
         qcfg.append = f"console={board.console_kernel} panic=-1"
         qemu = QemuProcess(qcfg, fe_dir / "qemu.log")
         wait_for_path(qcfg.console_socket, 30, "console", qemu)
@@ -271,23 +273,38 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
         console.expect(rb"rc=0\r?\n", 10)
         r = console.run(f"ev-gpio get {chip} 1", 10)
         assert r.output.split() == ["1"], r.output
-        # -- i2c: only the lent address is there; writes reach the stub
-        r = console.run("i2cdetect -y 0", 30)
-        assert r.status == 0 and detected(r.output) == [0x50], r.output
-        r = console.run("i2cset -y 0 0x50 0x10 0xab && i2cget -y 0 0x50 0x10", 20)
+        # -- i2c: two adapters (the SMBus-only stub, the plain-I2C memory); only the lent
+        # address is on each; writes reach the service VM's devices
+        found = {}
+        for bus in (0, 1):
+            r = console.run(f"i2cdetect -y {bus}", 30)
+            assert r.status == 0, r.output
+            found[bus] = detected(r.output)
+        assert sorted(found.values()) == [[0x50], [0x52]], found
+        stub = 0 if found[0] == [0x50] else 1
+        mem = 1 - stub
+        r = console.run(f"i2cset -y {stub} 0x50 0x10 0xab && i2cget -y {stub} 0x50 0x10", 20)
         assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
+        # a write then a 4-byte read in one transfer: one I2C_RDWR of two messages
+        r = console.run(f"i2ctransfer -y {mem} w5@0x52 0x20 1 2 3 4 && "
+                        f"i2ctransfer -y {mem} w1@0x52 0x20 r4", 20)  # fmt: skip
+        assert r.status == 0 and r.output.split()[-4:] == ["0x01", "0x02", "0x03", "0x04"], \
+            r.output  # fmt: skip
+        r = sc.run(f"i2ctransfer -y {mem_bus.split('-')[1]} w1@0x52 0x22 r2", 10)
+        assert r.status == 0 and r.output.split()[-2:] == ["0x03", "0x04"], r.output
         r = sc.run(f"i2cget -y {stub_bus.split('-')[1]} 0x50 0x10", 10)
         assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
-        r = console.run("i2cget -y 0 0x48 0x00", 20)  # the stub answers there, not for us
+        r = console.run(f"i2cget -y {stub} 0x48 0x00", 20)  # the stub answers there, not us
         assert r.status != 0 and "Input/output error" in r.output, r.output
         console.sendline("poweroff -f")
         qemu.wait(30)
         r = sc.run("cat /run/edgevirt/stats.json", 10)
         st = json.loads(r.output[r.output.index("{") :])
-        by = {d["device"]: d for d in st["devices"]}
-        assert by["gpio"]["by_type"]["irqs"] >= 1 and by["gpio"]["broken"] == [], by["gpio"]
-        assert by["i2c"]["by_type"]["address_not_allowed"] >= 1, by["i2c"]
-        assert by["i2c"]["state"]["bus"]["mode"] == "smbus", by["i2c"]
+        gpio, stub_dev, mem_dev = st["devices"]
+        assert gpio["by_type"]["irqs"] >= 1 and gpio["broken"] == [], gpio
+        assert stub_dev["by_type"]["address_not_allowed"] >= 1, stub_dev
+        assert stub_dev["state"]["bus"]["mode"] == "smbus", stub_dev
+        assert mem_dev["state"]["bus"]["mode"] == "i2c" and mem_dev["broken"] == [], mem_dev
     finally:
         if console is not None:
             console.close()
