@@ -35,7 +35,8 @@ KINDS = ("blk", "rng", *OPTIONS)
 
 
 def make_device(kind: str, opts: dict[str, Any], where: str) -> VirtioDevice:
-    """A net, vsock or console device from validated options (``where`` names the source)."""
+    """A net, vsock, console, gpio or i2c device from validated options (``where`` names
+    the source)."""
     schema = OPTIONS[kind]
     unknown = set(opts) - set(schema)
     if unknown:
