@@ -501,6 +501,5 @@ def test_cdev_bank_requests_lines_and_turns_edge_events_into_levels(tmp_path, mo
     assert fd not in host.readers
     with pytest.raises(OSError):
         os.fstat(fd)
-    snap = bank.snapshot()
-    assert snap["label"] == "ev-fake" and snap["requested"] == {"relay": "out"}
+    assert bank.describe() == f"{dev_file} (ev-fake) offsets 1,2,3, 1 requested"
     bank.close()

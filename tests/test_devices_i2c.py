@@ -121,8 +121,9 @@ def test_eeprom_byte_write_then_random_read(i2c):
     # i2cget -y 0 0x50 0x10: write [word address] then read 1 (one group)
     assert drv.transfer(w(EEPROM, b"\x10"), r(EEPROM, 1)) == [(MSG_OK, b""), (MSG_OK, b"\xab")]
     assert image.read_bytes()[0x10] == 0xAB  # the back-end side keeps the value
-    snap = dev.snapshot()["bus"]["devices"]["0x50"]
-    assert bytes.fromhex(snap["contents"])[0x10] == 0xAB
+    assert dev.bus.devices[EEPROM].mem[0x10] == 0xAB
+    assert dev.snapshot() == {"allow": "0x48 0x50", "group_waiting": 0,
+                              "bus": "simulated regmap@0x48 eeprom@0x50 eeprom@0x51"}  # fmt: skip
 
 
 def test_eeprom_page_write_wraps_inside_the_page_and_reads_are_sequential(i2c):
@@ -375,7 +376,7 @@ def test_linux_bus_plain_i2c_passes_a_group_as_one_i2c_rdwr(tmp_path, monkeypatc
     dev = tmp_path / "i2c-3"
     dev.write_bytes(b"")
     bus = i2cdev.LinuxBus(str(dev))
-    assert bus.plain_i2c and bus.snapshot()["mode"] == "i2c"
+    assert bus.plain_i2c and bus.describe() == f"{dev} (i2c)"
     msgs = [Msg(0x50, False, 3, b"\x10\xaa\xbb"), Msg(0x50, False, 1, b"\x0f"),
             Msg(0x50, True, 4)]  # fmt: skip
     bus.transfer(msgs)

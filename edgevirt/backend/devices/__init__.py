@@ -17,8 +17,12 @@ __all__ = ["Chain", "VirtioDevice", "BlockDevice", "RngDevice", "parse_device", 
 #: Options of the communication devices: key → (type, required). Shared by
 #: ``--device kind:key=value,…`` and the back-end spec's ``[[device]]`` tables.
 OPTIONS: dict[str, dict[str, tuple[type, bool]]] = {
-    "net": {"tap": (str, True), "netns": (str, False), "mac": (str, False),
-            "offload": (bool, False)},
+    "net": {
+        "tap": (str, True),
+        "netns": (str, False),
+        "mac": (str, False),
+        "offload": (bool, False),
+    },
     "vsock": {"cid": (int, True), "dir": (str, True), "buf_alloc": (int, False)},
     "console": {"ports": (str, True), "dir": (str, True)},
     "gpio": {"lines": (str, True), "ctl": (str, False), "chip": (str, False)},

@@ -84,7 +84,8 @@ class GpioBank(Protocol):
 
     def close(self) -> None: ...
 
-    def snapshot(self) -> dict: ...
+    def describe(self) -> str:
+        """One line for the stats file: what the lines are (simulated, which chip)."""
 
 
 @dataclass
@@ -121,18 +122,13 @@ class GpioDevice(VirtioDevice):
         return CONFIG.pack(len(self.lines), len(self.names_block))
 
     def snapshot(self) -> dict:
-        return {
-            "lines": [
-                {
-                    "name": name,
-                    "direction": DIRECTIONS[ln.direction],
-                    "irq": IRQ_TYPES[ln.irq_type],
-                    "unmasked": ln.event is not None,
-                }  # fmt: skip
-                for name, ln in zip(self.bank.names, self.lines, strict=True)
-            ],
-            "bank": self.bank.snapshot(),
-        }
+        """``lines``: ``name:direction[/irq type][+armed]`` each (armed: the driver's eventq
+        pair waits for the interrupt), ``bank``: where the lines are."""
+        lines = []
+        for name, ln in zip(self.bank.names, self.lines, strict=True):
+            irq = f"/{IRQ_TYPES[ln.irq_type]}" if ln.irq_type else ""
+            lines.append(f"{name}:{DIRECTIONS[ln.direction]}{irq}{'+armed' if ln.event else ''}")
+        return {"lines": " ".join(lines), "bank": self.bank.describe()}
 
     # -- lifetime -------------------------------------------------------------------------
 

@@ -210,8 +210,6 @@ class CdevBank:
             os.close(self.fd)
             self.fd = -1
 
-    def snapshot(self) -> dict:
-        return {"kind": "linux", "chip": self.path, "label": self.label,
-                "offsets": self.offsets,
-                "requested": {self._names[i]: ("out" if d == DIR_OUT else "in")
-                              for i, (_, d) in self.requests.items()}}  # fmt: skip
+    def describe(self) -> str:
+        offsets = ",".join(str(o) for o in self.offsets)
+        return f"{self.path} ({self.label}) offsets {offsets}, {len(self.requests)} requested"

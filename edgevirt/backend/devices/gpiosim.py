@@ -89,8 +89,8 @@ class SimBank:
             if self.ctl is not None:
                 self.ctl.unlink(missing_ok=True)
 
-    def snapshot(self) -> dict:
-        return {"kind": "simulated", "ctl": str(self.ctl) if self.ctl else None}
+    def describe(self) -> str:
+        return f"simulated, ctl {self.ctl}" if self.ctl else "simulated"
 
     # -- the outside world ----------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class SimBank:
             if self.changed is not None:
                 self.changed(line, level)
 
-    def describe(self, line: int) -> dict:
+    def line_state(self, line: int) -> dict:
         return {"line": line, "name": self.names[line], "value": self.wire(line),
                 "direction": DIRECTIONS[self.direction[line]]}  # fmt: skip
 
@@ -129,13 +129,13 @@ class SimBank:
                 raise GpioError("expected a JSON object")
             op = req.get("op")
             if op == "list":
-                return {"ok": True, "lines": [self.describe(i) for i in range(len(self.names))]}
+                return {"ok": True, "lines": [self.line_state(i) for i in range(len(self.names))]}
             if op not in ("get", "set"):
                 raise GpioError(f"op {op!r}: expected get, set or list")
             line = self.lookup(req.get("line"))
             if op == "set":
                 self.drive(line, req.get("value"))  # type: ignore[arg-type]
-            return {"ok": True, **self.describe(line)}
+            return {"ok": True, **self.line_state(line)}
         except GpioError as e:
             return {"ok": False, "error": str(e)}
 

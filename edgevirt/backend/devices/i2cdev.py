@@ -183,6 +183,5 @@ class LinuxBus:
             os.close(self.fd)
             self.fd = -1
 
-    def snapshot(self) -> dict:
-        return {"kind": "linux", "path": self.path,
-                "mode": "i2c" if self.plain_i2c else "smbus"}  # fmt: skip
+    def describe(self) -> str:
+        return f"{self.path} ({'i2c' if self.plain_i2c else 'smbus'})"

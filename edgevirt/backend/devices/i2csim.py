@@ -38,9 +38,6 @@ class SimDevice:
     def read(self, n: int) -> bytes:
         raise NotImplementedError
 
-    def snapshot(self) -> dict:
-        return {}
-
 
 class Eeprom(SimDevice):
     kind = "eeprom"
@@ -76,9 +73,6 @@ class Eeprom(SimDevice):
             self.pointer = (self.pointer + 1) % EEPROM_SIZE
         return bytes(out)
 
-    def snapshot(self) -> dict:
-        return {"pointer": self.pointer, "contents": self.mem.hex()}
-
 
 class RegMap(SimDevice):
     kind = "regmap"
@@ -103,9 +97,6 @@ class RegMap(SimDevice):
             out.append(self.regs[self.pointer])
             self.pointer = (self.pointer + 1) & 0xFF
         return bytes(out)
-
-    def snapshot(self) -> dict:
-        return {"pointer": self.pointer, "registers": self.regs.hex()}
 
 
 KINDS = {"eeprom": Eeprom, "regmap": RegMap}
@@ -156,7 +147,7 @@ class SimBus:
     def close(self) -> None:
         pass
 
-    def snapshot(self) -> dict:
-        return {"kind": "simulated",
-                "devices": {f"{a:#04x}": {"type": d.kind, **d.snapshot()}
-                            for a, d in sorted(self.devices.items())}}  # fmt: skip
+    def describe(self) -> str:
+        return "simulated " + " ".join(
+            f"{d.kind}@{a:#04x}" for a, d in sorted(self.devices.items())
+        )
