@@ -219,7 +219,12 @@ class GpioDevice(VirtioDevice):
             if value not in DIRECTIONS:
                 self._bad("bad_direction", "%s: direction %d (0 none, 1 out, 2 in)", what, value)
                 return None
-            self.bank.set_direction(gpio, value, ln.value)
+            try:
+                self.bank.set_direction(gpio, value, ln.value)
+            except GpioError:
+                ln.direction = DIR_NONE  # a real bank released the line before failing
+                self._disable(gpio)
+                raise
             ln.direction = value
             if value == DIR_IN:
                 ln.level = self.bank.get_value(gpio)
