@@ -424,6 +424,7 @@ class FakeChip:
     def __init__(self, names):
         self.names = names
         self.lines = {}  # read fd -> dict(offset, flags, value, wfd)
+        self.busy = {3}  # offsets another consumer holds
 
     def ioctl(self, fd, req, buf, *_):
         from edgevirt.backend.devices import gpiocdev as c
@@ -436,8 +437,10 @@ class FakeChip:
         elif req == c.GPIO_V2_GET_LINE_IOCTL:
             import os
 
-            r, w = os.pipe()
             off = struct.unpack_from("<I", buf, 0)[0]
+            if off in self.busy:
+                raise OSError(16, "Device or resource busy")
+            r, w = os.pipe()
             flags, nattrs = struct.unpack_from("<QI", buf, 288)
             value = struct.unpack_from("<Q", buf, 328)[0] if nattrs else None
             self.lines[r] = {"offset": off, "flags": flags, "value": value, "wfd": w}
@@ -502,4 +505,6 @@ def test_cdev_bank_requests_lines_and_turns_edge_events_into_levels(tmp_path, mo
     with pytest.raises(OSError):
         os.fstat(fd)
     assert bank.describe() == f"{dev_file} (ev-fake) offsets 1,2,3, 1 requested"
+    with pytest.raises(GpioError, match="offset 3: request: Device or resource busy"):
+        bank.set_direction(2, DIR_IN, 0)
     bank.close()
