@@ -166,6 +166,8 @@ def test_rising_edge_interrupt_delivered_and_masked_again(gpio):
     got = drv.irqs()
     assert len(got) == 1 and got[0][1] == IRQ_VALID
     assert time.monotonic() - t0 < 0.1
+    last, top = (int(x) for x in dev.snapshot()["irq_latency_us"].split()[1::2])
+    assert 0 < last <= top < 100_000  # from the bank's change to the used entry
     # masked now (no pair queued): a falling edge is not latched for a rising-edge type,
     # a later rising edge is, and is delivered as soon as the driver unmasks
     outside("set", "button", 0)
@@ -481,7 +483,7 @@ def test_cdev_bank_requests_lines_and_turns_edge_events_into_levels(tmp_path, mo
     bank = c.CdevBank(str(dev_file), [("sensor", None), ("relay", None), ("spare", 3)])
     assert bank.offsets == [1, 2, 3] and list(bank.names) == ["sensor", "relay", "spare"]
     host, seen = FakeHost(), []
-    bank.attach(host, lambda line, level: seen.append((line, level)))
+    bank.attach(host, lambda line, level, ts: seen.append((line, level, ts)))
     # in: input with both edges, its fd watched; events become levels
     bank.set_direction(0, DIR_IN, 0)
     [(fd, line)] = [(fd, v) for fd, v in chip.lines.items()]
@@ -490,7 +492,7 @@ def test_cdev_bank_requests_lines_and_turns_edge_events_into_levels(tmp_path, mo
     for ident in (1, 2, 1):
         os.write(line["wfd"], c.LINE_EVENT.pack(123, ident, 1, 1, 1, bytes(24)))
     host.readers[fd]()
-    assert seen == [(0, 1), (0, 0), (0, 1)]
+    assert seen == [(0, 1, 123), (0, 0, 123), (0, 1, 123)]  # the kernel's timestamps
     # out: an output with the guest's value, then set_value
     bank.set_direction(1, DIR_OUT, 1)
     out_fd = max(chip.lines)

@@ -301,6 +301,8 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
         r = sc.run("cat /run/edgevirt/stats.json", 10)
         st = json.loads(r.output[r.output.index("{") :])
         gpio, stub_dev, mem_dev = st["devices"]
+        # the back-end's part: gpio-sim's edge (kernel timestamp) to the eventq completion
+        figures["backend_edge_to_used_us_max"] = int(gpio["state"]["irq_latency_us"].split()[3])
         assert gpio["by_type"]["irqs"] >= 1 and gpio["broken"] == [], gpio
         assert stub_dev["by_type"]["address_not_allowed"] >= 1, stub_dev
         assert stub_dev["state"]["bus"].endswith("(smbus)"), stub_dev

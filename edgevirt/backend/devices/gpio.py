@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,8 +72,9 @@ class GpioBank(Protocol):
     @property
     def names(self) -> Sequence[str]: ...
 
-    def attach(self, host: DeviceHost, changed: Callable[[int, int], None]) -> None:
-        """Start watching; call ``changed(line, level)`` when an input line's level moves."""
+    def attach(self, host: DeviceHost, changed: Callable[[int, int, int], None]) -> None:
+        """Start watching; call ``changed(line, level, when_ns)`` when an input line's level
+        moves (``when_ns``: when it moved, CLOCK_MONOTONIC, as ``time.monotonic_ns``)."""
 
     def set_direction(self, line: int, direction: int, value: int) -> None:
         """``DIR_NONE`` releases, ``DIR_IN`` makes it an input (edges watched), ``DIR_OUT``
@@ -96,6 +98,7 @@ class Line:
     latched: bool = False
     level: int = 0  # last level the bank reported for an input
     event: Chain | None = None  # the driver's unmasked eventq pair
+    changed_ns: int = 0  # when the bank last reported a change (0: none pending)
 
 
 class GpioDevice(VirtioDevice):
@@ -113,6 +116,8 @@ class GpioDevice(VirtioDevice):
         self.lines = [Line() for _ in range(n)]
         self.names_block = b"".join(name.encode("ascii") + b"\0" for name in bank.names)
         self.warnings = 0
+        #: (last, max) from a line's change to its interrupt's completion, nanoseconds.
+        self.irq_latency_ns = (0, 0)
 
     def attach(self, host: DeviceHost) -> None:
         super().attach(host)
@@ -128,7 +133,9 @@ class GpioDevice(VirtioDevice):
         for name, ln in zip(self.bank.names, self.lines, strict=True):
             irq = f"/{IRQ_TYPES[ln.irq_type]}" if ln.irq_type else ""
             lines.append(f"{name}:{DIRECTIONS[ln.direction]}{irq}{'+armed' if ln.event else ''}")
-        return {"lines": " ".join(lines), "bank": self.bank.describe()}
+        last, top = (round(n / 1000) for n in self.irq_latency_ns)
+        return {"lines": " ".join(lines), "bank": self.bank.describe(),
+                **({"irq_latency_us": f"last {last} max {top}"} if top else {})}  # fmt: skip
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -288,11 +295,12 @@ class GpioDevice(VirtioDevice):
             return _answer(out, IRQ_VALID)
         return DEFERRED
 
-    def _changed(self, gpio: int, level: int) -> None:
-        """The bank saw ``gpio`` move to ``level`` (an input line)."""
+    def _changed(self, gpio: int, level: int, when_ns: int) -> None:
+        """The bank saw ``gpio`` move to ``level`` at ``when_ns`` (an input line)."""
         if not 0 <= gpio < len(self.lines):
             return
         ln = self.lines[gpio]
+        ln.changed_ns = when_ns
         old, ln.level = ln.level, level & 1
         self.stats.count("edges")
         if ln.irq_type & IRQ_BOTH and old != ln.level:
@@ -316,11 +324,15 @@ class GpioDevice(VirtioDevice):
             return
         chain, ln.event, ln.latched = ln.event, None, False
         self.stats.count("irqs")
+        if ln.changed_ns:  # a waiting pair answered for this change: the device's latency
+            took = time.monotonic_ns() - ln.changed_ns
+            self.irq_latency_ns = (took, max(took, self.irq_latency_ns[1]))
+            ln.changed_ns = 0
         self._complete(chain, IRQ_VALID)
 
     def _disable(self, gpio: int) -> None:
         ln = self.lines[gpio]
-        ln.irq_type, ln.latched = IRQ_NONE, False
+        ln.irq_type, ln.latched, ln.changed_ns = IRQ_NONE, False, 0
         if ln.event is not None:
             chain, ln.event = ln.event, None
             self._complete(chain, IRQ_INVALID)

@@ -123,7 +123,7 @@ class CdevBank:
             self.offsets.append(off)
         self.requests: dict[int, tuple[int, int]] = {}  # line -> (fd, direction)
         self.host: DeviceHost | None = None
-        self.changed: Callable[[int, int], None] | None = None
+        self.changed: Callable[[int, int, int], None] | None = None
 
     @property
     def names(self) -> Sequence[str]:
@@ -135,7 +135,7 @@ class CdevBank:
         fcntl.ioctl(self.fd, GPIO_V2_GET_LINEINFO_IOCTL, buf)
         return _cstr(LINEINFO.unpack(buf)[0])
 
-    def attach(self, host: DeviceHost, changed: Callable[[int, int], None]) -> None:
+    def attach(self, host: DeviceHost, changed: Callable[[int, int, int], None]) -> None:
         self.host, self.changed = host, changed
 
     def _request(self, line: int, flags: int, value: int | None = None) -> int:
@@ -199,9 +199,10 @@ class CdevBank:
             self._release(line)
             return
         for pos in range(0, len(data) - LINE_EVENT.size + 1, LINE_EVENT.size):
-            _ts, ident, *_ = LINE_EVENT.unpack_from(data, pos)
+            # timestamp_ns: the kernel's CLOCK_MONOTONIC at the edge (the v2 default clock)
+            ts, ident, *_ = LINE_EVENT.unpack_from(data, pos)
             if self.changed is not None:
-                self.changed(line, 1 if ident == EVENT_RISING_EDGE else 0)
+                self.changed(line, 1 if ident == EVENT_RISING_EDGE else 0, ts)
 
     def close(self) -> None:
         for line in list(self.requests):

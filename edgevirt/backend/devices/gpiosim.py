@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class SimBank:
         self.direction = [DIR_NONE] * n
         self.driven = [0] * n  # the guest's output value
         self.level = [0] * n  # the outside's level
-        self.changed: Callable[[int, int], None] | None = None
+        self.changed: Callable[[int, int, int], None] | None = None
         self.host: DeviceHost | None = None
         self.ctl = Path(ctl) if ctl is not None else None
         self.listener: socket.socket | None = None
@@ -62,7 +63,7 @@ class SimBank:
 
     # -- GpioBank -------------------------------------------------------------------------
 
-    def attach(self, host: DeviceHost, changed: Callable[[int, int], None]) -> None:
+    def attach(self, host: DeviceHost, changed: Callable[[int, int, int], None]) -> None:
         self.host, self.changed = host, changed
         if self.listener is not None:
             host.add_reader(self.listener.fileno(), self._accept)
@@ -116,7 +117,7 @@ class SimBank:
         if self.level[line] != level:
             self.level[line] = level
             if self.changed is not None:
-                self.changed(line, level)
+                self.changed(line, level, time.monotonic_ns())
 
     def line_state(self, line: int) -> dict:
         return {"line": line, "name": self.names[line], "value": self.wire(line),
