@@ -184,6 +184,7 @@ def test_gpio_edges_and_i2c_over_virtio_msg(tmp_path):
     assert st["protocol_errors"] == 0, st["errors"]
     by = {d["device"]: d for d in st["devices"]}
     assert by["gpio"]["by_type"]["irqs"] == 3, by["gpio"]
+    figures["backend_edge_to_used_us_max"] = int(by["gpio"]["state"]["irq_latency_us"].split()[3])
     for d in st["devices"]:
         assert d["broken"] == [] and d["refused"] == 0, d
     print(json.dumps({"figures": figures}))
