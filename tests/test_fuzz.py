@@ -34,7 +34,7 @@ def target(name: str) -> ModuleType:
     "name, runs, max_len",
     [("fuzz_ring.py", 3000, 4096), ("fuzz_vhost_user.py", 20000, 600),
      ("fuzz_virtio_msg.py", 5000, 2112), ("fuzz_blk.py", 3000, 16387),
-     ("fuzz_devices.py", 1000, 2048)],
+     ("fuzz_devices.py", 1000, 2048), ("fuzz_peripherals.py", 2000, 2048)],
 )  # fmt: skip
 def test_fuzz_target_bounded_run(tmp_path, name, runs, max_len):
     script = ROOT / "fuzz" / name
@@ -44,7 +44,8 @@ def test_fuzz_target_bounded_run(tmp_path, name, runs, max_len):
                            capture_output=True, text=True, timeout=60, env=ENV)  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         corpus = [str(tmp_path / "c")]
-    extra = ["-len_control=0"] if name == "fuzz_devices.py" else []  # headers need length
+    # headers need length
+    extra = ["-len_control=0"] if name in ("fuzz_devices.py", "fuzz_peripherals.py") else []
     r = fuzz(tmp_path, script, *corpus, f"-runs={runs}", f"-max_len={max_len}", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Done {runs} runs" in r.stderr

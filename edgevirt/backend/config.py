@@ -39,6 +39,14 @@ Example::
     console = "log"              # this port becomes the guest's /dev/hvc0
     pty = ["log"]                # these ports are pseudo-terminals (<dir>/<name>.pty)
     dir = "console"
+    [[device]]
+    type = "gpio"                # gpio: lines (required), ctl (simulated) or chip (real)
+    lines = ["led", "button"]    # the guest's lines 0.. (real chip: "led@0" = offset 0)
+    ctl = "gpio.sock"            # `edgevirt backend gpio set --ctl gpio.sock button 1`
+    [[device]]
+    type = "i2c"                 # i2c: devices (simulated) or bus (real), allow, eeprom_file
+    devices = ["eeprom@0x50", "regmap@0x48"]
+    allow = [0x50, 0x48]         # the addresses this front-end may reach (bus=: required)
 
 Device numbers on the virtio-msg bus (and vhost-user socket indices) are the order of the
 ``[[device]]`` tables. :class:`MsgBackendService` is the virtio-msg service with the same
@@ -54,7 +62,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevirt.backend.devices import OPTIONS, BlockDevice, RngDevice, VirtioDevice, make_device
+from edgevirt.backend.devices import (
+    LIST_OPTIONS,
+    OPTIONS,
+    BlockDevice,
+    RngDevice,
+    VirtioDevice,
+    make_device,
+)
 from edgevirt.backend.devices.blk import AIO_MODES, CACHE_MODES
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg.service import MsgService
@@ -217,9 +232,7 @@ def _device(t: dict[str, Any], w: str, here: Path) -> DeviceSpec:
     if kind in OPTIONS:
         return _comm_device(kind, t, w, here)
     if kind != "blk":
-        raise ConfigError(
-            f"{w}.type: expected one of blk, rng, {', '.join(OPTIONS)}; got {kind!r}"
-        )
+        raise ConfigError(f"{w}.type: expected one of blk, rng, {', '.join(OPTIONS)}; got {kind!r}")
     check_keys(t, BLK_KEYS, f"{w} (blk)")
     path = _path(here, get_key(t, "path", str, w))
     assert path is not None
@@ -271,13 +284,23 @@ def _comm_device(kind: str, t: dict[str, Any], w: str, here: Path) -> DeviceSpec
             if not set(ptys) <= set(names):
                 raise ConfigError(f"{w}.pty: {ptys} are not all among ports {names}")
             continue
+        if key in LIST_OPTIONS and isinstance(t.get(key), list):
+            opts[key] = _joined(t[key], f"{w}.{key}")
+            continue
         value = get_key(t, key, typ, w, ...) if required else get_key(t, key, typ, w, None)
         if value is None:
             continue
-        if key == "dir":
+        if key in ("dir", "ctl", "eeprom_file"):
             value = str(_path(here, value))
         opts[key] = value
     return DeviceSpec(kind, options=tuple(opts.items()), where=w)
+
+
+def _joined(items: list[Any], where: str) -> str:
+    """A TOML list of names (or of addresses, ints allowed) → the "a+b" option form."""
+    if not items or not all(isinstance(i, str | int) and not isinstance(i, bool) for i in items):
+        raise ConfigError(f"{where}: expected a non-empty list of names or numbers")
+    return "+".join(hex(i) if isinstance(i, int) else i for i in items)
 
 
 class MsgBackendService(MsgService):

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from edgevirt.board import parse_address, parse_size
 from edgevirt.cli.common import EXIT_CONFIG, err, fail, out
+from edgevirt.cli.gpio import gpio
 from edgevirt.cli.up import TRANSPORTS
 from edgevirt.errors import ConfigError, EdgevirtError, SetupError
 
@@ -31,6 +32,9 @@ def backend() -> None:
     """The virtio back-end (service-VM role)."""
 
 
+backend.add_command(gpio)
+
+
 @backend.command("run")
 @click.option(
     "--device",
@@ -40,8 +44,10 @@ def backend() -> None:
     "[,cache=none|writeback][,aio=auto|io_uring|threads|sync], "
     "rng, net:tap=NAME[,netns=NS][,mac=M][,offload=off], vsock:cid=N,dir=D[,buf_alloc=N] or "
     "console:ports=NAME[@pty][!][+NAME…],dir=D (! marks the console port, @pty gives a "
-    "port a pseudo-terminal); repeatable "
-    "(or [[device]] tables in --spec).",
+    "port a pseudo-terminal), "
+    "gpio:lines=NAME[+NAME…][,ctl=SOCK] (simulated) or gpio:lines=NAME[@OFF]…,chip=DEV, "
+    "i2c:devices=eeprom@0x50[+regmap@0x48…][,allow=ADDR+…][,eeprom_file=F] (simulated) or "
+    "i2c:bus=/dev/i2c-N,allow=ADDR[+ADDR…]; repeatable (or [[device]] tables in --spec).",
 )
 @click.option(
     "--spec",
@@ -155,6 +161,14 @@ def backend_run(
           -device vhost-user-vsock-device,chardev=v0
     \b
       edgevirt backend run --transport msg --device console:ports=log!+ctl,dir=/tmp/con ...
+    \b
+      edgevirt backend run --device gpio:lines=led+button,ctl=/tmp/ev/gpio.sock \\
+          --device i2c:devices=eeprom@0x50+regmap@0x48 --socket-dir /tmp/ev
+      qemu-system-aarch64 ... -chardev socket,id=g0,path=/tmp/ev/0-gpio.sock \\
+          -device vhost-user-gpio-device,chardev=g0,iommu_platform=on \\
+          -chardev socket,id=i0,path=/tmp/ev/1-i2c.sock \\
+          -device vhost-user-i2c-device,chardev=i0,iommu_platform=on
+      edgevirt backend gpio set --ctl /tmp/ev/gpio.sock button 1
     \b
       edgevirt backend run --spec backend.toml      # see edgevirt/backend/config.py
     """

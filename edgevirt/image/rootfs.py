@@ -55,6 +55,7 @@ PACKAGE_PARTS: tuple[str, ...] = (
     "edgevirt/backend",
     "edgevirt/servicevm/__init__.py",
     "edgevirt/servicevm/peer.py",
+    "edgevirt/servicevm/peripherals.py",
 )
 DIRS: dict[str, int] = {
     "bin": 0o755, "dev": 0o755, "etc": 0o755, "mnt": 0o755, "proc": 0o555, "root": 0o700,

@@ -9,7 +9,11 @@ node), the message memory and doorbells are an ``ivshmem-doorbell`` device (see
     {"carveout": {"pci": "0000:00:04.0", "base": "0x5c000000", "size": 67108864},
      "msg": {"pci": "0000:00:05.0", "driver_peer": 2, "nslots": 64, "doorbell": true},
      "devices": ["blk:path=/dev/vda", "rng"],
-     "stats": "/run/edgevirt/stats.json", "poll_interval": null}
+     "stats": "/run/edgevirt/stats.json", "poll_interval": null,
+     "peripherals": {"gpio_sim": {"label": "ev-gpio", "lines": ["led"]}}}
+
+``peripherals`` (optional) are kernel-emulated peripherals made before the devices open
+(:mod:`edgevirt.servicevm.peripherals`).
 
 ``base`` is the carve-out's guest-physical address *in the front-end VM*: the addresses in
 its virtqueues are translated against it. Logs go to stderr (``/init`` sends them to
@@ -36,6 +40,7 @@ from edgevirt.backend.transport.virtio_msg.pcilink import (
 )
 from edgevirt.backend.transport.virtio_msg.service import MsgService, map_carveout
 from edgevirt.errors import ConfigError, EdgevirtError
+from edgevirt.servicevm import peripherals
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,11 @@ class PeerConfig:
     devices: list[str] = field(default_factory=list)
     stats: str | None = None
     poll_interval: float | None = None
+    peripherals: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
+            **({"peripherals": self.peripherals} if self.peripherals else {}),
             "carveout": {
                 "pci": self.carveout_pci,
                 "base": hex(self.carveout_base),
@@ -118,6 +125,7 @@ def parse_config(data: dict, src: str = "<config>") -> PeerConfig:
         devices=list(devices),
         stats=data.get("stats"),
         poll_interval=poll,
+        peripherals=peripherals.check(data.get("peripherals"), src),
     )
 
 
@@ -151,6 +159,8 @@ def serve(cfg: PeerConfig, sysfs: Path = SYSFS, dev_dir: Path = Path("/dev")) ->
             raise ConfigError(f"carve-out device {cfg.carveout_pci} is not ivshmem ({bars})")
         enable(bars)  # nobody drives ivshmem-plain: memory decoding is off until we ask
         mem = map_carveout(bars / "resource2_wc", cfg.carveout_base, cfg.carveout_size)
+        if cfg.peripherals:
+            peripherals.setup(cfg.peripherals)
         for spec in cfg.devices:
             devices.append(parse_device(spec))
         link = PciDoorbellLink(

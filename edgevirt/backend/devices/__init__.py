@@ -12,21 +12,35 @@ from edgevirt.errors import ConfigError
 BLK_OPTIONS = {"path", "readonly", "queues", "seg_max", "discard", "serial", "cache", "aio"}
 
 __all__ = ["Chain", "VirtioDevice", "BlockDevice", "RngDevice", "parse_device", "make_device",
-           "KINDS", "OPTIONS"]  # fmt: skip
+           "KINDS", "OPTIONS", "LIST_OPTIONS"]  # fmt: skip
 
 #: Options of the communication devices: key → (type, required). Shared by
 #: ``--device kind:key=value,…`` and the back-end spec's ``[[device]]`` tables.
 OPTIONS: dict[str, dict[str, tuple[type, bool]]] = {
-    "net": {"tap": (str, True), "netns": (str, False), "mac": (str, False),
-            "offload": (bool, False)},
+    "net": {
+        "tap": (str, True),
+        "netns": (str, False),
+        "mac": (str, False),
+        "offload": (bool, False),
+    },
     "vsock": {"cid": (int, True), "dir": (str, True), "buf_alloc": (int, False)},
     "console": {"ports": (str, True), "dir": (str, True)},
+    "gpio": {"lines": (str, True), "ctl": (str, False), "chip": (str, False)},
+    "i2c": {
+        "devices": (str, False),
+        "allow": (str, False),
+        "bus": (str, False),
+        "eeprom_file": (str, False),
+    },
 }
+#: Options that a back-end spec may give as a TOML list (joined with "+" here).
+LIST_OPTIONS = {"ports", "lines", "devices", "allow"}
 KINDS = ("blk", "rng", *OPTIONS)
 
 
 def make_device(kind: str, opts: dict[str, Any], where: str) -> VirtioDevice:
-    """A net, vsock or console device from validated options (``where`` names the source)."""
+    """A net, vsock, console, gpio or i2c device from validated options (``where`` names
+    the source)."""
     schema = OPTIONS[kind]
     unknown = set(opts) - set(schema)
     if unknown:
@@ -45,6 +59,10 @@ def make_device(kind: str, opts: dict[str, Any], where: str) -> VirtioDevice:
         tap = Tap(opts["tap"], opts.get("netns"))
         offload = opts.get("offload", True)
         return NetDevice(tap, mac, offload) if mac else NetDevice(tap, offload=offload)
+    if kind in ("gpio", "i2c"):
+        from edgevirt.backend.devices.peripherals import make_peripheral
+
+        return make_peripheral(kind, opts, where)
     if kind == "vsock":
         from edgevirt.backend.devices.vsock import VsockDevice
 
@@ -58,7 +76,9 @@ def parse_device(spec: str) -> VirtioDevice:
     """``blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S]
     [,cache=none|writeback][,aio=auto|io_uring|threads|sync]``,
     ``rng``, ``net:tap=NAME[,netns=NS][,mac=M][,offload=off]``,
-    ``vsock:cid=N,dir=D[,buf_alloc=N]`` or ``console:ports=NAME[+NAME…],dir=D`` → a device."""
+    ``vsock:cid=N,dir=D[,buf_alloc=N]``, ``console:ports=NAME[+NAME…],dir=D``,
+    ``gpio:lines=NAME[+NAME…][,ctl=SOCK][,chip=DEV]`` or
+    ``i2c:devices=KIND@ADDR[+…][,allow=ADDR[+…]][,bus=/dev/i2c-N]`` → a device."""
     kind, _, rest = spec.partition(":")
     opts: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
