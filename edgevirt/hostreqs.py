@@ -264,6 +264,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     R("tftp (tftp-hpa)", "tests", "tftp-hpa", on_path("tftp"), "TFTP client oracle"),
     R("atftp", "tests", "atftp", on_path("atftp"), "TFTP client oracle (windowsize)"),
     R("curl", "tests", "curl", command("curl", "--version"), "TFTP client oracle (tftp://)"),
+    R(
+        "socat",
+        "tests",
+        "socat",
+        command("socat", "-V"),
+        "pty pairs standing in for a lab's USB-serial adapters (edgevirt.lab.fakelab)",
+    ),
 )
 
 

@@ -20,6 +20,7 @@ from edgevirt.cli import (
     dt,
     image,
     kernel,
+    lab,
     servicevm,
     test,
     tftp,
@@ -59,6 +60,7 @@ cli.add_command(image.image)
 cli.add_command(servicevm.servicevm)
 cli.add_command(tftp.tftp)
 cli.add_command(doctor.doctor)
+cli.add_command(lab.lab)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from edgevirt.board import Board, get_key, parse_size
 from edgevirt.console.expect import Console
-from edgevirt.deploy.machine import ExternalBus, Images, QemuMachine
+from edgevirt.deploy.machine import DEVICES, ExternalBus, Images, QemuMachine, mmio_nodes
 from edgevirt.deploy.power import Power, board_power
 from edgevirt.deploy.strategy import BootStrategy, State, UBootStrategy
 from edgevirt.deploy.uboot import UBoot, UBootSettings
@@ -68,6 +68,12 @@ class DeployOptions:
     spec: SystemSpec | None = None
     #: QEMU boards, transport "msg": a bus served elsewhere (the service VM's host side).
     external: ExternalBus | None = None
+    #: Power and console supplied from outside (a labgrid place, edgevirt.lab): the board
+    #: profile only gives the boot strategy; a profile without [bootloader] boots what the
+    #: board holds when powered (e.g. a QEMU board behind a lab's power switch).
+    power: Power | None = None
+    #: Name for the console in messages and logs [default: the board's name].
+    label: str | None = None
 
 
 def _uboot_settings(board: Board) -> UBootSettings:
@@ -104,7 +110,11 @@ class Target:
         self.machine: QemuMachine | None = None
         self.images: Images | None = None
         power: Power
-        if board.is_qemu:
+        if opts.power is not None:
+            if not opts.console_url:
+                raise ConfigError(f"{board.name}: external power needs a console URL too")
+            power = opts.power
+        elif board.is_qemu:
             pw = self.raw.get("power", {})
             w = board.where("power")
             firmware = None
@@ -167,7 +177,7 @@ class Target:
             url,
             log_path=self.build / "console.log",
             baudrate=baud,
-            name=f"{self.board.name} console",
+            name=f"{self.opts.label or self.board.name} console",
         )
         if self.machine is not None:
             self.machine.connected()
@@ -185,6 +195,8 @@ class Target:
             )
             return
         d = self.opts.image_dir
+        if d is None and not self.uboot:
+            return  # a board powered from outside boots the images it holds
         if d is None:
             raise DeployError(
                 f"board {self.board.name}: pass --image DIR (Image, "
@@ -280,7 +292,8 @@ class Target:
         v = {"board": self.board.name, "kernel_console": self.board.console_kernel}
         if self.board.is_qemu:
             q = self.board.qemu
-            nodes = self.images.nodes if self.images else []
+            # A QEMU board powered from outside runs the default devices (machine.DEVICES).
+            nodes = self.images.nodes if self.images else mmio_nodes(len(DEVICES))
             v |= smoke_vars(q.carveout_base, q.carveout, nodes)
         return v
 

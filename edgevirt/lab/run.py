@@ -1,0 +1,163 @@
+"""Suites on labgrid places: pick and hold the places, run the ordinary target session on
+each, one result list (one JUnit file), every place released.
+
+``--place`` is a place name, a glob, or tags (``board=qemu-virt``). With ``--parallel N``
+the first N free matching places are taken; with ``--wait S`` missing places are queued for
+through coordinator reservations (tags as the filter) for up to S seconds. All places are
+held before any target boots, so a shortfall fails before anything ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from edgevirt.board import Board, load_board
+from edgevirt.deploy.target import DeployOptions, Target
+from edgevirt.errors import ConfigError, DeployError
+from edgevirt.lab import PlaceBusy
+from edgevirt.lab.client import LabClient, parse_filter
+from edgevirt.lab.place import PlaceSession
+from edgevirt.report import Reporter
+from edgevirt.suite.model import Suite
+from edgevirt.suite.runner import StepResult
+from edgevirt.suite.session import TargetRun, run_on_target
+
+log = logging.getLogger(__name__)
+
+
+def place_board(session: PlaceSession, board: str | None) -> Board:
+    """``--board``, else the place's ``board`` tag."""
+    assert session.acquired is not None
+    name = board or session.acquired.board
+    if not name:
+        raise ConfigError(
+            f"place {session.name!r} has no 'board' tag to name its board profile",
+            hint=f"pass --board, or `labgrid-client -p {session.name} set-tags board=NAME`",
+        )
+    return load_board(name)
+
+
+@contextlib.contextmanager
+def hold_places(
+    client: LabClient,
+    pattern: str,
+    count: int,
+    *,
+    wait: float = 0.0,
+    reporter: Reporter | None = None,
+) -> Iterator[list[PlaceSession]]:
+    """Acquire ``count`` places matching ``pattern``; release them all on leaving."""
+    reporter = reporter or Reporter()
+    matching = client.select(pattern)
+    free = [p.name for p in matching if p.state == "free"]
+    if len(matching) < count:
+        raise PlaceBusy(
+            f"--parallel {count}: only {len(matching)} place(s) match {pattern!r} "
+            f"({', '.join(p.name for p in matching)})"
+        )
+    with contextlib.ExitStack() as stack:
+        sessions: list[PlaceSession] = []
+        if len(free) >= count or wait <= 0:
+            if len(free) < count:
+                busy = ", ".join(f"{p.name} ({p.state}: {p.acquired or p.reservation})"
+                                 for p in matching if p.state != "free")
+                raise PlaceBusy(
+                    f"{count} free place(s) matching {pattern!r} needed, {len(free)} free; "
+                    f"busy: {busy}",
+                    hint="pass --wait SECONDS to queue for them with reservations",
+                )
+            for name in free[:count]:
+                reporter.step(f"lab: acquire place {name}")
+                sessions.append(stack.enter_context(PlaceSession(client, name)))
+        else:
+            tags = parse_filter(pattern)
+            for i in range(count):
+                if tags is None and count == 1 and len(matching) == 1:
+                    filt = {"name": matching[0].name}
+                elif tags is None:
+                    raise ConfigError(
+                        f"--wait with --parallel needs tags (e.g. board=NAME), not {pattern!r}"
+                    )
+                else:
+                    filt = tags
+                reporter.step(f"lab: waiting up to {wait:.0f}s for a place matching {filt}")
+                token, name = client.reserve(filt, wait)
+                reporter.step(f"lab: acquire place {name} (reservation {token})")
+                sessions.append(stack.enter_context(PlaceSession(client, name, token=token)))
+                del i
+        yield sessions
+
+
+def run_on_places(
+    client: LabClient,
+    sessions: list[PlaceSession],
+    suites: list[Suite],
+    opts: DeployOptions,
+    *,
+    board: str | None = None,
+    reporter: Reporter | None = None,
+    on_step: Callable[[str, StepResult], None] | None = None,
+) -> list[TargetRun]:
+    """The suites on every held place at once, each with its own build dir."""
+    boards = [place_board(s, board) for s in sessions]
+    stop = threading.Event()
+    targets: list[Target] = []
+
+    def interrupted() -> None:
+        if stop.is_set():
+            raise DeployError("interrupted: every place is being powered off and released")
+
+    def started(t: Target) -> None:
+        targets.append(t)
+        t.strategy.watchers.append(interrupted)
+
+    def one(session: PlaceSession, b: Board) -> TargetRun:
+        acq = session.acquired
+        assert acq is not None and session.power is not None
+        o = replace(
+            opts,
+            build_dir=opts.build_dir / session.name if len(sessions) > 1 else opts.build_dir,
+            power=session.power,
+            console_url=acq.console_url,
+            label=f"place {session.name}",
+        )
+        run = run_on_target(
+            b, suites, o, name=session.name, reporter=reporter, on_step=on_step,
+            stop=stop, started=started,
+        )
+        if run.error and not stop.is_set():
+            why = explain(session)
+            if why and why not in run.error:
+                run.error += f" — {why}"
+        return run
+
+    if len(sessions) == 1:
+        return [one(sessions[0], boards[0])]
+    pool = ThreadPoolExecutor(max_workers=len(sessions), thread_name_prefix="place")
+    futures = [pool.submit(one, s, b) for s, b in zip(sessions, boards, strict=True)]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        stop.set()  # the workers' next console poll raises; power goes off on their way out
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def explain(session: PlaceSession, settle: float = 3.0) -> str:
+    """The coordinator's reason for a failure, if it has one: an exporter that died takes
+    a moment to be noticed, so look again for up to ``settle`` seconds."""
+    deadline = time.monotonic() + settle
+    while True:
+        problem = session.diagnose()
+        if problem:
+            return problem
+        if time.monotonic() >= deadline:
+            return ""
+        time.sleep(0.3)
