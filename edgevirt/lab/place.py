@@ -270,8 +270,8 @@ class PlaceSession:
                 self.token = None
             if errors and self._held:
                 raise LabError("; ".join(errors))
-            for e in errors:
-                log.warning("%s", e)
+            for text in errors:
+                log.warning("%s", text)
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
