@@ -87,9 +87,11 @@ def exporter_config(
 
 
 def exporter_yaml(board: Board, cfg: dict[str, Any], command: str) -> str:
+    # labgrid reads exporter configs as Jinja2 templates whose line statements start
+    # with '#': a comment must start with '##'.
     return (
-        f"# labgrid exporter config for board {board.name} ({board.description})\n"
-        f"# written by: {command}\n"
+        f"## labgrid exporter config for board {board.name} ({board.description})\n"
+        f"## written by: {command}\n"
         + yaml.safe_dump(cfg, sort_keys=False)
     )
 

@@ -133,6 +133,8 @@ def run_on_places(
         )
         if run.error and not stop.is_set():
             why = explain(session)
+            if not why and "console" in run.error:
+                why = serial_detail(session)
             if why and why not in run.error:
                 run.error += f" — {why}"
         return run
@@ -148,6 +150,18 @@ def run_on_places(
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def serial_detail(session: PlaceSession) -> str:
+    """Which resource a console failure happened on, when the coordinator saw nothing."""
+    assert session.acquired is not None
+    r = session.acquired.serial
+    dev = r.params.get("extra", {}).get("path")
+    return (
+        f"place {session.name!r}: serial port resource {r.path}"
+        + (f" ({dev})" if dev else "")
+        + f" served by exporter {r.exporter} at {session.acquired.console_url}"
+    )
 
 
 def explain(session: PlaceSession, settle: float = 3.0) -> str:
