@@ -39,6 +39,9 @@ POWER_DRIVERS: dict[str, tuple[str, ...]] = {
     "NetworkSysfsGPIO": ("GpioDigitalOutputDriver", "DigitalOutputPowerDriver"),
 }
 assert set(POWER_DRIVERS) == set(POWER_CLASSES)
+#: labgrid's drivers report through one process-wide step stack (labgrid.step.steps) that
+#: asserts strict nesting: calls from parallel targets' threads must not interleave.
+DRIVER_LOCK = threading.Lock()
 #: How often, while waiting on the console, the coordinator's view of the place is checked.
 CHECK_INTERVAL = 1.0
 
@@ -79,22 +82,24 @@ class LabPower(Power):
         res = target_factory.make_resource(self.target, resource.cls, resource.name, args)
         res.avail = True  # the coordinator said so; remote resources default to False
         driver: Any = None
-        for name in POWER_DRIVERS[resource.cls]:
-            driver = target_factory.make_driver(self.target, name, None, {})
-            self.target.activate(driver)
+        with DRIVER_LOCK:
+            for name in POWER_DRIVERS[resource.cls]:
+                driver = target_factory.make_driver(self.target, name, None, {})
+                self.target.activate(driver)
         self.driver = driver
         self.is_on = False
         self._checked = 0.0
 
     def _do(self, action: str) -> Any:
         try:
-            return getattr(self.driver, action)()
+            with DRIVER_LOCK:
+                return getattr(self.driver, action)()
         except EdgevirtError:
             raise
         except Exception as e:  # labgrid drivers raise their own and requests' errors
             raise LabError(
                 f"place {self.session.name!r}: power {action} through {self.resource.path} "
-                f"({self.driver.__class__.__name__}) failed: {e}"
+                f"({self.driver.__class__.__name__}) failed: {type(e).__name__}: {e}"
             ) from e
 
     def on(self) -> None:
@@ -125,7 +130,8 @@ class LabPower(Power):
             if self.is_on:
                 self.off()
         finally:
-            self.target.cleanup()
+            with DRIVER_LOCK:
+                self.target.cleanup()
 
 
 @dataclass

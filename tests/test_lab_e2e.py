@@ -1,0 +1,218 @@
+"""Board farms end to end: a real labgrid coordinator and exporter (ser2net) on 127.0.0.1,
+QEMU boards behind socat pty pairs under /dev, powered by the fake simplerest PDU through
+labgrid's NetworkPowerDriver (edgevirt.lab.fakelab). Every test ends with every place free
+and every board powered off."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("labgrid", reason="labgrid extra not installed (pip install 'edgevirt[labgrid]')")
+
+from edgevirt.lab.client import LabClient  # noqa: E402
+from edgevirt.lab.fakelab import FakeLab  # noqa: E402
+from tests.helpers import edgevirt, flat  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+
+SLEEPY = """\
+name: sleepy
+timeout: 60
+steps:
+  - {name: uname, run: uname -r, match: '^6\\.'}
+  - {name: long, run: sleep 30}
+  - {name: after, run: echo done}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    with FakeLab(tmp_path_factory.mktemp("lab"), boards=2) as lab:
+        yield lab
+
+
+def outlet_on(lab, i):
+    return urllib.request.urlopen(lab.pdu_url.format(index=i, value="")[:-1]).read() == b"1"
+
+
+def assert_all_free_and_off(lab):
+    with LabClient(lab.address) as c:
+        for b in lab.boards:
+            p = c.place(b.place)
+            assert p.state == "free", p
+    for b in lab.boards:
+        assert not outlet_on(lab, b.outlet), f"outlet {b.outlet} still on"
+
+
+def lg(lab, *args, user="alice"):
+    """labgrid-client as another user of the lab."""
+    env = dict(lab.env, LG_USERNAME=user)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "labgrid-client"), "-x", lab.address, *args],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+def run_bg(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgevirt", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+
+
+def wait_acquired(lab, place, timeout=30):
+    with LabClient(lab.address) as c:
+        deadline = time.monotonic() + timeout
+        while c.place(place).state != "acquired":
+            assert time.monotonic() < deadline, f"{place} never acquired"
+            time.sleep(0.2)
+
+
+def test_smoke_suite_on_a_place_only_the_coordinator_knows(lab, tmp_path):
+    place = lab.boards[0].place
+    t0 = time.monotonic()
+    r = edgevirt("test", "smoke", "--place", place, "--coordinator", lab.address,
+                 "--build-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    [target] = res["targets"]
+    assert target["name"] == place and target["error"] is None
+    steps = [s["name"] for s in target["suites"][0]["steps"] if s["ok"]]
+    assert steps == ["virtio features", "restricted DMA pool", "blk write/read-back", "hwrng"]
+    # the console went through the exporter's ser2net (RFC2217), logged on our side
+    log = (tmp_path / "console.log").read_text()
+    assert "EDGEVIRT-AGENT-READY" in log
+    assert_all_free_and_off(lab)
+    print(f"lab smoke: {time.monotonic() - t0:.1f}s, boot {target['boot_seconds']:.1f}s")
+
+
+def test_parallel_over_tagged_places_one_junit(lab, tmp_path):
+    junit = tmp_path / "junit.xml"
+    r = edgevirt("test", "smoke", "--place", f"lab={lab.tag}", "--parallel", "2",
+                 "--coordinator", lab.address, "--build-dir", str(tmp_path),
+                 "--junit", str(junit), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(t["name"] for t in json.loads(r.stdout)["targets"])
+    assert names == sorted(b.place for b in lab.boards)
+    per_place: dict[str, list] = {}
+    for c in ET.parse(junit).getroot().iter("testcase"):
+        per_place.setdefault(c.get("classname"), []).append(c)
+    assert sorted(per_place) == sorted(f"smoke.{b.place}" for b in lab.boards)
+    assert all(len(v) == 4 for v in per_place.values()), per_place
+    for b in lab.boards:
+        assert (tmp_path / b.place / "console.log").is_file()
+    assert_all_free_and_off(lab)
+
+
+def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
+    place = lab.boards[1].place
+    assert lg(lab, "-p", place, "acquire").returncode == 0
+    try:
+        r = edgevirt("test", "smoke", "--place", place, "--coordinator", lab.address,
+                     "--build-dir", str(tmp_path))
+        assert r.returncode == 1
+        msg = flat(r.stderr)
+        assert f"place '{place}' is acquired" in msg and "/alice" in msg and "--wait" in msg
+        with LabClient(lab.address) as c:  # left alone: still alice's
+            assert c.place(place).acquired.endswith("/alice")
+        # --wait: queue with a reservation; alice releases after 3 s; we get it.
+        threading.Timer(3, lambda: lg(lab, "-p", place, "release")).start()
+        t0 = time.monotonic()
+        r = edgevirt("test", "smoke", "--place", place, "--wait", "60",
+                     "--coordinator", lab.address, "--build-dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert time.monotonic() - t0 > 3
+        assert "waiting up to 60s" in r.stderr
+    finally:
+        lg(lab, "-p", place, "release")
+    # --wait that runs out: a clear failure, the reservation cancelled
+    assert lg(lab, "-p", place, "acquire").returncode == 0
+    try:
+        r = edgevirt("test", "smoke", "--place", place, "--wait", "2",
+                     "--coordinator", lab.address, "--build-dir", str(tmp_path))
+        assert r.returncode == 1
+        assert "became free within 2s" in flat(r.stderr)
+        with LabClient(lab.address) as c:
+            assert c.place(place).reservation is None
+    finally:
+        lg(lab, "-p", place, "release")
+    assert_all_free_and_off(lab)
+
+
+def test_unknown_place_names_the_places_there_are(lab):
+    r = edgevirt("test", "smoke", "--place", "nosuch", "--coordinator", lab.address)
+    assert r.returncode == 4
+    msg = flat(r.stderr)
+    assert "no place matches 'nosuch'" in msg and lab.boards[0].place in msg
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_releases_and_powers_off(lab, tmp_path, sig):
+    suite = tmp_path / "sleepy.yaml"
+    suite.write_text(SLEEPY)
+    place = lab.boards[0].place
+    p = run_bg("test", str(suite), "--place", place, "--coordinator", lab.address,
+               "--build-dir", str(tmp_path))
+    wait_acquired(lab, place)
+    deadline = time.monotonic() + 60
+    while not outlet_on(lab, 0) or "long" not in (tmp_path / "console.log").read_text():
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
+        time.sleep(0.2)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "every place released" in err
+    assert_all_free_and_off(lab)
+
+
+def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(
+        "name: bad\nsteps:\n"
+        "  - {name: fails, run: 'false'}\n"
+        "  - {name: too slow, run: sleep 20, timeout: 2}\n"
+    )
+    r = edgevirt("test", str(suite), "--place", lab.boards[0].place,
+                 "--coordinator", lab.address, "--build-dir", str(tmp_path), "--json")
+    assert r.returncode == 1
+    steps = json.loads(r.stdout)["targets"][0]["suites"][0]["steps"]
+    assert [s["ok"] for s in steps] == [False, False]
+    assert_all_free_and_off(lab)
+
+
+@pytest.mark.parametrize("what", ["exporter", "serial"])
+def test_exporter_or_serial_port_gone_mid_run(tmp_path, lab, what):
+    """A lab of its own (this breaks it): the failure names the place and the resource,
+    the place is released, the board powered off (the PDU is reachable without the
+    exporter: labgrid's driver runs here)."""
+    image = lab.workdir / "pdu" / "outlet-0"
+    suite = tmp_path / "sleepy.yaml"
+    suite.write_text(SLEEPY)
+    with FakeLab(tmp_path / "lab", boards=1, image_dir=image) as lab1:
+        place = lab1.boards[0].place
+        p = run_bg("test", str(suite), "--place", place, "--coordinator", lab1.address,
+                   "--build-dir", str(tmp_path / "out"))
+        log = tmp_path / "out" / "console.log"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "long" in log.read_text()):
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
+            time.sleep(0.2)
+        lab1.stop("exporter" if what == "exporter" else "socat-0")
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 1, err[-3000:]
+        msg = flat(err)
+        assert f"place '{place}'" in msg or f"place {place}" in msg
+        assert "NetworkSerialPort/RawSerialPort" in msg, msg[-1500:]
+        assert "Traceback" not in err
+        with LabClient(lab1.address) as c:
+            assert c.place(place).state == "free"
+        assert not outlet_on(lab1, 0)
