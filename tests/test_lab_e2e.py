@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("labgrid", reason="labgrid extra not installed (pip install 'edgevirt[labgrid]')")
+pytest.importorskip("labgrid", reason="labgrid extra missing: pip install 'edgevirt[labgrid]'")
 
 from edgevirt.lab.client import LabClient  # noqa: E402
 from edgevirt.lab.fakelab import FakeLab  # noqa: E402
@@ -121,7 +121,7 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
                      "--build-dir", str(tmp_path))
         assert r.returncode == 1
         msg = flat(r.stderr)
-        assert f"place '{place}' is acquired" in msg and "/alice" in msg and "--wait" in msg
+        assert f"place '{place}' acquired by " in msg and "/alice" in msg and "--wait" in msg
         with LabClient(lab.address) as c:  # left alone: still alice's
             assert c.place(place).acquired.endswith("/alice")
         # --wait: queue with a reservation; alice releases after 3 s; we get it.
@@ -164,7 +164,7 @@ def test_interrupted_run_releases_and_powers_off(lab, tmp_path, sig):
                "--build-dir", str(tmp_path))
     wait_acquired(lab, place)
     deadline = time.monotonic() + 60
-    while not outlet_on(lab, 0) or "long" not in (tmp_path / "console.log").read_text():
+    while not outlet_on(lab, 0) or "sleep 30" not in (tmp_path / "console.log").read_text():
         assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
         time.sleep(0.2)
     p.send_signal(sig)
@@ -200,18 +200,23 @@ def test_exporter_or_serial_port_gone_mid_run(tmp_path, lab, what):
     with FakeLab(tmp_path / "lab", boards=1, image_dir=image) as lab1:
         place = lab1.boards[0].place
         p = run_bg("test", str(suite), "--place", place, "--coordinator", lab1.address,
-                   "--build-dir", str(tmp_path / "out"))
+                   "--build-dir", str(tmp_path / "out"), "--json")
         log = tmp_path / "out" / "console.log"
         deadline = time.monotonic() + 60
-        while not (log.exists() and "long" in log.read_text()):
+        while not (log.exists() and "sleep 30" in log.read_text()):
             assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
             time.sleep(0.2)
         lab1.stop("exporter" if what == "exporter" else "socat-0")
         out, err = p.communicate(timeout=90)
         assert p.returncode == 1, err[-3000:]
-        msg = flat(err)
-        assert f"place '{place}'" in msg or f"place {place}" in msg
-        assert "NetworkSerialPort/RawSerialPort" in msg, msg[-1500:]
+        assert out.strip(), err[-3000:]
+        [target] = json.loads(out)["targets"]
+        broken = [s for s in target["suites"][0]["steps"] if s["outcome"] == "error"]
+        msg = target["error"] or target["suites"][0]["error"]
+        assert broken and msg.split(" — ")[0] in broken[0]["detail"]
+        assert f"place '{place}'" in msg, (out + err)[-3000:]
+        assert "NetworkSerialPort/RawSerialPort" in msg, msg
+        print(f"{what} gone: {msg.splitlines()[0]}")
         assert "Traceback" not in err
         with LabClient(lab1.address) as c:
             assert c.place(place).state == "free"

@@ -65,12 +65,19 @@ def hold_places(
         sessions: list[PlaceSession] = []
         if len(free) >= count or wait <= 0:
             if len(free) < count:
-                busy = ", ".join(f"{p.name} ({p.state}: {p.acquired or p.reservation})"
-                                 for p in matching if p.state != "free")
+                busy = [
+                    f"{p.name!r} {p.state} by {p.acquired or f'reservation {p.reservation}'}"
+                    for p in matching
+                    if p.state != "free"
+                ]
+                what = (
+                    f"place {busy[0]}"
+                    if len(matching) == 1
+                    else f"{count} free place(s) matching {pattern!r} needed, {len(free)} "
+                    f"free; busy: {', '.join(busy)}"
+                )
                 raise PlaceBusy(
-                    f"{count} free place(s) matching {pattern!r} needed, {len(free)} free; "
-                    f"busy: {busy}",
-                    hint="pass --wait SECONDS to queue for them with reservations",
+                    what, hint="pass --wait SECONDS to queue with a coordinator reservation"
                 )
             for name in free[:count]:
                 reporter.step(f"lab: acquire place {name}")
@@ -131,12 +138,13 @@ def run_on_places(
             b, suites, o, name=session.name, reporter=reporter, on_step=on_step,
             stop=stop, started=started,
         )
-        if run.error and not stop.is_set():
+        failed = " ".join(e for e in [run.error, *(r.error for r in run.results)] if e)
+        if failed and not stop.is_set():
             why = explain(session)
-            if not why and "console" in run.error:
+            if not why and "console" in failed:
                 why = serial_detail(session)
-            if why and why not in run.error:
-                run.error += f" — {why}"
+            if why:
+                annotate(run, why)
         return run
 
     if len(sessions) == 1:
@@ -150,6 +158,18 @@ def run_on_places(
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def annotate(run: TargetRun, why: str) -> None:
+    """Put the lab's reason in front of the run's error, or the suite's and its step's."""
+    if run.error and why not in run.error:
+        run.error = f"{why} — {run.error}"
+    for r in run.results:
+        if r.error and why not in r.error:
+            r.error = f"{why} — {r.error}"
+            for step in r.steps:
+                if step.outcome == "error" and why not in step.detail:
+                    step.detail = f"{why} — {step.detail}"
 
 
 def serial_detail(session: PlaceSession) -> str:
