@@ -221,3 +221,41 @@ def test_exporter_or_serial_port_gone_mid_run(tmp_path, lab, what):
         with LabClient(lab1.address) as c:
             assert c.place(place).state == "free"
         assert not outlet_on(lab1, 0)
+
+
+def test_deploy_on_a_place_then_released(lab, tmp_path):
+    place = lab.boards[1].place
+    r = edgevirt("deploy", "--place", place, "--coordinator", lab.address,
+                 "--build-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["place"] == place and res["state"] == "shell" and res["strategy"] == "direct"
+    assert "EDGEVIRT-AGENT-READY" in (tmp_path / "console.log").read_text()
+    assert_all_free_and_off(lab)
+
+
+def test_interactive_console_on_a_place(lab, tmp_path):
+    place = lab.boards[0].place
+    log = tmp_path / "console.log"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "edgevirt", "console", "--place", place, "--power-on",
+         "--coordinator", lab.address, "--log", str(log)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+
+    def wait_log(text):
+        deadline = time.monotonic() + 60
+        while not (log.exists() and text in log.read_text()):
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
+            time.sleep(0.2)
+
+    wait_log("EDGEVIRT-AGENT-READY")
+    p.stdin.write(b"echo lab-$((40 + 2))\n")
+    p.stdin.flush()
+    wait_log("lab-42")
+    p.stdin.write(b"\x1d")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert b"lab-42" in out
+    assert_all_free_and_off(lab)

@@ -5,6 +5,7 @@ labgrid is an optional extra: nothing here imports it until a lab command runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -61,6 +62,22 @@ def run_lab_test(  # type: ignore[no-untyped-def]
             )
         title = f"{place} @ {client.address}"
     return title, runs
+
+
+@contextlib.contextmanager
+def lab_target(  # type: ignore[no-untyped-def]
+    place: str, coordinator: str | None, wait: float, board: str | None, opts, reporter
+):
+    """`deploy/console --place`: (PlaceSession, Target) held for the with-block."""
+    from edgevirt.lab import coordinator_address
+    from edgevirt.lab.client import LabClient
+    from edgevirt.lab.run import place_target
+
+    with LabClient(coordinator_address(coordinator)) as client:
+        with place_target(
+            client, place, opts, board=board, wait=wait, reporter=reporter
+        ) as held:
+            yield held
 
 
 @click.group()

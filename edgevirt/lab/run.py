@@ -101,6 +101,27 @@ def hold_places(
         yield sessions
 
 
+@contextlib.contextmanager
+def place_target(
+    client: LabClient,
+    pattern: str,
+    opts: DeployOptions,
+    *,
+    board: str | None = None,
+    wait: float = 0.0,
+    reporter: Reporter | None = None,
+) -> Iterator[tuple[PlaceSession, Target]]:
+    """One held place as a :class:`Target` (deploy, console); powered off and released
+    on leaving."""
+    with hold_places(client, pattern, 1, wait=wait, reporter=reporter) as [session]:
+        acq = session.acquired
+        assert acq is not None and session.power is not None
+        o = replace(opts, power=session.power, console_url=acq.console_url,
+                    label=f"place {session.name}")
+        with Target(place_board(session, board), o, reporter) as target:
+            yield session, target
+
+
 def run_on_places(
     client: LabClient,
     sessions: list[PlaceSession],
