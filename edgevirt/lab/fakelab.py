@@ -190,3 +190,35 @@ class FakeLab:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def main() -> int:
+    """``python -m edgevirt.lab.fakelab [--boards N] [--dir D]``: run a lab until Ctrl-C."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m edgevirt.lab.fakelab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boards", type=int, default=1)
+    ap.add_argument("--board", default="qemu-virt")
+    ap.add_argument("--dir", type=Path, default=None, help="work dir [default: a temp dir]")
+    args = ap.parse_args()
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="edgevirt-lab-"))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with FakeLab(workdir, boards=args.boards, board=args.board) as lab:
+            print(f"coordinator {lab.address}  (export LG_COORDINATOR={lab.address})")
+            for b in lab.boards:
+                print(f"place {b.place}: {b.device} ↔ {b.uart}, outlet {b.outlet}")
+            print(f"logs in {workdir}; Ctrl-C stops the lab", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    except (LabError, SetupError) as e:
+        print(f"fakelab: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
