@@ -174,6 +174,24 @@ def test_interrupted_run_releases_and_powers_off(lab, tmp_path, sig):
     assert_all_free_and_off(lab)
 
 
+def test_interrupted_parallel_run_releases_every_place(lab, tmp_path):
+    suite = tmp_path / "sleepy.yaml"
+    suite.write_text(SLEEPY)
+    p = run_bg("test", str(suite), "--place", f"lab={lab.tag}", "--parallel", "2",
+               "--coordinator", lab.address, "--build-dir", str(tmp_path))
+    logs = [tmp_path / b.place / "console.log" for b in lab.boards]
+    deadline = time.monotonic() + 60
+    while not all(log.exists() and "sleep 30" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert time.monotonic() - t0 < 15  # not the 30 s the boards were busy for
+    assert_all_free_and_off(lab)
+
+
 def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
     suite = tmp_path / "bad.yaml"
     suite.write_text(

@@ -156,6 +156,11 @@ def test(
         if place is not None:
             from edgevirt.cli.lab import run_lab_test
 
+            if ser2net:
+                raise click.UsageError(
+                    "--ser2net is for local QEMU boards: a place's console already comes "
+                    "through its exporter's ser2net"
+                )
             explicit = ctx.get_parameter_source("board") is not click.core.ParameterSource.DEFAULT
             build = build_dir or Path("out") / "lab-test"
             opts = deploy_options(build, image, load, boot_timeout, transport)

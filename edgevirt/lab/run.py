@@ -84,20 +84,18 @@ def hold_places(
                 sessions.append(stack.enter_context(PlaceSession(client, name)))
         else:
             tags = parse_filter(pattern)
-            for i in range(count):
-                if tags is None and count == 1 and len(matching) == 1:
-                    filt = {"name": matching[0].name}
-                elif tags is None:
-                    raise ConfigError(
-                        f"--wait with --parallel needs tags (e.g. board=NAME), not {pattern!r}"
-                    )
-                else:
-                    filt = tags
-                reporter.step(f"lab: waiting up to {wait:.0f}s for a place matching {filt}")
-                token, name = client.reserve(filt, wait)
+            if tags is None and len(matching) == 1:
+                tags = {"name": matching[0].name}  # labgrid's scheduler matches names too
+            if tags is None:
+                raise ConfigError(
+                    f"--wait needs one place or tags (e.g. board=NAME), not {pattern!r}, "
+                    "which names several places: reservations select places by tags"
+                )
+            for _ in range(count):
+                reporter.step(f"lab: waiting up to {wait:.0f}s for a place matching {tags}")
+                token, name = client.reserve(tags, wait)
                 reporter.step(f"lab: acquire place {name} (reservation {token})")
                 sessions.append(stack.enter_context(PlaceSession(client, name, token=token)))
-                del i
         yield sessions
 
 
