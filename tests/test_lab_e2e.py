@@ -192,6 +192,33 @@ def test_interrupted_parallel_run_releases_every_place(lab, tmp_path):
     assert_all_free_and_off(lab)
 
 
+def test_place_taken_away_mid_run_is_named_and_left_to_its_new_owner(lab, tmp_path):
+    suite = tmp_path / "sleepy.yaml"
+    suite.write_text(SLEEPY)
+    place = lab.boards[1].place
+    p = run_bg("test", str(suite), "--place", place, "--coordinator", lab.address,
+               "--build-dir", str(tmp_path), "--json")
+    deadline = time.monotonic() + 60
+    while "sleep 30" not in ((tmp_path / "console.log").read_text()
+                             if (tmp_path / "console.log").exists() else ""):
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
+        time.sleep(0.2)
+    try:
+        assert lg(lab, "-p", place, "release", "--kick").returncode == 0
+        assert lg(lab, "-p", place, "acquire").returncode == 0
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 1, err[-2000:]
+        [target] = json.loads(out)["targets"]
+        msg = target["error"] or target["suites"][0]["error"]
+        assert f"place '{place}' was taken away from us (now " in msg, msg
+        with LabClient(lab.address) as c:  # alice keeps it: we did not release hers
+            assert c.place(place).acquired.endswith("/alice")
+    finally:
+        lg(lab, "-p", place, "release")
+    assert not outlet_on(lab, 1)  # our power-off still went through the PDU
+    assert_all_free_and_off(lab)
+
+
 def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
     suite = tmp_path / "bad.yaml"
     suite.write_text(

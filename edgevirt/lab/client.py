@@ -304,15 +304,19 @@ class LabClient:
         self.sync()
 
     def release(self, name: str) -> None:
-        """Release ``name`` if we hold it; quiet when it is already free."""
+        """Release ``name`` if we hold it; quiet when it is free or someone else's now."""
         if not self.connected:
             raise LabError(
                 f"cannot release place {name!r}: lost the connection to coordinator "
                 f"{self.address}",
                 hint=f"labgrid-client -x {self.address} -p {name} release",
             )
+        self.sync()
         p = self._session.places.get(name)
         if p is None or not p.acquired:
+            return
+        if p.acquired != self.user:  # taken from us (release --kick): never release theirs
+            log.warning("place %s is now acquired by %s: not releasing it", name, p.acquired)
             return
         pb2 = self._mod.labgrid_coordinator_pb2
         try:
