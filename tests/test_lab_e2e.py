@@ -305,3 +305,34 @@ def test_interactive_console_on_a_place(lab, tmp_path):
     assert p.returncode == 0, err.decode()[-2000:]
     assert b"lab-42" in out
     assert_all_free_and_off(lab)
+
+
+def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path):
+    """A U-Boot board behind the lab: autoboot stopped over the exporter's RFC2217 port,
+    the images staged into the lab's TFTP directory ([tftp] dir, what QEMU's user network
+    serves for outlet 0), loaded by U-Boot, then the suites."""
+    labdir = tmp_path / "lab"
+    tftp = labdir / "pdu" / "outlet-0" / "tftp"
+    board = tmp_path / "lab-uboot.toml"
+    text = (ROOT / "boards" / "qemu-virt-uboot.toml").read_text()
+    board.write_text(text.replace('server = "qemu"', f'server = "qemu"\ndir = "{tftp}"', 1))
+    with FakeLab(labdir, boards=1, board=str(board)) as lab1:
+        image = labdir / "pdu" / "outlet-0"  # Image, initramfs and the DTB of that machine
+        for f in tftp.iterdir():  # only what edgevirt stages may be there
+            f.unlink()
+        place = lab1.boards[0].place
+        r = edgevirt("test", "smoke", "boot", "--place", place, "--board", str(board),
+                     "--image", str(image), "--coordinator", lab1.address,
+                     "--build-dir", str(tmp_path / "out"), "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        [target] = json.loads(r.stdout)["targets"]
+        steps = [s for suite in target["suites"] for s in suite["steps"]]
+        assert len(steps) == 7 and all(s["ok"] for s in steps)
+        log = (tmp_path / "out" / "console.log").read_text()
+        assert "Hit any key to stop autoboot" in log and "booti 0x60400000 0x64000000:" in log
+        assert sorted(f.name for f in tftp.iterdir()) == ["Image", "guest.dtb",
+                                                         "initramfs.cpio.gz"]
+        with LabClient(lab1.address) as c:
+            assert c.place(place).state == "free"
+        assert not outlet_on(lab1, 0)
+        print(f"u-boot place: boot {target['boot_seconds']:.1f}s")

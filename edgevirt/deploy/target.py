@@ -88,6 +88,25 @@ def _uboot_settings(board: Board) -> UBootSettings:
     )
 
 
+def qemu_firmware(board: Board) -> tuple[Path | None, int]:
+    """A QEMU board's firmware (U-Boot when it has a [bootloader]) and the RAM node it
+    runs in: ([power] firmware, [power] firmware_ram in bytes)."""
+    pw = board.raw.get("power", {})
+    w = board.where("power")
+    uboot = "bootloader" in board.raw
+    firmware = None
+    if uboot:
+        firmware = Path(get_key(pw, "firmware", str, w, str(DEFAULT_FIRMWARE)))
+        if not firmware.is_file():
+            from edgevirt.errors import SetupError
+
+            raise SetupError(
+                f"U-Boot firmware {firmware} not found", hint="apt-get install u-boot-qemu"
+            )
+    fw_ram = get_key(pw, "firmware_ram", (str, int), w, "128M" if uboot else 0)
+    return firmware, parse_size(fw_ram, f"{w}.firmware_ram") if fw_ram else 0
+
+
 class Target:
     """Use as a context manager: leaving it powers off and stops all it started."""
 
@@ -115,23 +134,12 @@ class Target:
                 raise ConfigError(f"{board.name}: external power needs a console URL too")
             power = opts.power
         elif board.is_qemu:
-            pw = self.raw.get("power", {})
-            w = board.where("power")
-            firmware = None
-            if self.uboot:
-                firmware = Path(get_key(pw, "firmware", str, w, str(DEFAULT_FIRMWARE)))
-                if not firmware.is_file():
-                    from edgevirt.errors import SetupError
-
-                    raise SetupError(
-                        f"U-Boot firmware {firmware} not found", hint="apt-get install u-boot-qemu"
-                    )
-            fw_ram = get_key(pw, "firmware_ram", (str, int), w, "128M" if self.uboot else 0)
+            firmware, firmware_ram = qemu_firmware(board)
             self.machine = QemuMachine(
                 board,
                 self.build,
                 firmware=firmware,
-                firmware_ram=parse_size(fw_ram, f"{w}.firmware_ram") if fw_ram else 0,
+                firmware_ram=firmware_ram,
                 tftp=self.uboot and self.tftp.get("server") == "qemu",
                 ser2net=opts.ser2net,
                 transport=opts.transport,
@@ -293,7 +301,11 @@ class Target:
         if self.board.is_qemu:
             q = self.board.qemu
             # A QEMU board powered from outside runs the default devices (machine.DEVICES).
-            nodes = self.images.nodes if self.images else mmio_nodes(len(DEVICES))
+            nodes = (
+                self.images.nodes
+                if self.images and self.images.nodes
+                else mmio_nodes(len(DEVICES))
+            )
             v |= smoke_vars(q.carveout_base, q.carveout, nodes)
         return v
 

@@ -27,6 +27,7 @@ from types import TracebackType
 
 import yaml
 
+from edgevirt.board import load_board
 from edgevirt.console.ser2net import free_port
 from edgevirt.errors import SetupError
 from edgevirt.lab import LabError
@@ -64,7 +65,8 @@ class FakeLab:
     ) -> None:
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.board = board
+        self.board = board  # a profile name or file
+        self.board_name = load_board(board).name
         self.image_dir = image_dir
         self.tag = f"{prefix}{secrets.token_hex(3)}"
         self.exporter_name = f"lab-{self.tag}"
@@ -173,7 +175,7 @@ class FakeLab:
                    60, "exporter")
         for b in self.boards:
             for args in (["create"], ["add-match", f"{self.exporter_name}/{b.group}/*"],
-                         ["set-tags", f"board={self.board}", f"lab={self.tag}"]):
+                         ["set-tags", f"board={self.board_name}", f"lab={self.tag}"]):
                 r = subprocess.run([client, "-x", self.address, "-p", b.place, *args],
                                    capture_output=True, text=True, env=self.env, timeout=60)
                 if r.returncode:

@@ -3,7 +3,8 @@
 It speaks the protocol of labgrid's ``simplerest`` power model (``NetworkPowerPort``):
 ``GET /outlet/<index>/<1|0>`` switches an outlet, ``GET /outlet/<index>`` answers ``1`` or
 ``0``. Switching an outlet on starts a QEMU board (edgevirt's guest and back-end, as
-``edgevirt test`` would) whose UART is a serial device, typically one end of a
+``edgevirt test`` would; U-Boot first for a board with a ``[bootloader]``, loading from
+the outlet's ``tftp/`` directory) whose UART is a serial device, typically one end of a
 ``socat`` pty pair whose other end, under ``/dev``, a labgrid exporter publishes as a
 ``RawSerialPort``; switching it off stops QEMU, as pulling the plug would. The images are
 prepared once at start-up (what is "flashed" on the boards).
@@ -29,6 +30,7 @@ from types import FrameType
 
 from edgevirt.board import Board
 from edgevirt.deploy.machine import QemuMachine
+from edgevirt.deploy.target import qemu_firmware
 from edgevirt.errors import ConfigError, EdgevirtError
 from edgevirt.report import Reporter
 
@@ -74,15 +76,22 @@ class FakePdu:
     ) -> None:
         if not board.is_qemu:
             raise ConfigError(f"the fake PDU powers QEMU boards; {board.name} is a real board")
-        if "bootloader" in board.raw:
-            raise ConfigError(
-                f"{board.name}: the fake PDU boots QEMU boards directly (no [bootloader])"
-            )
+        firmware, firmware_ram = qemu_firmware(board)
+        #: U-Boot boards load over TFTP from QEMU's user network: this outlet's directory
+        #: (what the board profile's [tftp] dir must name for a client to stage images).
+        tftp = "bootloader" in board.raw and board.raw.get("tftp", {}).get("server") == "qemu"
         self.outlets: dict[int, Outlet] = {}
         reporter = reporter or Reporter()
         try:
             for index, device in sorted(consoles.items()):
-                m = QemuMachine(board, build / f"outlet-{index}", console_device=device)
+                m = QemuMachine(
+                    board,
+                    build / f"outlet-{index}",
+                    firmware=firmware,
+                    firmware_ram=firmware_ram,
+                    tftp=tftp,
+                    console_device=device,
+                )
                 self.outlets[index] = Outlet(index, m)
                 m.prepare(reporter, image_dir=image_dir)
                 if image_dir is None:  # built once; the other outlets boot the same images
