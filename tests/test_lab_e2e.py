@@ -127,7 +127,9 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
         # --wait: queue with a reservation; alice releases after 3 s; we get it.
         threading.Timer(3, lambda: lg(lab, "-p", place, "release")).start()
         t0 = time.monotonic()
-        r = edgevirt("test", "smoke", "--place", place, "--wait", "60",
+        quick = tmp_path / "quick.yaml"
+        quick.write_text("name: quick\nsteps:\n  - {name: uname, run: uname -r, match: '^6'}\n")
+        r = edgevirt("test", str(quick), "--place", place, "--wait", "60",
                      "--coordinator", lab.address, "--build-dir", str(tmp_path))
         assert r.returncode == 0, r.stderr[-3000:]
         assert time.monotonic() - t0 > 3
@@ -225,7 +227,7 @@ def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
     suite.write_text(
         "name: bad\nsteps:\n"
         "  - {name: fails, run: 'false'}\n"
-        "  - {name: too slow, run: sleep 20, timeout: 2}\n"
+        "  - {name: too slow, run: sleep 20, timeout: 1}\n"
     )
     r = edgevirt("test", str(suite), "--place", lab.boards[0].place,
                  "--coordinator", lab.address, "--build-dir", str(tmp_path), "--json")
@@ -235,11 +237,12 @@ def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
     assert_all_free_and_off(lab)
 
 
-@pytest.mark.parametrize("what", ["exporter", "serial"])
-def test_exporter_or_serial_port_gone_mid_run(tmp_path, lab, what):
+@pytest.mark.parametrize("what", ["exporter", "serial", "coordinator"])
+def test_exporter_serial_port_or_coordinator_gone_mid_run(tmp_path, lab, what):
     """A lab of its own (this breaks it): the failure names the place and the resource,
-    the place is released, the board powered off (the PDU is reachable without the
-    exporter: labgrid's driver runs here)."""
+    the place is released (or, with the coordinator gone, the command says it could not
+    and how to), the board powered off (the PDU is reachable without the exporter:
+    labgrid's driver runs here)."""
     image = lab.workdir / "pdu" / "outlet-0"
     suite = tmp_path / "sleepy.yaml"
     suite.write_text(SLEEPY)
@@ -252,11 +255,19 @@ def test_exporter_or_serial_port_gone_mid_run(tmp_path, lab, what):
         while not (log.exists() and "sleep 30" in log.read_text()):
             assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
             time.sleep(0.2)
-        lab1.stop("exporter" if what == "exporter" else "socat-0")
+        lab1.stop({"exporter": "exporter", "serial": "socat-0"}.get(what, what))
         out, err = p.communicate(timeout=90)
         assert p.returncode == 1, err[-3000:]
         assert out.strip(), err[-3000:]
         [target] = json.loads(out)["targets"]
+        assert not outlet_on(lab1, 0)
+        if what == "coordinator":
+            step = target["suites"][0]["steps"][1]
+            assert step["outcome"] == "error"
+            assert f"place '{place}': lost the connection to coordinator" in step["detail"]
+            assert f"cannot release place '{place}'" in target["error"]
+            assert f"labgrid-client -x {lab1.address} -p {place} release" in target["error"]
+            return
         broken = [s for s in target["suites"][0]["steps"] if s["outcome"] == "error"]
         msg = target["error"] or target["suites"][0]["error"]
         assert broken and msg.split(" — ")[0] in broken[0]["detail"]
@@ -307,7 +318,7 @@ def test_interactive_console_on_a_place(lab, tmp_path):
     assert_all_free_and_off(lab)
 
 
-def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path):
+def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path, lab):
     """A U-Boot board behind the lab: autoboot stopped over the exporter's RFC2217 port,
     the images staged into the lab's TFTP directory ([tftp] dir, what QEMU's user network
     serves for outlet 0), loaded by U-Boot, then the suites."""
@@ -316,18 +327,23 @@ def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path):
     board = tmp_path / "lab-uboot.toml"
     text = (ROOT / "boards" / "qemu-virt-uboot.toml").read_text()
     board.write_text(text.replace('server = "qemu"', f'server = "qemu"\ndir = "{tftp}"', 1))
-    with FakeLab(labdir, boards=1, board=str(board)) as lab1:
-        image = labdir / "pdu" / "outlet-0"  # Image, initramfs and the DTB of that machine
+    built = lab.workdir / "pdu" / "outlet-0"  # kernel and initramfs the other lab built
+    with FakeLab(labdir, boards=1, board=str(board), image_dir=built) as lab1:
+        image = tmp_path / "image"  # what a user brings: kernel, initramfs, that machine's DTB
+        image.mkdir()
+        for f in (built / "Image", built / "initramfs.cpio.gz",
+                  labdir / "pdu" / "outlet-0" / "guest.dtb"):
+            (image / f.name).symlink_to(f)
         for f in tftp.iterdir():  # only what edgevirt stages may be there
             f.unlink()
         place = lab1.boards[0].place
-        r = edgevirt("test", "smoke", "boot", "--place", place, "--board", str(board),
+        r = edgevirt("test", "smoke", "--place", place, "--board", str(board),
                      "--image", str(image), "--coordinator", lab1.address,
                      "--build-dir", str(tmp_path / "out"), "--json")
         assert r.returncode == 0, r.stderr[-3000:]
         [target] = json.loads(r.stdout)["targets"]
         steps = [s for suite in target["suites"] for s in suite["steps"]]
-        assert len(steps) == 7 and all(s["ok"] for s in steps)
+        assert len(steps) == 4 and all(s["ok"] for s in steps)
         log = (tmp_path / "out" / "console.log").read_text()
         assert "Hit any key to stop autoboot" in log and "booti 0x60400000 0x64000000:" in log
         assert sorted(f.name for f in tftp.iterdir()) == ["Image", "guest.dtb",

@@ -51,17 +51,27 @@ def run_lab_test(  # type: ignore[no-untyped-def]
     on_step,
 ):
     """`edgevirt test --place`: hold the places, run, release; (title, runs)."""
-    from edgevirt.lab import coordinator_address
+    from edgevirt.lab import LabError, coordinator_address
     from edgevirt.lab.client import LabClient
     from edgevirt.lab.run import hold_places, run_on_places
 
-    with LabClient(coordinator_address(coordinator)) as client:
-        with hold_places(client, place, parallel, wait=wait, reporter=reporter) as sessions:
-            runs = run_on_places(
-                client, sessions, suites, opts, board=board, reporter=reporter, on_step=on_step
-            )
-        title = f"{place} @ {client.address}"
-    return title, runs
+    address = coordinator_address(coordinator)
+    runs = None
+    try:
+        with LabClient(address) as client:
+            with hold_places(client, place, parallel, wait=wait, reporter=reporter) as sessions:
+                runs = run_on_places(
+                    client, sessions, suites, opts, board=board, reporter=reporter,
+                    on_step=on_step,
+                )
+    except LabError as e:
+        if runs is None:
+            raise
+        # The suites ran but a place could not be released: report both.
+        why = str(e) + (f" (hint: {e.hint})" if e.hint else "")
+        for run in runs:
+            run.error = f"{run.error}; {why}" if run.error else why
+    return f"{place} @ {address}", runs
 
 
 @contextlib.contextmanager

@@ -275,7 +275,11 @@ class PlaceSession:
                 self.client.cancel_reservation(self.token)
                 self.token = None
             if errors and self._held:
-                raise LabError("; ".join(errors))
+                raise LabError(
+                    "; ".join(errors),
+                    hint=f"labgrid-client -x {self.client.address} -p {self.name} release "
+                    "(when the coordinator is back)",
+                )
             for text in errors:
                 log.warning("%s", text)
 
