@@ -169,3 +169,56 @@ def test_no_coordinator_is_a_usage_error(monkeypatch):
     )
     assert r.returncode == 4
     assert "--coordinator" in r.stderr
+
+
+class _Machine:
+    """Stands in for QemuMachine: the HTTP layer only needs on/off and the QEMU's liveness."""
+
+    def __init__(self):
+        self.qemu = None
+        self.calls = []
+
+    def on(self):
+        self.calls.append("on")
+        self.qemu = type("Q", (), {"alive": lambda self: True})()
+
+    def off(self):
+        self.calls.append("off")
+        self.qemu = None
+
+
+def test_fake_pdu_speaks_labgrids_simplerest_protocol():
+    """labgrid's own simplerest backend switches the fake PDU's outlets; bad paths and
+    unknown outlets get 404 with what was expected."""
+    pytest.importorskip("labgrid", reason="labgrid extra not installed")
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from labgrid.driver.power import simplerest
+
+    from edgevirt.lab.fakepdu import FakePdu, Outlet
+
+    pdu = object.__new__(FakePdu)
+    machines = {0: _Machine(), 3: _Machine()}
+    pdu.outlets = {i: Outlet(i, m) for i, m in machines.items()}
+    server = pdu.serve(0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/outlet/{{index}}/{{value}}"
+        assert simplerest.power_get(url, None, 3) is False
+        simplerest.power_set(url, None, 3, True)
+        assert simplerest.power_get(url, None, 3) is True
+        assert simplerest.power_get(url, None, 0) is False
+        simplerest.power_set(url, None, 3, True)  # already on: QEMU is not restarted
+        simplerest.power_set(url, None, 3, False)
+        assert machines[3].calls == ["on", "off"] and machines[0].calls == []
+        base = url.split("/outlet/")[0]
+        for path, want in (("/outlet/7/1", "no outlet 7 (have [0, 3])"),
+                           ("/relay/0/1", "expected /outlet/<index>[/<0|1>]")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + path)
+            assert e.value.code == 404 and want in e.value.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -132,6 +132,11 @@ class Target:
         if opts.power is not None:
             if not opts.console_url:
                 raise ConfigError(f"{board.name}: external power needs a console URL too")
+            if opts.transport != "vhost-user" or opts.spec is not None:
+                raise ConfigError(
+                    f"{board.name}: --transport and specs shape the QEMU machines edgevirt "
+                    "starts itself; a board powered from outside runs what it was set up with"
+                )
             power = opts.power
         elif board.is_qemu:
             firmware, firmware_ram = qemu_firmware(board)
