@@ -352,3 +352,23 @@ def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path, lab):
             assert c.place(place).state == "free"
         assert not outlet_on(lab1, 0)
         print(f"u-boot place: boot {target['boot_seconds']:.1f}s")
+
+
+def test_pytest_plugin_on_a_place(lab, tmp_path):
+    """Device tests in pytest on a place: fixtures from the plugin, place held for the
+    session and released after it."""
+    (tmp_path / "test_device.py").write_text(
+        "def test_kernel(edgevirt_console):\n"
+        "    res = edgevirt_console.run('uname -r')\n"
+        "    assert res.status == 0 and res.output.startswith('6.')\n"
+    )
+    place = lab.boards[0].place
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(tmp_path / "test_device.py"), "--edgevirt-place", place,
+         "--edgevirt-coordinator", lab.address, "--edgevirt-build-dir", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "1 passed" in r.stdout
+    assert_all_free_and_off(lab)
