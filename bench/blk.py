@@ -68,67 +68,110 @@ Q = struct.Struct("<Q")
 I32 = struct.Struct("<I")
 
 
-def drive(sock: str, qd: int, block: int, sequential: bool, total: int) -> dict:
-    """Keep ``qd`` reads in flight; return IOPS, MB/s and latency percentiles.
+class _Ring:
+    """One queue of the synthetic driver: slot k owns descriptors 3k..3k+2."""
 
-    The front-end is kept cheap so the back-end dominates: slot k owns descriptors
-    3k..3k+2 (header, data, status), written once; per request only the header's sector and
-    one avail ring entry are stored, straight into the shared mapping.
-    """
-    fe = VhostUserFrontend(sock, size=64 << 20, timeout=10)
-    try:
-        fe.negotiate()
-        fe.set_mem_table()
-        vr = fe.setup_vring(0, QSIZE)
+    def __init__(self, fe: VhostUserFrontend, index: int, base: int, qd: int, block: int,
+                 write: bool, qsize: int) -> None:  # fmt: skip
+        vr = fe.setup_vring(index, qsize, base=base)
         drv = vr.driver
-        region = drv.mem.regions[0]
-        buf, base, mask = region.buf, region.gpa, QSIZE - 1
-        avail, used = drv.avail - base, drv.used - base
-        sector_at = []
+        gpa0 = drv.mem.regions[0].gpa
+        self.avail, self.used = drv.avail - gpa0, drv.used - gpa0
+        self.kick, self.call, self.mask = vr.kick, vr.call, qsize - 1
+        self.sector_at: list[int] = []
+        self.status_at: list[int] = []
         for k in range(qd):
             hdr, data, status = drv.alloc(16), drv.alloc(block, align=4096), drv.alloc(1)
             drv.write_desc(3 * k, hdr, 16, NEXT, 3 * k + 1)
-            drv.write_desc(3 * k + 1, data, block, NEXT | WRITE, 3 * k + 2)
+            drv.write_desc(3 * k + 1, data, block, NEXT | (0 if write else WRITE), 3 * k + 2)
             drv.write_desc(3 * k + 2, status, 1, WRITE, 0)
-            drv.write(hdr, b.REQ_HEADER.pack(b.T_IN, 0, 0))
-            sector_at.append(hdr - base + 8)
+            drv.write(hdr, b.REQ_HEADER.pack(b.T_OUT if write else b.T_IN, 0, 0))
+            if write:
+                drv.write(data, os.urandom(block))
+            self.sector_at.append(hdr - gpa0 + 8)
+            self.status_at.append(status - gpa0)
+        self.free = list(range(qd))
+        self.started = [0.0] * qd
+        self.avail_idx = self.used_seen = 0
+
+
+def drive(
+    sock: str,
+    qd: int,
+    block: int,
+    sequential: bool,
+    total: int,
+    *,
+    write: bool = False,
+    qsize: int = QSIZE,
+    disk: int = DISK,
+    queues: int = 1,
+) -> dict:
+    """Keep ``qd`` reads (or writes) in flight on each of ``queues`` queues; return IOPS,
+    MB/s and latency percentiles.
+
+    The front-end is kept cheap so the back-end dominates: slot k owns descriptors
+    3k..3k+2 (header, data, status), written once; per request only the header's sector and
+    one avail ring entry are stored, straight into the shared mapping. Every status byte is
+    checked.
+    """
+    if 3 * qd > qsize:
+        raise ValueError(f"QD{qd} needs {3 * qd} descriptors, the ring has {qsize}")
+    size = max(64 << 20, queues * (2 * qd * block + (8 << 20)))
+    fe = VhostUserFrontend(sock, size=size, timeout=10)
+    try:
+        fe.negotiate()
+        fe.set_mem_table()
+        region = fe.mem.regions[0]
+        buf = region.buf
+        rings = [_Ring(fe, i, region.gpa + i * (size // queues), qd, block, write, qsize)
+                 for i in range(queues)]  # fmt: skip
+        by_call = {r.call: r for r in rings}
         rnd = random.Random(1)
-        sectors = DISK // 512 - block // 512
-        pos = avail_idx = used_seen = issued = 0
-        free = list(range(qd))
-        started = [0.0] * qd
+        sectors = disk // 512 - block // 512
+        pos = issued = 0
         lat: list[float] = []
-        kick, call = vr.kick, vr.call
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         while len(lat) < total:
-            while free and issued < total:
-                k = free.pop()
-                if sequential:
-                    sector, pos = pos, (pos + block // 512) % sectors
-                else:
-                    sector = rnd.randrange(0, sectors // 8) * 8
-                Q.pack_into(buf, sector_at[k], sector)
-                H.pack_into(buf, avail + 4 + 2 * (avail_idx & mask), 3 * k)
-                avail_idx = (avail_idx + 1) & 0xFFFF
-                started[k] = time.perf_counter()
-                issued += 1
-            H.pack_into(buf, avail + 2, avail_idx)  # x86: stores are not reordered
-            os.eventfd_write(kick, 1)
-            if not select.select([call], [], [], 10)[0]:
+            for r in rings:
+                if not r.free or issued >= total:
+                    continue
+                while r.free and issued < total:
+                    k = r.free.pop()
+                    if sequential:
+                        sector, pos = pos, (pos + block // 512) % sectors
+                    else:
+                        sector = rnd.randrange(0, sectors // 8) * 8
+                    Q.pack_into(buf, r.sector_at[k], sector)
+                    H.pack_into(buf, r.avail + 4 + 2 * (r.avail_idx & r.mask), 3 * k)
+                    r.avail_idx = (r.avail_idx + 1) & 0xFFFF
+                    r.started[k] = time.perf_counter()
+                    issued += 1
+                H.pack_into(buf, r.avail + 2, r.avail_idx)  # x86: stores are not reordered
+                os.eventfd_write(r.kick, 1)
+            ready = select.select(list(by_call), [], [], 10)[0]
+            if not ready:
                 raise RuntimeError("back-end did not signal a used buffer within 10 s")
-            os.eventfd_read(call)
             now = time.perf_counter()
-            used_idx = H.unpack_from(buf, used + 2)[0]
-            while used_seen != used_idx:
-                k = I32.unpack_from(buf, used + 4 + 8 * (used_seen & mask))[0] // 3
-                lat.append(now - started[k])
-                free.append(k)
-                used_seen = (used_seen + 1) & 0xFFFF
+            for fd in ready:
+                r = by_call[fd]
+                os.eventfd_read(fd)
+                used_idx = H.unpack_from(buf, r.used + 2)[0]
+                while r.used_seen != used_idx:
+                    k = I32.unpack_from(buf, r.used + 4 + 8 * (r.used_seen & r.mask))[0] // 3
+                    if buf[r.status_at[k]] != b.S_OK:
+                        raise RuntimeError(f"request of slot {k} failed: status "
+                                           f"{buf[r.status_at[k]]}")  # fmt: skip
+                    lat.append(now - r.started[k])
+                    r.free.append(k)
+                    r.used_seen = (r.used_seen + 1) & 0xFFFF
         elapsed = time.perf_counter() - t0
+        fe_cpu = (time.process_time() - c0) / elapsed
     finally:
         fe.close()
     lat.sort()
     return {
+        "fe cpu": fe_cpu,  # share of one core the front-end itself used: near 1 = its limit
         "iops": total / elapsed,
         "MB/s": total * block / elapsed / 1e6,
         "p50 us": lat[len(lat) // 2] * 1e6,

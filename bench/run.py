@@ -5,7 +5,8 @@ run (qemu-storage-daemon for blk, the pure-Python ring for the C ring).
 the cached kernel); ``--guest-msg`` the in-guest benchmark with the virtio-msg transport
 side by side with vhost-user and qemu-storage-daemon (bench/msg.py; also builds the guest
 module); ``--guest-keep DIR`` keeps either one's logs in DIR, ``--repeat N`` sets the
-repetitions per disk (default 9)."""
+repetitions per disk (default 9). ``--storage`` runs only the O_DIRECT comparison
+(bench/storage.py: edgevirt cache=none against qemu-storage-daemon cache.direct=on)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import blk, guest, msg, ring  # noqa: E402
+from bench import blk, guest, msg, ring, storage  # noqa: E402
 
 
 def table(rows: list[dict]) -> str:
@@ -33,9 +34,18 @@ def main() -> None:
     if "--guest" in sys.argv or keep:
         print(table(guest.run(Path(keep) if keep else None)))
         return
+    if "--storage" in sys.argv:
+        print(table(storage.run()))
+        print()
+        print(table(storage.measure_mq()))
+        return
     print(table(ring.run()))
     print()
     print(table(blk.run()))
+    print()
+    print(table(storage.run()))
+    print()
+    print(table(storage.measure_mq()))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,16 @@ Schema (keys not listed are refused, so a typo is an error, not a silent default
     [[ram]]      base size                        (default: the DTB's memory nodes)
     [console]    uart kernel url baudrate
     [bootloader] kind="u-boot" prompt kernel_addr_r ramdisk_addr_r fdt_addr_r fit_addr_r
-                 kernel_size ramdisk_size fdt_size fit_size  (extent kept free at each)
+                 kernel_comp_addr_r (compressed loads, decompressed from there)
+                 kernel_size ramdisk_size fdt_size fit_size kernel_comp_size  (extent kept free)
+    [boot]       chain = "direct" | "u-boot" | "fastboot" | "uefi"   (see BOOT_CHAINS)
+                 stages = ["BootROM", "TF-A BL2", …]   (the board's real chain, for people)
+
+``[boot] chain`` says how the board really boots; without it, a ``[bootloader]`` means
+``u-boot``, a QEMU board without one ``direct``, and a real board none at all (a profile
+for device-tree work, which deploy refuses). A chain must match the sections it
+needs (``u-boot`` a ``[bootloader]``, ``fastboot`` a ``[fastboot]``), so a profile cannot
+claim one chain and describe another.
 """
 
 from __future__ import annotations
@@ -34,13 +43,20 @@ _SIZE = re.compile(r"(\d+)\s*([KMG]?)i?B?", re.I)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 #: Sections this module parses; others are the business of the layer that owns them.
-_OWN_SECTIONS = {"qemu", "dt", "ram", "console", "bootloader"}
+_OWN_SECTIONS = {"qemu", "dt", "ram", "console", "bootloader", "boot"}
 _TOP_KEYS = {"name", "description", "soc"}
-#: Sections other layers parse from ``Board.raw`` (deploy: power control, TFTP server).
-_FOREIGN_SECTIONS = {"power", "tftp"}
+#: Sections other layers parse from ``Board.raw`` (deploy: power control, TFTP server,
+#: the fastboot device and its boot image; image: the SD card).
+_FOREIGN_SECTIONS = {"power", "tftp", "fastboot", "sdcard"}
 _DT_SOURCES = ("qemu-dumpdtb", "kernel:", "file:")
 #: Default extent kept free at each bootloader load address (overlap checks).
-_LOAD_SIZES = {"kernel": 64 << 20, "ramdisk": 64 << 20, "fdt": 1 << 20, "fit": 128 << 20}
+_LOAD_SIZES = {
+    "kernel": 64 << 20,
+    "ramdisk": 64 << 20,
+    "fdt": 1 << 20,
+    "fit": 128 << 20,
+    "kernel_comp": 32 << 20,  # compressed payloads land here before lzmadec (ymodem)
+}
 
 
 def parse_size(value: Any, where: str) -> int:
@@ -129,6 +145,27 @@ class Bootloader:
     loads: tuple[LoadAddress, ...] = ()
 
 
+#: Every boot chain a profile may name, and whether edgevirt's deploy drives it (and how).
+BOOT_CHAINS: dict[str, str | None] = {
+    "direct": "QEMU loads kernel, initramfs and DTB itself",
+    "u-boot": "U-Boot on the console: stop autoboot, load (TFTP, ymodem, SD card), boot",
+    "fastboot": "an Android bootloader (e.g. Qualcomm ABL): `fastboot boot` a boot image",
+    # Known, not driven: deploy refuses these with what to do instead (deploy/chain.py).
+    "uefi": None,
+}
+
+
+@dataclass(frozen=True)
+class BootChain:
+    chain: str
+    #: The board's real stages, first to last, as documentation (e.g. BootROM, TF-A, U-Boot).
+    stages: tuple[str, ...] = ()
+
+    @property
+    def driven(self) -> bool:
+        return BOOT_CHAINS.get(self.chain) is not None
+
+
 @dataclass(frozen=True)
 class ConsoleSettings:
     kernel: str  # the kernel's console device, e.g. ttyAMA0
@@ -152,6 +189,7 @@ class Board:
     ram: tuple[RamRange, ...] = ()
     console: ConsoleSettings | None = None
     bootloader: Bootloader | None = None
+    boot: BootChain = field(default_factory=lambda: BootChain("direct"))
 
     @property
     def is_qemu(self) -> bool:
@@ -298,7 +336,7 @@ def _console(c: dict[str, Any], where: str) -> ConsoleSettings:
 
 
 def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
-    names = ("kernel", "ramdisk", "fdt", "fit")
+    names = ("kernel", "ramdisk", "fdt", "fit", "kernel_comp")
     allowed = {"kind", "prompt"} | {f"{n}_addr_r" for n in names} | {f"{n}_size" for n in names}
     # How to stop autoboot belongs to the U-Boot driver (edgevirt.deploy.target parses it).
     allowed |= {"autoboot", "interrupt", "retries"}
@@ -327,6 +365,33 @@ def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
         fit_addr_r=addrs["fit_addr_r"],
         loads=tuple(loads),
     )
+
+
+def _boot(data: dict[str, Any], where: str, is_qemu: bool) -> BootChain:
+    b = data.get("boot", {})
+    check_keys(b, {"chain", "stages"}, where)
+    default = "u-boot" if "bootloader" in data else "direct" if is_qemu else ""
+    chain = get_key(b, "chain", str, where, default)
+    if chain == "" and "chain" not in b:
+        return BootChain("")  # a profile for device trees only: deploy refuses it
+    if chain not in BOOT_CHAINS:
+        raise ConfigError(
+            f"{where}.chain: unknown boot chain {chain!r}; expected one of "
+            + ", ".join(repr(c) for c in BOOT_CHAINS)
+        )
+    needs = {"u-boot": "bootloader", "fastboot": "fastboot"}.get(chain)
+    if needs is not None and needs not in data:
+        raise ConfigError(f"{where}.chain: {chain!r} needs a [{needs}] section in the profile")
+    if chain != "u-boot" and "bootloader" in data:
+        raise ConfigError(
+            f"{where}.chain: {chain!r}, but the profile has a [bootloader] (U-Boot) section"
+        )
+    if chain == "direct" and not is_qemu:
+        raise ConfigError(f"{where}.chain: 'direct' (QEMU -kernel) needs a [qemu] section")
+    stages = get_key(b, "stages", list, where, [])
+    if not all(isinstance(x, str) and x for x in stages):
+        raise ConfigError(f"{where}.stages: expected a list of non-empty strings, got {stages!r}")
+    return BootChain(chain, tuple(stages))
 
 
 def load_board(name_or_path: str) -> Board:
@@ -362,6 +427,7 @@ def load_board(name_or_path: str) -> Board:
         ram=_ram(data["ram"], f"{f}: [[ram]]") if "ram" in data else (),
         console=console,
         bootloader=_bootloader(b, f"{f}: [bootloader]") if b is not None else None,
+        boot=_boot(data, f"{f}: [boot]", qemu is not None),
     )
 
 

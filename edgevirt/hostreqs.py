@@ -31,6 +31,7 @@ FEATURES: dict[str, str] = {
     "qemu": "QEMU virt boards and the vhost-user back-end's peers",
     "uboot": "U-Boot boards (TFTP, FIT, ymodem) and remote serial",
     "servicevm": "the aarch64 service VM (cross-compiled C fast path)",
+    "boards": "real boards' boot chains: rpi3b on QEMU raspi3b, SD cards, fastboot",
     "tests": "the test suite's own oracles and clients",
 }
 #: What each README command needs.
@@ -88,14 +89,17 @@ def file_exists(path: str) -> Probe:
     return probe
 
 
-def c_links(compiler: str, source: str, flags: Sequence[str] = ()) -> Probe:
-    """Compile *and link* a small program: headers and the target libc must both be there."""
+def c_links(
+    compiler: str, source: str, flags: Sequence[str] = (), libs: Sequence[str] = ()
+) -> Probe:
+    """Compile *and link* a small program: headers and the target libc must both be there
+    (``libs`` go after the source, where the linker looks for them)."""
 
     def probe() -> tuple[bool, str]:
         with tempfile.TemporaryDirectory(prefix="ev-doctor-") as d:
             src = Path(d) / "t.c"
             src.write_text(source)
-            ok, text = _run([compiler, *flags, str(src), "-o", str(Path(d) / "t")])
+            ok, text = _run([compiler, *flags, str(src), "-o", str(Path(d) / "t"), *libs])
         return (True, f"{compiler} compiles and links") if ok else (False, text)
 
     return probe
@@ -104,6 +108,14 @@ def c_links(compiler: str, source: str, flags: Sequence[str] = ()) -> Probe:
 _HELLO = (
     "#include <stdio.h>\n#include <stdint.h>\n"
     'int main(void) { uint64_t x = 1; return printf("%llu", (unsigned long long)x) < 0; }\n'
+)
+
+
+# The calls the blk engine makes: a header or library without them fails here, not in setup.
+_URING = (
+    "#include <liburing.h>\n"
+    "int main(void) { struct io_uring r; if (io_uring_queue_init(4, &r, 0) == 0) {\n"
+    "  io_uring_register_eventfd(&r, -1); io_uring_queue_exit(&r); } return 0; }\n"
 )
 
 
@@ -172,6 +184,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     R("Python.h", "core", "python3-dev", python_headers, "builds the C ring extension"),
     R("gcc", "core", "gcc", c_links("gcc", _HELLO), "builds the C ring extension"),
     R("make", "core", "make", command("make", "--version"), "the README commands"),
+    R(
+        "liburing",
+        "core",
+        "liburing-dev",
+        c_links("gcc", _URING, libs=["-luring"]),
+        "blk cache=none's io_uring engine (without it: a thread pool)",
+    ),
     # kernel
     R(
         "linux-source-6.1",
@@ -260,7 +279,20 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         c_links(f"{CROSS}gcc", _HELLO),
         "cross-compiles the C fast path for the service VM",
     ),
+    # boards
+    R(
+        "u-boot.bin (rpi_3)",
+        "boards",
+        "u-boot-rpi:arm64",
+        file_exists("/usr/lib/u-boot/rpi_3/u-boot.bin"),
+        "the Raspberry Pi 3's own U-Boot, on QEMU raspi3b (rpi3b)",
+    ),
+    R("mkfs.fat", "boards", "dosfstools", on_path("mkfs.fat"), "SD card: FAT32 boot partition"),
+    R("mcopy", "boards", "mtools", command("mcopy", "--version"), "SD card: files onto FAT"),
+    R("fastboot", "boards", "fastboot", command("fastboot", "--version"), "fastboot chain"),
     # tests
+    R("sfdisk", "tests", "fdisk", command("sfdisk", "--version"), "SD card partition oracle"),
+    R("mkbootimg", "tests", "mkbootimg", on_path("mkbootimg"), "Android boot image oracle"),
     R("tftp (tftp-hpa)", "tests", "tftp-hpa", on_path("tftp"), "TFTP client oracle"),
     R("atftp", "tests", "atftp", on_path("atftp"), "TFTP client oracle (windowsize)"),
     R("curl", "tests", "curl", command("curl", "--version"), "TFTP client oracle (tftp://)"),

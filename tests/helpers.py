@@ -1,7 +1,10 @@
-"""What several test files need: run the CLI as a user does, and find leftover processes."""
+"""What several test files need: run the CLI as a user does, find leftover processes, know
+whether io_uring works here."""
 
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,22 @@ def edgevirt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+@functools.cache
+def no_uring() -> str | None:
+    """None if the blk engine gets io_uring here, else why not (no liburing at build time,
+    seccomp, the io_uring_disabled sysctl, no C extension)."""
+    from edgevirt.backend.virtq import BlkAio
+
+    if BlkAio is None:
+        return "C extension not built"
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        aio = BlkAio(fd, 8, 1, True, 8)
+        return None if aio.engine == "io_uring" else str(aio.reason)
+    finally:
+        os.close(fd)
 
 
 def flat(text: str) -> str:

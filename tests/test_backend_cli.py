@@ -250,6 +250,8 @@ SPEC_ERRORS = [
     (BLK.replace("d.img", "nope.img"), r"\[\[device\]\]\[0\].path: .*nope.img does not exist"),
     (BLK + "queues = 0\n", r"\[\[device\]\]\[0\].queues: expected 1..64"),
     (BLK + 'readonly = "yes"\n', r"\[0\].readonly: expected bool"),
+    (BLK + 'cache = "fast"\n', r"\[0\].cache: expected one of writeback, none, got 'fast'"),
+    (BLK + 'aio = "native"\n', r"\[0\].aio: expected one of auto, io_uring, threads, sync"),
     ('[[device]]\ntype = "floppy"\n', r"\[\[device\]\]\[0\].type: expected 'blk' or 'rng'"),
     ("", r"b.toml: expected at least one \[\[device\]\]"),
     ('[msg]\nsocket = "x"\n' + RNG, r"\[msg\]: applies to transport 'msg' only"),
@@ -258,6 +260,18 @@ SPEC_ERRORS = [
     (MSG + 'sokcet = "x"\n' + RNG, r"\[msg\]: unknown key\(s\) sokcet"),
     ("transport = \n", "b.toml: "),
 ]
+
+
+def test_spec_cache_and_aio_reach_the_device(tmp_path):
+    (tmp_path / "d.img").write_bytes(bytes(8192))
+    spec = tmp_path / "b.toml"
+    spec.write_text(BLK + 'cache = "none"\naio = "threads"\n')
+    dev = load_backend_spec(spec).devices[0].open()
+    try:
+        assert (dev.cache, dev.aio, dev.direct, dev.fd_direct >= 0) == ("none", "threads", True,
+                                                                       True)  # fmt: skip
+    finally:
+        dev.close()
 
 
 @pytest.mark.parametrize(("text", "message"), SPEC_ERRORS)

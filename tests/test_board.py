@@ -99,9 +99,39 @@ def test_every_shipped_board_loads(name):
     if b.is_qemu:
         assert b.dt.source == "qemu-dumpdtb" or b.dt.kind in ("kernel", "file")
     else:
-        assert b.dt.kind == "kernel" and b.bootloader is not None and b.console.url
+        assert b.dt.kind == "kernel" and b.boot.driven
+        assert (b.bootloader is not None) == (b.boot.chain == "u-boot")
+        # A console: the board's own line, or the QEMU model standing in for it.
+        assert b.console.url or b.raw["power"]["kind"] == "qemu-model"
         with pytest.raises(ConfigError, match="has no \\[qemu\\] section"):
             _ = b.qemu
+    # Every profile says how the board really boots, in order (qemu-virt: QEMU itself).
+    assert b.boot.chain in ("direct", "u-boot", "fastboot")
+    assert b.boot.stages or b.is_qemu
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ('[boot]\nchain = "grub"\n', r"\[boot\].chain: unknown boot chain 'grub'; expected one of"),
+        ('[boot]\nchain = "fastboot"\n', r"'fastboot' needs a \[fastboot\] section"),
+        ('[boot]\nchain = "direct"\n', r"'direct', but the profile has a \[bootloader\]"),
+        ('[boot]\nchain = "u-boot"\nstages = ["ROM", ""]\n', r"\[boot\].stages: expected a list"),
+        ('[boot]\nchain = "u-boot"\ncolour = 1\n', r"\[boot\]: unknown key\(s\) colour"),
+    ],
+)
+def test_boot_chain_is_checked_when_loaded(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_board(write(tmp_path, REAL_BOARD + extra))
+    assert "b.toml" in str(exc.value)
+
+
+def test_boot_chain_defaults_and_undriven_chain(tmp_path):
+    b = load_board(write(tmp_path, REAL_BOARD))
+    assert b.boot.chain == "u-boot" and b.boot.driven
+    text = REAL_BOARD.split("[bootloader]")[0] + '[boot]\nchain = "uefi"\nstages = ["edk2"]\n'
+    b = load_board(write(tmp_path, text))
+    assert b.boot.chain == "uefi" and not b.boot.driven
 
 
 def test_real_board_dataclasses(tmp_path):

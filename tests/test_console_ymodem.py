@@ -126,3 +126,20 @@ def test_receiver_without_c_after_block0_is_not_waited_for(tmp_path, drop_first_
     t.join(5)
     assert bytes(rx.data[: rx.size]) == f.read_bytes()
     assert elapsed < 2.0, f"sender stalled {elapsed:.2f}s"
+
+
+def test_lzma_alone_is_cached_by_content(tmp_path):
+    import lzma
+    import os
+
+    from edgevirt.deploy.uboot import lzma_alone
+
+    out = tmp_path / "k.lzma"
+    lzma_alone(b"a" * 100000, out)
+    assert lzma.decompress(out.read_bytes(), format=lzma.FORMAT_ALONE) == b"a" * 100000
+    assert out.read_bytes()[5:13] == b"\xff" * 8  # size "unknown": what lzmadec accepts
+    os.utime(out, (1, 1))
+    lzma_alone(b"a" * 100000, out)  # same input: reused
+    assert out.stat().st_mtime == 1
+    lzma_alone(b"b" * 100000, out)  # another input: compressed again
+    assert lzma.decompress(out.read_bytes(), format=lzma.FORMAT_ALONE) == b"b" * 100000

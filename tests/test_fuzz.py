@@ -33,12 +33,12 @@ def target(name: str) -> ModuleType:
 @pytest.mark.parametrize(
     "name, runs, max_len",
     [("fuzz_ring.py", 3000, 4096), ("fuzz_vhost_user.py", 20000, 600),
-     ("fuzz_virtio_msg.py", 5000, 2112)],
+     ("fuzz_virtio_msg.py", 5000, 2112), ("fuzz_blk.py", 3000, 16387)],
 )  # fmt: skip
 def test_fuzz_target_bounded_run(tmp_path, name, runs, max_len):
     script = ROOT / "fuzz" / name
     corpus = []
-    if name == "fuzz_virtio_msg.py":  # seeded with a driver's valid bring-up (fuzz/README.md)
+    if name in ("fuzz_virtio_msg.py", "fuzz_blk.py"):  # seeded with valid input (README)
         r = subprocess.run([sys.executable, str(script), "--make-corpus", str(tmp_path / "c")],
                            capture_output=True, text=True, timeout=60, env=ENV)  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
@@ -69,6 +69,41 @@ def test_fuzz_ring_target_catches_a_divergence(monkeypatch):
     data[130] = 1  # avail idx 1: the C ring takes (or refuses) a chain, Lax sees none
     with pytest.raises(AssertionError, match="differ"):
         fuzz_ring.TestOneInput(bytes(data))
+
+
+def test_fuzz_blk_seeds_serve_requests_and_a_lost_completion_is_caught(tmp_path, monkeypatch):
+    """The seeds reach the request path (reads, writes, flushes, get_id), and the target
+    fails when a reap leaves requests in flight."""
+    fuzz_blk = target("fuzz_blk")
+    fuzz_blk.make_corpus(str(tmp_path))
+    seeds = [p.read_bytes() for p in sorted(tmp_path.iterdir())]
+    outcomes = []
+    real = fuzz_blk.feedback
+    monkeypatch.setattr(fuzz_blk, "feedback", lambda res, err: outcomes.append(real(res, err)))
+    for data in seeds:
+        fuzz_blk.TestOneInput(data)
+    assert any(n & 1 for n in outcomes) and any(n & 2 for n in outcomes), outcomes
+
+    real_aio = fuzz_blk.BlkAio
+
+    class LosesCompletions:  # BlkAio whose full reap returns before the I/O ended
+        def __init__(self, *a, **kw):
+            self._aio = real_aio(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self._aio, name)
+
+        def reap(self, q, inflight=None, wait=False):
+            return self._aio.reap(q, inflight, False)
+
+    monkeypatch.setattr(fuzz_blk, "BlkAio", LosesCompletions)
+    caught = 0
+    for data in seeds:
+        try:
+            fuzz_blk.TestOneInput(data)
+        except AssertionError as e:
+            caught += "in flight after a full reap" in str(e)
+    assert caught
 
 
 def test_fuzz_virtio_msg_seeds_reach_driver_ok_cleanly():

@@ -25,6 +25,7 @@ from edgevirt.deploy.qemu import QemuConfig, VhostUserDevice, virtio_mmio_slots,
 from edgevirt.image.kernel import build_kernel
 from edgevirt.report import Reporter
 from edgevirt.up import BackendProcess, backend_socket, build_initramfs, compose_dtb
+from tests.helpers import no_uring
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +70,15 @@ def stats_requests(path: Path) -> int:
         return 0
 
 
-def test_backend_killed_mid_write_guest_verifies_every_block(tmp_path):
+@pytest.mark.parametrize(
+    "opts",
+    [
+        pytest.param("", id="sync"),
+        pytest.param(",cache=none,aio=io_uring", id="odirect-io_uring",
+                     marks=pytest.mark.skipif(no_uring() is not None, reason="no io_uring here")),
+    ],
+)  # fmt: skip
+def test_backend_killed_mid_write_guest_verifies_every_block(tmp_path, opts):
     board = load_board("qemu-virt")
     build = tmp_path / "build"
     build.mkdir()
@@ -91,7 +100,10 @@ def test_backend_killed_mid_write_guest_verifies_every_block(tmp_path):
 
     def backend(n: int) -> BackendProcess:
         be = BackendProcess(
-            [f"blk:path={disk}"], sock_dir, build / f"stats{n}.json", build / f"backend{n}.log"
+            [f"blk:path={disk}{opts}"],
+            sock_dir,
+            build / f"stats{n}.json",
+            build / f"backend{n}.log",
         )
         be.wait_ready()
         return be
@@ -177,6 +189,7 @@ def test_backend_killed_mid_write_guest_verifies_every_block(tmp_path):
         assert stats["connections"] == 1
         log2 = (build / "backend2.log").read_text()
         assert "inflight region" in log2 and "inflight tracked" in log2, log2
+        assert ("vring 0: io_uring" in log2) == bool(opts), log2
         # Chains the killed back-end had already published in the used ring are not redone
         # (the region's used_idx lags): at most the ones caught are resubmitted.
         m = re.search(r"resubmitting (\d+) in-flight chains", log2)

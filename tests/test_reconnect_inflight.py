@@ -18,6 +18,7 @@ from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
 from edgevirt.backend.virtq.driver import DriverQueue
 from edgevirt.up import BackendProcess, backend_socket
+from tests.helpers import no_uring
 
 QSIZE = 64
 DISK = 4 << 20
@@ -30,10 +31,17 @@ def disk(tmp_path):
     return path
 
 
-def start_backend(tmp_path, disk, name="be"):
+#: the synchronous C path on the page cache, and O_DIRECT with io_uring (requests stay in
+#: the kernel between loop callbacks: a SIGKILL catches many in flight)
+PATHS = {"sync": "", "odirect-io_uring": ",cache=none,aio=io_uring"}
+NEEDS_URING = pytest.mark.skipif(no_uring() is not None, reason=f"no io_uring: {no_uring()}")
+IO_PARAMS = ["sync", pytest.param("odirect-io_uring", marks=NEEDS_URING)]
+
+
+def start_backend(tmp_path, disk, name="be", opts=""):
     sock_dir = tmp_path / "sockets"
     proc = BackendProcess(
-        [f"blk:path={disk}"], sock_dir, tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+        [f"blk:path={disk}{opts}"], sock_dir, tmp_path / f"{name}.json", tmp_path / f"{name}.log"
     )
     proc.wait_ready()
     return proc, str(backend_socket(sock_dir, 0, "blk"))
@@ -125,12 +133,13 @@ def in_flight(fd, size):
     return n
 
 
-def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
+@pytest.mark.parametrize("io", IO_PARAMS)
+def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk, io):
     """SIGKILL the back-end process while it is in the middle of a batch of writes (caught
     by stopping it and looking at the inflight region), restart it, reconnect like QEMU
     (same rings, used->idx as base, same inflight fd): every write completes and the disk
     holds every pattern."""
-    proc, path = start_backend(tmp_path, disk, "first")
+    proc, path = start_backend(tmp_path, disk, "first", PATHS[io])
     fe = VhostUserFrontend(path, size=16 << 20)
     fd = -1
     try:
@@ -161,7 +170,7 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
         drv.get_used()
         left = len(drv._chains)
         fe.close_socket()
-        proc2, path2 = start_backend(tmp_path, disk, "second")
+        proc2, path2 = start_backend(tmp_path, disk, "second", PATHS[io])
         try:
             fe.reconnect(path2)
             attach(fe, (fd, size), driver=drv)
@@ -182,6 +191,7 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
                 time.sleep(0.05)
             assert q["resubmitted"] == caught and q["served"] == left
             assert proc2.stats()["devices"][0]["broken"] == []
+            assert q["io"] == ("io_uring" if PATHS[io] else None)
         finally:
             fe.close()
             proc2.stop()
@@ -191,13 +201,18 @@ def test_sigkill_mid_traffic_then_restart_loses_no_write(tmp_path, disk):
         proc.stop()
 
 
-def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk):
-    proc, path = start_backend(tmp_path, disk)
+@pytest.mark.parametrize("io", IO_PARAMS)
+def test_sigterm_drains_and_leaves_nothing_in_flight(tmp_path, disk, io):
+    proc, path = start_backend(tmp_path, disk, opts=PATHS[io])
     fe = VhostUserFrontend(path, size=16 << 20)
     fd = -1
     try:
         fd, size = fe.get_inflight(1, QSIZE)
         drv = attach(fe, (fd, size)).driver
+        log = tmp_path / "be.log"
+        deadline = time.monotonic() + 10  # the ring must be running before the signal
+        while "vring 0 started" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
         writes(drv, 0, QSIZE // 3, size=64 * 1024)
         fe.kick(0)
         time.sleep(0.005)
@@ -242,6 +257,61 @@ def test_configure_mem_slots_add_remove_region(served, disk):
     assert fe.wait_call(0)
     assert [n for _, n in drv.get_used()] == [1, 1]
     assert disk.read_bytes()[:1024] == b"a" * 512 + b"b" * 512
+
+
+def test_region_added_while_the_engine_thread_serves(tmp_path, disk):
+    """ADD_MEM_REG while a cache=none queue runs on its engine thread: the thread is paused
+    and restarted with the new table, so a request whose data lies in the new region is
+    served (not refused as outside guest memory)."""
+    from edgevirt.backend.memory import memfd_region
+    from edgevirt.backend.transport.vhost_user.frontend import FAKE_UVA
+    from edgevirt.backend.virtq.pyring import DESC_F_NEXT, DESC_F_WRITE
+
+    loop = Loop()
+    be = VhostUserBackend(BlockDevice(str(disk), cache="none"), str(tmp_path / "b.sock"), loop)
+    t = threading.Thread(target=loop.run, daemon=True)
+    t.start()
+    fe = VhostUserFrontend(be.path)
+    fd2, region2 = memfd_region(0x6000_0000, 1 << 20, "second")
+    try:
+        fe.negotiate()
+        assert fe.add_mem_reg() == 0
+        fe.setup_vring(0)
+        drv = fe.vrings[0].driver
+        drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 0), b"a" * 512], [1])
+        fe.kick(0)
+        assert fe.wait_call(0)
+        assert be.snapshot()["queues"][0]["io_thread"]
+        uva2 = FAKE_UVA + (1 << 32)
+        body = p.MEM_REG.pack(0) + p.MEM_REGION.pack(region2.gpa, region2.size, uva2, 0)
+        assert fe.ack(R.ADD_MEM_REG, body, [fd2]) == 0
+        region2.buf[:512] = b"z" * 512  # the data of the next write, in the new region
+        drv.get_used()
+        hdr, status = drv.alloc(16, b.REQ_HEADER.pack(b.T_OUT, 0, 1)), drv.alloc(1)
+        head = drv._free.pop(0)
+        ids = [head, drv._free.pop(0), drv._free.pop(0)]
+        drv.write_desc(ids[0], hdr, 16, DESC_F_NEXT, ids[1])
+        drv.write_desc(ids[1], region2.gpa, 512, DESC_F_NEXT, ids[2])
+        drv.write_desc(ids[2], status, 1, DESC_F_WRITE, 0)
+        drv._chains[head] = ids
+        drv.make_available(head)
+        fe.kick(0)
+        assert fe.wait_call(0)
+        assert drv.get_used() == [(head, 1)] and drv.read(status, 1) == b"\0"
+        assert disk.read_bytes()[:1024] == b"a" * 512 + b"z" * 512
+        snap = be.snapshot()
+        assert snap["broken"] == [] and snap["queues"][0]["io_thread"]
+        q = snap["queues"][0]  # the thread's kicks, calls and chains reach the stats
+        assert q["kicks"] >= 2 and q["notifications"] >= 2 and q["served"] == 2
+        # the first write's buffer is 16-byte aligned (bounced), the second 4 KiB aligned
+        assert snap["requests"] == 2 and snap["by_type"] == {"write": 2, "bounced": 1}
+    finally:
+        fe.close()
+        loop.stop()
+        t.join(5)
+        be.close()
+        region2.buf.close()
+        os.close(fd2)
 
 
 def test_get_status_reports_needs_reset_after_a_broken_vring(served, disk):

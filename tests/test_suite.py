@@ -54,7 +54,7 @@ def test_invalid_suites_are_refused_with_the_reason(text, message):
 
 
 def test_unknown_suite_name_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match="shipped suites: boot, smoke"):
+    with pytest.raises(ConfigError, match="shipped suites: boot, carveout, smoke"):
         load_suite("nope")
 
 

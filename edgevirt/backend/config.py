@@ -18,7 +18,9 @@ Example::
     poll_interval = 0.002                 # polling fallback (s); default: doorbells + 50 ms
 
     [[device]]
-    type = "blk"                 # blk: path, readonly, queues, seg_max, discard, serial
+    type = "blk"                 # blk: path, readonly, queues, seg_max, discard, serial,
+    cache = "none"               #      cache (none: O_DIRECT, writeback), aio (auto, io_uring,
+                                 #      threads, sync)
     path = "disk.img"
     queues = 2
     [[device]]
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevirt.backend.devices import BlockDevice, RngDevice, VirtioDevice
+from edgevirt.backend.devices.blk import AIO_MODES, CACHE_MODES
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg.service import MsgService
 from edgevirt.board import check_keys, get_key, parse_address, parse_size
@@ -54,7 +57,7 @@ __all__ = [
 ]
 
 TRANSPORTS = ("vhost-user", "msg")
-BLK_KEYS = {"type", "path", "readonly", "queues", "seg_max", "discard", "serial"}
+BLK_KEYS = {"type", "path", "readonly", "queues", "seg_max", "discard", "serial", "cache", "aio"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class DeviceSpec:
     seg_max: int = 126
     discard: bool = True
     serial: str = "edgevirt"
+    cache: str = "writeback"
+    aio: str = "auto"
 
     def open(self) -> VirtioDevice:
         if self.kind == "rng":
@@ -78,6 +83,8 @@ class DeviceSpec:
             seg_max=self.seg_max,
             discard=self.discard,
             serial=self.serial,
+            cache=self.cache,
+            aio=self.aio,
         )
 
 
@@ -209,7 +216,16 @@ def _device(t: dict[str, Any], w: str, here: Path) -> DeviceSpec:
         seg_max=seg_max,
         discard=get_key(t, "discard", bool, w, True),
         serial=get_key(t, "serial", str, w, "edgevirt"),
+        cache=_choice(t, "cache", w, CACHE_MODES, "writeback"),
+        aio=_choice(t, "aio", w, AIO_MODES, "auto"),
     )
+
+
+def _choice(t: dict[str, Any], key: str, w: str, choices: tuple[str, ...], default: str) -> str:
+    value = get_key(t, key, str, w, default)
+    if value not in choices:
+        raise ConfigError(f"{w}.{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 class MsgBackendService(MsgService):

@@ -36,7 +36,8 @@ def backend() -> None:
     "--device",
     "devices",
     multiple=True,
-    help="blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S] "
+    help="blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S]"
+    "[,cache=none|writeback][,aio=auto|io_uring|threads|sync] "
     "or rng; repeatable (or [[device]] tables in --spec).",
 )
 @click.option(
@@ -132,6 +133,7 @@ def backend_run(
     \b
     Examples:
       edgevirt backend run --device blk:path=disk.img,queues=2 --device rng --socket-dir /tmp/ev
+      edgevirt backend run --device blk:path=/dev/mmcblk0p3,cache=none --socket-dir /tmp/ev
       qemu-system-aarch64 ... -chardev socket,id=c0,path=/tmp/ev/0-blk.sock,reconnect=1 \\
           -device vhost-user-blk,chardev=c0,iommu_platform=on
     \b
@@ -379,7 +381,7 @@ def tables(stats: dict) -> list[Table]:
     q_cols = ["device", "queue", "size", "served"]
     if not msg:
         q_cols[3:3] = ["started"]
-        q_cols += ["kicks", "calls", "resubmitted", "avail idx", "inflight"]
+        q_cols += ["kicks", "calls", "resubmitted", "avail idx", "inflight", "io"]
     q_table = Table(title="queues")
     for col in (*q_cols, "broken"):
         q_table.add_column(col, justify="left" if col in ("device", "broken") else "right")
@@ -408,6 +410,7 @@ def tables(stats: dict) -> list[Table]:
                 "resubmitted": str(q.get("resubmitted", 0)),
                 "avail idx": str(q.get("last_avail_idx", 0)),
                 "inflight": "yes" if q.get("inflight_tracking") else "no",
+                "io": q.get("io", "-"),
             }
             q_table.add_row(
                 *(cells[c] for c in q_cols),

@@ -59,6 +59,9 @@ def deploy(
     Examples:
       edgevirt deploy --board qemu-virt-uboot --load ymodem
       edgevirt deploy --board rpi4b --image out/rpi4b/image --state bootloader -i
+      edgevirt deploy --board rpi3b -i            # QEMU raspi3b + the Pi's U-Boot, SD card
+      edgevirt deploy --board rpi3b --load ymodem # no card: everything over the console
+      edgevirt deploy --board qcom-sa8155p-adp    # fastboot boot of an Android boot image
       edgevirt deploy --transport msg -i      # qemu-virt, devices over virtio-msg
       edgevirt deploy --place rack1-rpi4 --image out/rpi4b/image -i   # a labgrid place
 
@@ -97,7 +100,7 @@ def deploy(
             try:
                 _deploy(target, state, transport, interactive, as_json, t0)
             finally:
-                if target.machine is not None:
+                if target.machine is not None or target.model is not None:
                     target.close()
     except KeyboardInterrupt:
         err.print(

@@ -23,20 +23,21 @@ def image() -> None:
       edgevirt image build --board rpi4b --spec my-system.toml -o out/rpi4b
       edgevirt image inspect out/image               # re-check every artefact
       edgevirt image inspect out/image/guest.itb --json
+      edgevirt image sdcard --board rpi3b -o out/rpi3b      # then dd sdcard.img to a card
+      edgevirt image bootimg --board qcom-sa8155p-adp -o out/adp   # fastboot boot boot.img
     """
 
 
 def _board_dtb(board: Any, out_dir: Path) -> Path:
-    """The FIT's fdt: QEMU boards get the carve-out DTB `up` boots; others their base DTB."""
+    """The FIT's fdt: the carve-out DTB the board boots with `up` (QEMU) or `deploy` (a
+    real board: its own tree with the default carve-out composed onto it)."""
     if board.is_qemu:
         from edgevirt.deploy.machine import carveout_dtb
 
         return carveout_dtb(board, out_dir)[0]
-    from edgevirt.devicetree.basedtb import base_dtb
+    from edgevirt.deploy.boardimage import compose_board_dtb
 
-    path = out_dir / "guest.dtb"
-    path.write_bytes(base_dtb(board, out_dir).fdt.to_bytes())  # compacted, never padded
-    return path
+    return compose_board_dtb(board, out_dir)[0]
 
 
 @image.command("build")
@@ -140,3 +141,145 @@ def _short(v: Any) -> str:
         return ", ".join(f"{k}={_short(x)}" for k, x in v.items())
     s = str(v)
     return s[:19] + "…" if len(s) == 64 and all(c in "0123456789abcdef" for c in s) else s
+
+
+def _board_images(board: str, image_dir: Path | None, out_dir: Path, rep: RichReporter) -> Any:
+    """Kernel, initramfs and the carve-out DTB composed on the board's own tree."""
+    from edgevirt.board import load_board
+    from edgevirt.deploy.boardimage import prepare_board_images
+
+    b = load_board(board)
+    if b.is_qemu:
+        from edgevirt.errors import ConfigError
+
+        raise ConfigError(
+            f"{b.path}: {b.name} is a QEMU virt board: it boots no card or boot image"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return b, prepare_board_images(b, out_dir.resolve(), rep, image_dir=image_dir)
+
+
+def _bootargs(b: Any) -> str:
+    baud = b.console.baudrate if b.console else 115200
+    return f"console={b.console_kernel},{baud} panic=-1"
+
+
+_IMAGE_DIR = click.option(
+    "--image",
+    "image_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Take Image, initramfs.cpio.gz and guest.dtb from here instead of building them.",
+)
+_OUT = click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Build directory.",
+)
+
+
+@image.command("sdcard")
+@click.option("--board", default="rpi3b", show_default=True, help="Board with an [sdcard].")
+@_OUT
+@_IMAGE_DIR
+@click.option(
+    "--firmware",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Also copy these files (e.g. the Pi's bootcode.bin, start.elf, fixup.dat).",
+)
+@click.option("--json", "as_json", is_flag=True)
+def image_sdcard(
+    board: str, out_dir: Path, image_dir: Path | None, firmware: Path | None, as_json: bool
+) -> None:
+    """Write OUT/sdcard.img: MBR + FAT32 with kernel, initramfs, DTB, boot.scr, U-Boot.
+
+    \b
+    Deterministic: the same inputs (and SOURCE_DATE_EPOCH) give the same bytes. Write it
+    to a card with: dd if=OUT/sdcard.img of=/dev/sdX bs=4M conv=fsync
+    A real Raspberry Pi also needs its GPU firmware on the card: pass --firmware DIR
+    with bootcode.bin, start.elf and fixup.dat (github.com/raspberrypi/firmware, boot/).
+    """
+    from edgevirt.image.cpio import source_date_epoch
+    from edgevirt.image.sdcard import card_layout, write_card
+
+    rep = RichReporter(quiet=as_json)
+    try:
+        b, imgs = _board_images(board, image_dir, out_dir, rep)
+        rep.step("SD card: MBR + FAT32 (mkfs.fat, mcopy), boot.scr (mkimage -T script)")
+        dest = out_dir.resolve()
+        layout = card_layout(
+            b,
+            kernel=imgs.kernel,
+            initramfs=imgs.initrd,
+            dtb=imgs.dtb,
+            bootargs=_bootargs(b),
+            script_out=dest / "boot.scr",
+            epoch=source_date_epoch(),
+            firmware_dir=firmware,
+        )
+        card = write_card(layout, dest / "sdcard.img")
+    except EdgevirtError as e:
+        fail(e)
+    from edgevirt.image.kernel import file_sha256
+
+    info = {
+        "board": b.name,
+        "card": str(card),
+        "size": card.stat().st_size,
+        "sha256": file_sha256(card),
+        "files": sorted([*layout.files, *layout.texts]),
+        "carveout": [hex(x) for x in imgs.carveout] if imgs.carveout else None,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"{b.name}: SD card image", show_header=False)
+    t.add_column("field")
+    t.add_column("value")
+    for k, v in info.items():
+        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+    out.print(t)
+    out.print(f"write it: dd if={card} of=/dev/sdX bs=4M conv=fsync")
+
+
+@image.command("bootimg")
+@click.option("--board", default="qcom-sa8155p-adp", show_default=True)
+@_OUT
+@_IMAGE_DIR
+@click.option("--json", "as_json", is_flag=True)
+def image_bootimg(board: str, out_dir: Path, image_dir: Path | None, as_json: bool) -> None:
+    """Write OUT/boot.img: an Android boot image (header v2: kernel, initramfs, DTB, cmdline)
+    for a board whose bootloader boots those (Qualcomm ABL), laid out per its [fastboot].
+
+    \b
+    Then: fastboot boot OUT/boot.img   (or: edgevirt deploy --board BOARD)
+    """
+    from edgevirt.deploy.fastboot import fastboot_settings, write_boot_image
+    from edgevirt.image.bootimg import parse_bootimg
+
+    rep = RichReporter(quiet=as_json)
+    try:
+        b, imgs = _board_images(board, image_dir, out_dir, rep)
+        rep.step("Android boot image (header v2)")
+        layout = fastboot_settings(b).layout
+        path = write_boot_image(
+            out_dir.resolve() / "boot.img", imgs.kernel, imgs.initrd, imgs.dtb, _bootargs(b), layout
+        )
+        info = {
+            "board": b.name,
+            "boot_img": str(path),
+            **parse_bootimg(path.read_bytes()).summary(),
+        }
+    except EdgevirtError as e:
+        fail(e)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"{b.name}: Android boot image", show_header=False)
+    t.add_column("field")
+    t.add_column("value")
+    for k, v in info.items():
+        t.add_row(k, str(v))
+    out.print(t)

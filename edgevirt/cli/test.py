@@ -64,9 +64,11 @@ def board_options(f):  # type: ignore[no-untyped-def]
     )(f)
     f = click.option(
         "--load",
-        type=click.Choice(["tftp", "fit", "ymodem"]),
+        type=click.Choice(["tftp", "fit", "ymodem", "sdcard"]),
         default=None,
-        help="U-Boot boards: how images get to the board [default: [tftp] or ymodem].",
+        help="U-Boot boards: how images get to the board: TFTP files or FIT, ymodem over "
+        "the console, or an SD card edgevirt writes (U-Boot runs its boot.scr) "
+        "[default: [tftp], else [sdcard], else ymodem].",
     )(f)
     f = click.option(
         "--image",
@@ -132,6 +134,7 @@ def test(
     Examples:
       edgevirt test smoke                                   # qemu-virt, direct boot
       edgevirt test boot smoke --board qemu-virt-uboot --load fit
+      edgevirt test carveout boot --board rpi3b             # SD card on QEMU raspi3b
       edgevirt test smoke --transport msg                   # devices over virtio-msg
       edgevirt test my-suite.yaml --parallel 3 --junit out/junit.xml
       edgevirt test smoke --place rack1-rpi4 --coordinator lab:20408   # a labgrid place

@@ -78,6 +78,10 @@ class Images:
     fit: Path | None = None
     #: DT paths of the virtio-mmio nodes the carve-out serves.
     nodes: list[str] = field(default_factory=list)
+    #: Real boards: the composed restricted-dma-pool (base, size), if the DTB has one.
+    carveout: tuple[int, int] | None = None
+    #: Boards that boot from a card: the SD-card image (edgevirt.image.sdcard).
+    sdcard: Path | None = None
 
 
 def compose_dtb(

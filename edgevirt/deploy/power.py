@@ -107,7 +107,7 @@ class ManualPower(Power):
         pass  # never ask a person to do anything on the way out
 
 
-def _no_operator(text: str) -> None:
+def no_operator(text: str) -> None:
     raise DeployError(f"manual power: {text} — but nobody is there to do it (not interactive)")
 
 
@@ -124,7 +124,7 @@ def board_power(board: Board, ask: Callable[[str], None] | None = None) -> Power
             float(get_key(p, "timeout", (int, float), where, 30)),
         )
     if kind == "manual":
-        return ManualPower(ask or _no_operator)
+        return ManualPower(ask or no_operator)
     raise ConfigError(
         f"{where}.kind: expected 'command' or 'manual' for a real board, got {kind!r}"
     )

@@ -222,11 +222,12 @@ def dump_dtb(config: QemuConfig, out: Path) -> bytes:
 class QemuProcess:
     """A running QEMU in its own process group, with its output in a log file."""
 
-    def __init__(self, config: QemuConfig, log_path: Path) -> None:
-        check_binary(config.settings.binary)
-        self.config = config
+    def __init__(self, config: QemuConfig | list[str], log_path: Path) -> None:
+        """Run ``config``'s virt command line, or a command line built elsewhere (a SoC
+        model, :mod:`edgevirt.deploy.socmodel`)."""
+        cmd = config.command() if isinstance(config, QemuConfig) else list(config)
+        check_binary(cmd[0])
         self.log_path = log_path
-        cmd = config.command()
         (log_path.parent / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         self._log = open(log_path, "wb")  # noqa: SIM115 - owned until stop()
         log.info("starting %s", " ".join(cmd))

@@ -3,7 +3,8 @@
 A build directory or ``manifest.json`` (every artefact's size and sha256 re-checked), a FIT
 (``dumpimage -l``), a DTB, a ``vmlinux`` (release, embedded config, required options), a
 ``.ko`` (vermagic), any other ELF, an arm64 ``Image`` (header, release), an initramfs (every
-ELF inside). Verification failures raise :class:`ImageError` naming the file.
+ELF inside), an Android boot image (every section), an SD-card image (partitions, files).
+Verification failures raise :class:`ImageError` naming the file.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 from elftools.elf.elffile import ELFFile
 
 from edgevirt.errors import ImageError
+from edgevirt.image.bootimg import BOOT_MAGIC, parse_bootimg
 from edgevirt.image.elfcheck import ARM64_MAGIC_OFFSET, ELF_MAGIC, check_elf
 from edgevirt.image.fit import list_fit
 from edgevirt.image.kernel import file_sha256
+from edgevirt.image.sdcard import inspect_card, partitions
 from edgevirt.image.verify import (
     REQUIRED_OPTIONS,
     image_release,
@@ -39,11 +42,15 @@ def inspect_path(path: Path, *, release: str | None = None) -> dict[str, Any]:
         return inspect_manifest(manifest)
     try:
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(512)
     except OSError as e:
         raise ImageError(f"cannot read {path}: {e.strerror}") from e
     if path.suffix == ".json":
         return inspect_manifest(path)
+    if head[:8] == BOOT_MAGIC:
+        return {"kind": "android-boot-image", "path": str(path)} | parse_bootimg(
+            path.read_bytes(), str(path)
+        ).summary()
     if head[:4] == FDT_MAGIC:
         return _fdt(path)
     if head[:4] == ELF_MAGIC:
@@ -69,8 +76,11 @@ def inspect_path(path: Path, *, release: str | None = None) -> dict[str, Any]:
             "elf": rep.elves,
             "modules": [m.name for m in rep.modules],
         }
+    if partitions(head):  # last: an MBR has no magic beyond its 0x55aa signature
+        return inspect_card(path)
     raise ImageError(
-        f"{path}: unknown artefact (not a FIT, DTB, ELF, arm64 Image, initramfs or manifest)"
+        f"{path}: unknown artefact (not a FIT, DTB, ELF, arm64 Image, initramfs, boot image, "
+        "SD card or manifest)"
     )
 
 

@@ -79,7 +79,7 @@ class FakePdu:
         firmware, firmware_ram = qemu_firmware(board)
         #: U-Boot boards load over TFTP from QEMU's user network: this outlet's directory
         #: (what the board profile's [tftp] dir must name for a client to stage images).
-        tftp = "bootloader" in board.raw and board.raw.get("tftp", {}).get("server") == "qemu"
+        tftp = board.boot.chain == "u-boot" and board.raw.get("tftp", {}).get("server") == "qemu"
         self.outlets: dict[int, Outlet] = {}
         reporter = reporter or Reporter()
         try:

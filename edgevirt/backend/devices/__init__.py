@@ -7,12 +7,14 @@ from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.devices.rng import RngDevice
 from edgevirt.errors import ConfigError
 
+BLK_OPTIONS = {"path", "readonly", "queues", "seg_max", "discard", "serial", "cache", "aio"}
+
 __all__ = ["Chain", "VirtioDevice", "BlockDevice", "RngDevice", "parse_device"]
 
 
 def parse_device(spec: str) -> VirtioDevice:
-    """``blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S]``
-    or ``rng`` → a device."""
+    """``blk:path=FILE[,readonly=on][,queues=N][,seg_max=N][,discard=off][,serial=S]
+    [,cache=none|writeback][,aio=auto|io_uring|threads|sync]`` or ``rng`` → a device."""
     kind, _, rest = spec.partition(":")
     opts: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
@@ -23,7 +25,7 @@ def parse_device(spec: str) -> VirtioDevice:
     if kind == "blk":
         if "path" not in opts:
             raise ConfigError(f"device {spec!r}: blk needs path=FILE")
-        unknown = set(opts) - {"path", "readonly", "queues", "seg_max", "discard", "serial"}
+        unknown = set(opts) - BLK_OPTIONS
         if unknown:
             raise ConfigError(
                 f"device {spec!r}: unknown blk option(s) {', '.join(sorted(unknown))}"
@@ -35,6 +37,8 @@ def parse_device(spec: str) -> VirtioDevice:
             seg_max=_int(spec, opts, "seg_max", 126),
             discard=_flag(spec, opts, "discard", True),
             serial=opts.get("serial", "edgevirt"),
+            cache=opts.get("cache", "writeback"),
+            aio=opts.get("aio", "auto"),
         )
     if kind == "rng":
         if opts:

@@ -4,24 +4,28 @@
 (``pyring``); ``EDGEVIRT_RING=python`` forces Python. ``IMPLEMENTATIONS`` maps "c" and
 "python" to the classes that are available, for tests and benchmarks. ``Chain`` is the type
 of what ``SplitQueue.pop`` returns: ``(head, readable, writable)`` with ``(gpa, len)`` lists.
+``BlkAio`` is the C path's asynchronous blk engine (None without the C ring).
 The driver-side mock queue is :mod:`edgevirt.backend.virtq.driver`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgevirt.backend.virtq import pyring
 from edgevirt.backend.virtq.pyring import Chain, MemoryTable, Segment
 
 IMPLEMENTATIONS: dict[str, type[pyring.SplitQueue]] = {}
+#: The C asynchronous blk request path (io_uring or threads), None when the C ring is absent.
+BlkAio: Any = None
 try:
     from edgevirt.backend.virtq import _ring
 except ImportError:  # not built: the reference serves alone
     pass
 else:
     IMPLEMENTATIONS["c"] = _ring.SplitQueue  # type: ignore[assignment]
+    BlkAio = _ring.BlkAio
 IMPLEMENTATIONS["python"] = pyring.SplitQueue
 
 if TYPE_CHECKING:
@@ -30,4 +34,4 @@ else:
     _forced_python = os.environ.get("EDGEVIRT_RING") == "python"
     SplitQueue = IMPLEMENTATIONS["c" if "c" in IMPLEMENTATIONS and not _forced_python else "python"]
 
-__all__ = ["IMPLEMENTATIONS", "Chain", "MemoryTable", "Segment", "SplitQueue"]
+__all__ = ["BlkAio", "IMPLEMENTATIONS", "Chain", "MemoryTable", "Segment", "SplitQueue"]

@@ -26,28 +26,18 @@
 #include <unistd.h>
 
 enum {
-    T_IN = 0, T_OUT = 1, T_FLUSH = 4,
-    S_OK = 0, S_IOERR = 1,
-    SECTOR = 512, HEADER = 16, MAX_SEG_MAX = 1024, /* UIO_MAXIOV */
+    T_IN = BLK_T_IN, T_OUT = BLK_T_OUT, T_FLUSH = BLK_T_FLUSH,
+    S_OK = BLK_S_OK, S_IOERR = BLK_S_IOERR,
+    SECTOR = BLK_SECTOR, HEADER = 16, MAX_SEG_MAX = BLK_MAX_SEG_MAX,
     INFL_HEADER = 16, INFL_DESC = 16, INFL_VERSION = 1,
 };
-
-typedef struct {
-    int fd, readonly;
-    uint64_t capacity; /* sectors */
-    uint32_t seg_max;
-} blkdev;
-
-typedef struct {
-    unsigned long long reads, writes, flushes, errors, bytes_read, bytes_written;
-    char error[256]; /* the first failure of the batch, for the log */
-} blkstats;
 
 typedef struct {
     popjob j;
     blkdev d;
     uint8_t *infl; /* NULL, or the queue's inflight region (checked to hold size entries) */
     unsigned long long counter;
+    int fd_fallback; /* -1, or the page-cache fd for what O_DIRECT refuses (EINVAL) */
     size_t served;   /* chains served in C, a prefix of the batch */
     int pushed;      /* the whole batch was served and pushed */
     uint32_t *ids;   /* ids[2k] = head, ids[2k+1] = written length, for chain k */
@@ -55,10 +45,7 @@ typedef struct {
     struct iovec iov[MAX_SEG_MAX];
 } blkjob;
 
-static void note(blkstats *st, uint16_t head, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void note(blkstats *st, uint16_t head, const char *fmt, ...)
+void blk_note(blkstats *st, uint16_t head, const char *fmt, ...)
 {
     if (st->error[0])
         return;
@@ -92,34 +79,35 @@ static size_t iov_build(const seg *s, size_t n, uint64_t skip, uint64_t drop, st
 }
 
 /* The data of a read or write: within seg_max and the disk; else IOERR, noted. */
-static int data_ok(blkjob *b, uint16_t head, size_t nbufs, uint64_t sector, uint64_t len)
+static int data_ok(const blkdev *d, blkstats *st, uint16_t head, size_t nbufs, uint64_t sector,
+                   uint64_t len)
 {
-    if (nbufs > b->d.seg_max) {
-        note(&b->st, head, "%zu data segments, seg_max is %u", nbufs, b->d.seg_max);
+    if (nbufs > d->seg_max) {
+        blk_note(st, head, "%zu data segments, seg_max is %u", nbufs, d->seg_max);
         return 0;
     }
-    if (len % SECTOR || sector > b->d.capacity || len / SECTOR > b->d.capacity - sector) {
-        note(&b->st, head, "request sector %llu + %llu sectors (+%llu bytes) beyond capacity "
-             "%llu sectors", (unsigned long long)sector, (unsigned long long)(len / SECTOR),
-             (unsigned long long)(len % SECTOR), (unsigned long long)b->d.capacity);
+    if (len % SECTOR || sector > d->capacity || len / SECTOR > d->capacity - sector) {
+        blk_note(st, head, "request sector %llu + %llu sectors (+%llu bytes) beyond capacity "
+                 "%llu sectors", (unsigned long long)sector, (unsigned long long)(len / SECTOR),
+                 (unsigned long long)(len % SECTOR), (unsigned long long)d->capacity);
         return 0;
     }
     return 1;
 }
 
-/* Serve chain k: 1 with ids filled in, or 0 if Python must take it (and the rest). */
-static int blk_chain(blkjob *b, size_t k)
+int blk_parse(const popjob *j, size_t k, const blkdev *d, blkstats *st, struct iovec *iov,
+              blkreq *r)
 {
-    const chainrec *r = &b->j.chains[k];
-    const seg *rd = b->j.segs + r->first, *wr = rd + r->nread;
+    const chainrec *c = &j->chains[k];
+    const seg *rd = j->segs + c->first, *wr = rd + c->nread;
     uint64_t rlen = 0, wlen = 0, got = 0;
     uint8_t hdr[HEADER];
 
-    if (r->nwrite == 0)
+    if (c->nwrite == 0)
         return 0;
-    for (size_t i = 0; i < r->nread; i++)
+    for (size_t i = 0; i < c->nread; i++)
         rlen += rd[i].len;
-    for (size_t i = 0; i < r->nwrite; i++)
+    for (size_t i = 0; i < c->nwrite; i++)
         wlen += wr[i].len;
     if (rlen < HEADER)
         return 0;
@@ -130,75 +118,134 @@ static int blk_chain(blkjob *b, size_t k)
     }
     /* Compiler barrier: decode only the private copy, the guest may rewrite the original. */
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    uint32_t type = (uint32_t)get_le(hdr, 4);
-    uint64_t sector = get_le(hdr + 8, 8);
-    if (type != T_IN && type != T_OUT && type != T_FLUSH)
+    r->type = (uint32_t)get_le(hdr, 4);
+    r->sector = get_le(hdr + 8, 8);
+    if (r->type != T_IN && r->type != T_OUT && r->type != T_FLUSH)
         return 0;
+    r->status = wr[c->nwrite - 1].host + (wr[c->nwrite - 1].len - 1);
+    uint64_t out_len = rlen - HEADER, in_len = wlen - 1;
+    r->cnt = 0;
+    r->len = 0;
+    if (r->type == T_IN) {
+        st->reads++;
+        r->cnt = iov_build(wr, c->nwrite, 0, 1, iov, MAX_SEG_MAX);
+        r->len = in_len;
+        r->ok = out_len == 0 && data_ok(d, st, c->head, r->cnt, r->sector, in_len);
+    } else if (r->type == T_OUT) {
+        st->writes++;
+        r->cnt = iov_build(rd, c->nread, HEADER, 0, iov, MAX_SEG_MAX);
+        r->len = out_len;
+        r->ok = in_len == 0 && data_ok(d, st, c->head, r->cnt, r->sector, out_len) &&
+                !d->readonly;
+    } else {
+        st->flushes++;
+        r->ok = out_len == 0 && in_len == 0;
+    }
+    return 1;
+}
 
-    uint8_t *status = wr[r->nwrite - 1].host + (wr[r->nwrite - 1].len - 1);
-    uint64_t out_len = rlen - HEADER, in_len = wlen - 1, written = 0;
+void blk_zero_tail(const struct iovec *iov, size_t cnt, uint64_t n)
+{
+    uint64_t skip = n;
+    for (size_t i = 0; i < cnt; i++) {
+        if (skip < iov[i].iov_len)
+            memset((uint8_t *)iov[i].iov_base + skip, 0, iov[i].iov_len - (size_t)skip);
+        skip = skip > iov[i].iov_len ? skip - iov[i].iov_len : 0;
+    }
+}
+
+/* Serve chain k: 1 with ids filled in, or 0 if Python must take it (and the rest). */
+static int blk_chain(blkjob *b, size_t k)
+{
+    blkreq r;
+    if (!blk_parse(&b->j, k, &b->d, &b->st, b->iov, &r))
+        return 0;
+    uint16_t head = b->j.chains[k].head;
+    uint64_t written = 0;
     int st = S_IOERR;
     ssize_t n;
-    if (type == T_IN) {
-        b->st.reads++;
-        size_t cnt = iov_build(wr, r->nwrite, 0, 1, b->iov, MAX_SEG_MAX);
-        if (out_len == 0 && data_ok(b, r->head, cnt, sector, in_len)) {
+    if (r.ok && r.type == T_IN) {
+        do
+            n = preadv(b->d.fd, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EINVAL && b->fd_fallback >= 0) { /* unaligned for O_DIRECT */
+            b->st.bounced++;
             do
-                n = preadv(b->d.fd, b->iov, (int)cnt, (off_t)(sector * SECTOR));
+                n = preadv(b->fd_fallback, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
             while (n < 0 && errno == EINTR);
-            if (n < 0) {
-                note(&b->st, r->head, "read at sector %llu: %s", (unsigned long long)sector,
-                     strerror(errno));
-            } else {
-                /* A short read at the end of a shrinking file: never leak stale data. */
-                uint64_t skip = (uint64_t)n;
-                for (size_t i = 0; i < cnt; i++) {
-                    if (skip < b->iov[i].iov_len)
-                        memset((uint8_t *)b->iov[i].iov_base + skip, 0,
-                               b->iov[i].iov_len - (size_t)skip);
-                    skip = skip > b->iov[i].iov_len ? skip - b->iov[i].iov_len : 0;
-                }
-                b->st.bytes_written += in_len;
-                st = S_OK;
-                written = in_len;
-            }
         }
-    } else if (type == T_OUT) {
-        b->st.writes++;
-        size_t cnt = iov_build(rd, r->nread, HEADER, 0, b->iov, MAX_SEG_MAX);
-        if (in_len == 0 && data_ok(b, r->head, cnt, sector, out_len) && !b->d.readonly) {
+        if (n < 0) {
+            blk_note(&b->st, head, "read at sector %llu: %s", (unsigned long long)r.sector,
+                     strerror(errno));
+        } else {
+            blk_zero_tail(b->iov, r.cnt, (uint64_t)n);
+            b->st.bytes_written += r.len;
+            st = S_OK;
+            written = r.len;
+        }
+    } else if (r.ok && r.type == T_OUT) {
+        do
+            n = pwritev(b->d.fd, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EINVAL && b->fd_fallback >= 0) {
+            b->st.bounced++;
             do
-                n = pwritev(b->d.fd, b->iov, (int)cnt, (off_t)(sector * SECTOR));
+                n = pwritev(b->fd_fallback, b->iov, (int)r.cnt, (off_t)(r.sector * SECTOR));
             while (n < 0 && errno == EINTR);
-            if (n < 0)
-                note(&b->st, r->head, "write at sector %llu: %s", (unsigned long long)sector,
+        }
+        if (n < 0)
+            blk_note(&b->st, head, "write at sector %llu: %s", (unsigned long long)r.sector,
                      strerror(errno));
-            else if ((uint64_t)n == out_len) {
-                b->st.bytes_read += out_len;
-                st = S_OK;
-            }
+        else if ((uint64_t)n == r.len) {
+            b->st.bytes_read += r.len;
+            st = S_OK;
         }
-    } else {
-        b->st.flushes++;
-        if (out_len == 0 && in_len == 0) {
-            int rc = 0;
-            if (!b->d.readonly) {
-                do
-                    rc = fdatasync(b->d.fd);
-                while (rc < 0 && errno == EINTR);
-            }
-            if (rc < 0)
-                note(&b->st, r->head, "flush: %s", strerror(errno));
-            else
-                st = S_OK;
+    } else if (r.ok) {
+        int rc = 0;
+        if (!b->d.readonly) {
+            do
+                rc = fdatasync(b->d.fd);
+            while (rc < 0 && errno == EINTR);
         }
+        if (rc < 0)
+            blk_note(&b->st, head, "flush: %s", strerror(errno));
+        else
+            st = S_OK;
     }
     if (st != S_OK)
         b->st.errors++;
-    *status = (uint8_t)st;
-    b->ids[2 * k] = r->head;
+    *r.status = (uint8_t)st;
+    b->ids[2 * k] = head;
     b->ids[2 * k + 1] = (uint32_t)(written + 1); /* written <= 2^32 - 2: the walk's bound */
     return 1;
+}
+
+/* Taken: marked before any of the chain's I/O starts, as InflightQueue.taken(). */
+void infl_taken(uint8_t *infl, const popjob *j, size_t k, unsigned long long *counter)
+{
+    uint8_t *d = infl + INFL_HEADER + INFL_DESC * (size_t)j->chains[k].head;
+    memset(d, 0, INFL_DESC);
+    d[0] = 1;
+    put_le(d + 8, (*counter)++, 8);
+}
+
+void blk_publish(ctx *c, uint8_t *infl, const uint32_t *ids, size_t n)
+{
+    if (n == 0)
+        return;
+    if (infl != NULL) { /* InflightQueue.before_push(): the header, used_idx kept */
+        put_le(infl, 0, 8);
+        put_le(infl + 8, INFL_VERSION, 2);
+        put_le(infl + 10, c->size, 2);
+        put_le(infl + 12, ids[2 * (n - 1)], 2);
+    }
+    used_write(c, ids, n);
+    if (infl != NULL) { /* InflightQueue.completed(): the chains are the guest's again */
+        for (size_t k = 0; k < n; k++)
+            infl[INFL_HEADER + INFL_DESC * (size_t)ids[2 * k]] = 0;
+        put_le(infl + 14, (uint16_t)(c->used_idx + n), 2);
+    }
+    c->used_idx = (uint16_t)(c->used_idx + n);
 }
 
 static void blk_run(blkjob *b)
@@ -211,30 +258,14 @@ static void blk_run(blkjob *b)
         c->err.kind = ERR_NOMEM;
         return;
     }
-    /* Taken: marked before any of the batch's I/O starts, as InflightQueue.taken(). */
-    for (size_t k = 0; b->infl != NULL && k < b->j.nchains; k++) {
-        uint8_t *d = b->infl + INFL_HEADER + INFL_DESC * (size_t)b->j.chains[k].head;
-        memset(d, 0, INFL_DESC);
-        d[0] = 1;
-        put_le(d + 8, b->counter++, 8);
-    }
+    for (size_t k = 0; b->infl != NULL && k < b->j.nchains; k++)
+        infl_taken(b->infl, &b->j, k, &b->counter);
     while (b->served < b->j.nchains && blk_chain(b, b->served))
         b->served++;
     if (b->served < b->j.nchains)
         return; /* Python finishes the batch, pushes, and clears the marks */
-    if (b->infl != NULL) { /* InflightQueue.before_push(): the header, used_idx kept */
-        put_le(b->infl, 0, 8);
-        put_le(b->infl + 8, INFL_VERSION, 2);
-        put_le(b->infl + 10, c->size, 2);
-        put_le(b->infl + 12, b->j.chains[b->j.nchains - 1].head, 2);
-    }
-    used_write(c, b->ids, b->j.nchains);
+    blk_publish(c, b->infl, b->ids, b->j.nchains);
     b->pushed = 1;
-    if (b->infl != NULL) { /* InflightQueue.completed(): the chains are the guest's again */
-        for (size_t k = 0; k < b->j.nchains; k++)
-            b->infl[INFL_HEADER + INFL_DESC * (size_t)b->j.chains[k].head] = 0;
-        put_le(b->infl + 14, (uint16_t)(c->used_idx + b->j.nchains), 2);
-    }
 }
 
 /* ---- the Python face ---- */
@@ -251,12 +282,15 @@ static PyStructSequence_Field result_fields[] = {
     {"bytes_read", "bytes written to the disk (guest to device)"},
     {"bytes_written", "bytes read from the disk into the guest (device to guest)"},
     {"error", "None, or what went wrong with the first failed request"},
+    {"bounced", "requests moved through an aligned bounce buffer (O_DIRECT)"},
+    {"notified", "times the driver was signalled on its call eventfd (BlkAio)"},
+    {"kicks", "kicks the engine thread took from the driver (BlkAio.take_stats)"},
     {NULL, NULL},
 };
 
 static PyStructSequence_Desc result_desc = {
     "edgevirt.backend.virtq._ring.BlkResult", "What SplitQueue.serve_blk() did.",
-    result_fields, 11,
+    result_fields, 14,
 };
 
 PyObject *blk_result_type_new(void)
@@ -264,13 +298,40 @@ PyObject *blk_result_type_new(void)
     return (PyObject *)PyStructSequence_NewType(&result_desc);
 }
 
+PyObject *blk_result(PyTypeObject *tp, size_t pushed, PyObject *done, PyObject *rest,
+                     unsigned long long counter, const blkstats *st)
+{
+    PyObject *res = done != NULL && rest != NULL ? PyStructSequence_New(tp) : NULL;
+    if (res == NULL) {
+        Py_XDECREF(done);
+        Py_XDECREF(rest);
+        return NULL;
+    }
+    const unsigned long long counts[] = {st->reads, st->writes, st->flushes,
+                                         st->errors, st->bytes_read, st->bytes_written};
+    PyStructSequence_SET_ITEM(res, 0, PyLong_FromSize_t(pushed));
+    PyStructSequence_SET_ITEM(res, 1, done);
+    PyStructSequence_SET_ITEM(res, 2, rest);
+    PyStructSequence_SET_ITEM(res, 3, PyLong_FromUnsignedLongLong(counter));
+    for (int i = 0; i < 6; i++)
+        PyStructSequence_SET_ITEM(res, 4 + i, PyLong_FromUnsignedLongLong(counts[i]));
+    PyStructSequence_SET_ITEM(res, 10, st->error[0] ? PyUnicode_DecodeUTF8(
+        st->error, (Py_ssize_t)strlen(st->error), "replace") : Py_NewRef(Py_None));
+    PyStructSequence_SET_ITEM(res, 11, PyLong_FromUnsignedLongLong(st->bounced));
+    PyStructSequence_SET_ITEM(res, 12, PyLong_FromUnsignedLongLong(st->notified));
+    PyStructSequence_SET_ITEM(res, 13, PyLong_FromUnsignedLongLong(st->kicks));
+    for (int i = 0; i < 14; i++)
+        if (PyStructSequence_GET_ITEM(res, i) == NULL)
+            return Py_DECREF(res), NULL;
+    return res;
+}
+
 static PyObject *build_result(Queue *q, blkjob *b)
 {
     ring_state *st = PyType_GetModuleState(Py_TYPE(q));
-    PyObject *res = PyStructSequence_New((PyTypeObject *)st->blk_result_type);
     PyObject *done = PyList_New(b->pushed ? 0 : (Py_ssize_t)b->served);
     PyObject *rest = PyList_New((Py_ssize_t)(b->j.nchains - b->served));
-    int ok = res != NULL && done != NULL && rest != NULL;
+    int ok = done != NULL && rest != NULL;
     for (size_t k = 0; ok && !b->pushed && k < b->served; k++) {
         PyObject *t = Py_BuildValue("(II)", b->ids[2 * k], b->ids[2 * k + 1]);
         ok = t != NULL;
@@ -284,35 +345,22 @@ static PyObject *build_result(Queue *q, blkjob *b)
             PyList_SET_ITEM(rest, (Py_ssize_t)(k - b->served), t);
     }
     if (!ok) {
-        Py_XDECREF(res);
         Py_XDECREF(done);
         Py_XDECREF(rest);
         return NULL;
     }
-    const unsigned long long counts[] = {b->st.reads, b->st.writes, b->st.flushes,
-                                         b->st.errors, b->st.bytes_read, b->st.bytes_written};
-    PyStructSequence_SET_ITEM(res, 0, PyLong_FromSize_t(b->pushed ? b->j.nchains : 0));
-    PyStructSequence_SET_ITEM(res, 1, done);
-    PyStructSequence_SET_ITEM(res, 2, rest);
-    PyStructSequence_SET_ITEM(res, 3, PyLong_FromUnsignedLongLong(b->counter));
-    for (int i = 0; i < 6; i++)
-        PyStructSequence_SET_ITEM(res, 4 + i, PyLong_FromUnsignedLongLong(counts[i]));
-    PyStructSequence_SET_ITEM(res, 10, b->st.error[0] ? PyUnicode_DecodeUTF8(
-        b->st.error, (Py_ssize_t)strlen(b->st.error), "replace") : Py_NewRef(Py_None));
-    for (int i = 0; i < 11; i++)
-        if (PyStructSequence_GET_ITEM(res, i) == NULL)
-            return Py_DECREF(res), NULL;
-    return res;
+    return blk_result((PyTypeObject *)st->blk_result_type, b->pushed ? b->j.nchains : 0, done,
+                      rest, b->counter, &b->st);
 }
 
 PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mem", "fd", "capacity", "seg_max", "readonly", "max_chains",
-                             "inflight", "counter", NULL};
+                             "inflight", "counter", "fd_fallback", NULL};
     PyObject *mem, *inflight = Py_None, *out = NULL;
     unsigned long long capacity, counter = 0;
     Py_ssize_t max_chains = 0;
-    int fd, readonly;
+    int fd, readonly, fd_fallback = -1;
     unsigned int seg_max;
     Py_buffer ib = {0};
     guestmem m;
@@ -320,9 +368,9 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     blkjob *b = NULL;
 
     memset(&m, 0, sizeof m);
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiKIp|nOK:serve_blk", kwlist, &mem, &fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiKIp|nOKi:serve_blk", kwlist, &mem, &fd,
                                      &capacity, &seg_max, &readonly, &max_chains, &inflight,
-                                     &counter))
+                                     &counter, &fd_fallback))
         return NULL;
     /* capacity bound: every byte offset sector * 512 below it fits an off_t */
     if (fd < 0 || seg_max < 1 || seg_max > MAX_SEG_MAX || max_chains < 0 ||
@@ -349,6 +397,7 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     b->d = (blkdev){fd, readonly, capacity, seg_max};
     b->infl = ib.obj != NULL ? ib.buf : NULL;
     b->counter = counter;
+    b->fd_fallback = fd_fallback;
     Py_BEGIN_ALLOW_THREADS
     blk_run(b);
     Py_END_ALLOW_THREADS
@@ -359,7 +408,7 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     /* The chains are taken and their I/O done whatever happens to the result below. */
     q->last_avail_idx = (uint16_t)(c.last_avail_idx + b->j.nchains);
     if (b->pushed)
-        q->used_idx = (uint16_t)(c.used_idx + b->j.nchains);
+        q->used_idx = c.used_idx; /* blk_publish advanced it */
     out = build_result(q, b);
 done: /* the single exit: guest buffers and the inflight buffer released, scratch freed */
     mem_release(&m);

@@ -115,7 +115,7 @@ static int mem_fail(err_t *e, const guestmem *m, const char *what, uint64_t gpa,
     return -1;
 }
 
-static int rings_map(ctx *c)
+int rings_map(ctx *c)
 {
     uint64_t n = c->size;
     if (!(c->desc = mem_find(c->m, c->desc_gpa, 16 * n)))
@@ -470,6 +470,24 @@ done:
 
 enum { OP_SHOULD_NOTIFY, OP_PENDING, OP_ENABLE, OP_DISABLE };
 
+int need_notify(uint16_t *signalled, uint16_t used_idx, const ctx *c)
+{
+    uint16_t old = *signalled, new = used_idx;
+    /* Full barrier: our used->idx store must be visible before we read the driver's
+     * flags/used_event (store->load), or both sides can miss the update. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    *signalled = new;
+    if (c->event_idx) /* vring_need_event(used_event, new, old) */
+        return (uint16_t)(new - ld16(c->avail + 4 + 2 * (size_t)c->size) - 1) <
+               (uint16_t)(new - old);
+    return new != old && !(ld16(c->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
+int should_notify(Queue *q, const ctx *c)
+{
+    return need_notify(&q->signalled_used, q->used_idx, c);
+}
+
 /* The small calls: a few 16-bit accesses, run with the GIL held. */
 static PyObject *small_call(Queue *q, PyObject *mem, int op)
 {
@@ -484,17 +502,7 @@ static PyObject *small_call(Queue *q, PyObject *mem, int op)
         if (avail_count(&c, &n) == 0)
             out = PyLong_FromLong(n);
     } else if (op == OP_SHOULD_NOTIFY) {
-        uint16_t old = q->signalled_used, new = q->used_idx;
-        /* Full barrier: our used->idx store must be visible before we read the driver's
-         * flags/used_event (store->load), or both sides can miss the update. */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        q->signalled_used = new;
-        if (c.event_idx) /* vring_need_event(used_event, new, old) */
-            n = (uint16_t)(new - ld16(c.avail + 4 + 2 * (size_t)c.size) - 1) <
-                (uint16_t)(new - old);
-        else
-            n = new != old && !(ld16(c.avail) & AVAIL_F_NO_INTERRUPT);
-        out = PyBool_FromLong(n);
+        out = PyBool_FromLong(should_notify(q, &c));
     } else {
         if (!c.event_idx) {
             uint16_t flags = ld16(c.used);
@@ -693,11 +701,15 @@ static int ring_exec(PyObject *mod)
     if (st->blk_result_type == NULL ||
         PyModule_AddType(mod, (PyTypeObject *)st->blk_result_type) < 0)
         return -1;
+    st->aio_type = PyType_FromModuleAndSpec(mod, blk_aio_spec(), NULL);
+    if (st->aio_type == NULL || PyModule_AddType(mod, (PyTypeObject *)st->aio_type) < 0)
+        return -1;
     return PyModule_AddIntConstant(mod, "POP_SEGMENT_BUDGET", POP_SEGMENT_BUDGET);
 }
 
 #define STATE_REFS(X, st) \
-    X(st->ring_error); X(st->mem_error); X(st->log); X(st->queue_type); X(st->blk_result_type)
+    X(st->ring_error); X(st->mem_error); X(st->log); X(st->queue_type); X(st->blk_result_type); \
+    X(st->aio_type)
 
 static int ring_traverse(PyObject *mod, visitproc visit, void *arg)
 {

@@ -24,6 +24,7 @@ typedef struct {
     PyObject *log;                    /* logging.getLogger("edgevirt.backend.virtq") */
     PyObject *queue_type;
     PyObject *blk_result_type;        /* BlkResult, the struct sequence serve_blk returns */
+    PyObject *aio_type;               /* BlkAio */
 } ring_state;
 
 typedef struct {
@@ -121,8 +122,65 @@ HIDDEN int begin(Queue *q, PyObject *mem, ctx *c, guestmem *m);
 HIDDEN PyObject *raise_err(Queue *q, const err_t *e);
 HIDDEN PyObject *chain_tuple(const popjob *j, size_t k);
 
-/* _blk.c */
+HIDDEN int rings_map(ctx *c);
+/* With the GIL, rings mapped: must the driver be signalled for what was pushed since the
+ * last call (SplitQueue.should_notify)? Records the used idx as signalled. */
+HIDDEN int should_notify(Queue *q, const ctx *c);
+/* The same on any ring state: *signalled is the used idx last signalled for. */
+HIDDEN int need_notify(uint16_t *signalled, uint16_t used_idx, const ctx *c);
+
+/* ---- _blk.c: the virtio-blk request of a chain, shared by serve_blk and BlkAio ---- */
+
+#include <sys/uio.h>
+
+enum {
+    BLK_T_IN = 0, BLK_T_OUT = 1, BLK_T_FLUSH = 4, BLK_S_OK = 0, BLK_S_IOERR = 1,
+    BLK_SECTOR = 512, BLK_MAX_SEG_MAX = 1024, /* UIO_MAXIOV */
+};
+
+typedef struct {
+    int fd, readonly;
+    uint64_t capacity; /* sectors */
+    uint32_t seg_max;
+} blkdev;
+
+typedef struct {
+    unsigned long long reads, writes, flushes, errors, bytes_read, bytes_written, bounced;
+    unsigned long long notified; /* times the call eventfd was signalled (BlkAio) */
+    unsigned long long kicks;    /* kick eventfd wake-ups the engine thread consumed */
+    char error[256]; /* the first failure, for the log */
+} blkstats;
+
+/* A parsed request: type, sector, data iovecs (iov[0..cnt)), its status byte, and ok = 0 if
+ * it must be answered IOERR without I/O (the reason noted in the stats). */
+typedef struct {
+    uint32_t type;
+    uint64_t sector, len; /* len: bytes of data to move */
+    uint8_t *status;
+    size_t cnt;
+    int ok;
+} blkreq;
+
+/* Without the GIL: 1 with r filled in (reads/writes/flushes counted), or 0 if the chain is not
+ * a read, write or flush Python must serve (or break the queue on). iov holds MAX_SEG_MAX. */
+HIDDEN int blk_parse(const popjob *j, size_t k, const blkdev *d, blkstats *st,
+                     struct iovec *iov, blkreq *r);
+HIDDEN void blk_note(blkstats *st, uint16_t head, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Zero iov past the first n bytes: a short read never leaks stale data to the guest. */
+HIDDEN void blk_zero_tail(const struct iovec *iov, size_t cnt, uint64_t n);
+/* Inflight region (vhost-user) bookkeeping: see _blk.c. */
+HIDDEN void infl_taken(uint8_t *infl, const popjob *j, size_t k, unsigned long long *counter);
+/* Publish n used entries (ids as used_write) with the inflight region kept consistent. */
+HIDDEN void blk_publish(ctx *c, uint8_t *infl, const uint32_t *ids, size_t n);
+
 HIDDEN PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw);
 HIDDEN PyObject *blk_result_type_new(void);
+HIDDEN PyObject *blk_result(PyTypeObject *tp, size_t pushed, PyObject *done, PyObject *rest,
+                            unsigned long long counter, const blkstats *st);
+
+/* ---- _aio.c: asynchronous request path (io_uring or a thread pool) ---- */
+
+HIDDEN PyType_Spec *blk_aio_spec(void);
 
 #endif

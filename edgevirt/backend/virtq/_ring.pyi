@@ -31,6 +31,12 @@ class BlkResult(tuple[object, ...]):
     def bytes_written(self) -> int: ...
     @property
     def error(self) -> str | None: ...
+    @property
+    def bounced(self) -> int: ...
+    @property
+    def notified(self) -> int: ...
+    @property
+    def kicks(self) -> int: ...
 
 class SplitQueue:
     def __init__(
@@ -64,4 +70,68 @@ class SplitQueue:
         max_chains: int = 0,
         inflight: memoryview | bytearray | None = None,
         counter: int = 0,
+        fd_fallback: int = -1,
     ) -> BlkResult: ...
+
+class BlkAio:
+    """The asynchronous virtio-blk request path of one queue (io_uring or a thread pool)."""
+
+    def __init__(
+        self,
+        fd: int,
+        capacity: int,
+        seg_max: int,
+        readonly: bool,
+        depth: int,
+        engine: str = "auto",
+        direct: bool = False,
+        align: int = 512,
+        mem_align: int = 0,
+        fd_buffered: int = -1,
+        bounce_budget: int = 32 << 20,
+    ) -> None: ...
+    @property
+    def engine(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def eventfd(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def bounced(self) -> int: ...
+    @property
+    def wakeup_fd(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def broken(self) -> bool: ...
+    def start(
+        self,
+        queue: SplitQueue,
+        mem: MemoryTable,
+        kick: int,
+        call: int,
+        inflight: memoryview | bytearray | None = None,
+        counter: int = 0,
+    ) -> None: ...
+    def stop(self, queue: SplitQueue) -> int: ...
+    def take_rest(self) -> list[Chain]: ...
+    def complete(self, done: Iterable[tuple[int, int]]) -> None: ...
+    def take_stats(self) -> BlkResult: ...
+    def submit(
+        self,
+        queue: SplitQueue,
+        mem: MemoryTable,
+        max_chains: int = 0,
+        inflight: memoryview | bytearray | None = None,
+        counter: int = 0,
+    ) -> BlkResult: ...
+    def reap(
+        self,
+        queue: SplitQueue,
+        inflight: memoryview | bytearray | None = None,
+        wait: bool = False,
+        call: int = -1,
+    ) -> BlkResult: ...
+    def close(self) -> None: ...

@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass, field
 
 from edgevirt.backend.devices.base import VirtioDevice
+from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user import inflight as infl
@@ -22,6 +23,7 @@ from edgevirt.backend.transport.vhost_user import protocol as p
 from edgevirt.backend.transport.vhost_user.protocol import ProtocolFeature as PF
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
 from edgevirt.backend.transport.vhost_user.vring import Vring
+from edgevirt.backend.virtq import BlkAio
 from edgevirt.errors import BackendError, VhostUserError
 
 log = logging.getLogger(__name__)
@@ -330,6 +332,7 @@ class VhostUserBackend:
             v = msg.u64()
             vr = self._vring(v & p.VRING_IDX_MASK)
             name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call", R.SET_VRING_ERR: "err"}[r]
+            paused = name != "err" and self._pause(vr)  # the engine thread uses kick and call
             old = getattr(vr, name)
             if name == "kick" and old >= 0:
                 self.loop.remove_reader(old)
@@ -338,6 +341,8 @@ class VhostUserBackend:
             setattr(vr, name, os.dup(msg.fds[0]) if msg.fds else -1)
             if name == "kick":
                 self._try_start(vr)
+            if paused and vr.enabled:
+                self._serve(vr)
             return None
         if r is R.GET_VRING_BASE:
             idx, _ = msg.state()
@@ -350,6 +355,8 @@ class VhostUserBackend:
             vr.enabled = bool(on)
             if vr.enabled and vr.queue is not None:
                 self._serve(vr)
+            elif not vr.enabled:
+                self._pause(vr)
             return None
         if r is R.GET_CONFIG:
             off, size, flags = p.CONFIG_HEADER.unpack_from(msg.payload)
@@ -427,11 +434,18 @@ class VhostUserBackend:
     def _add_region(self, reg: p.MemRegion, fd: int) -> None:
         if len(self.mem.regions) >= p.MAX_MEM_SLOTS:
             raise VhostUserError(f"ADD_MEM_REG: all {p.MAX_MEM_SLOTS} memory slots in use")
+        # Engine threads work on the memory table they started with: take their rings back
+        # while the table grows, then hand them the new one.
+        paused = [vr for vr in self.vrings if self._pause(vr)]
         try:
             self.mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
         except (OSError, BackendError) as e:
             raise VhostUserError(f"ADD_MEM_REG: cannot map region: {e}") from e
-        self._memory_changed()
+        finally:
+            self._memory_changed()
+            for vr in paused:
+                if vr.enabled:
+                    self._serve(vr)
 
     def _remove_region(self, reg: p.MemRegion) -> None:
         key = (reg.gpa, reg.size, reg.uva)
@@ -471,7 +485,9 @@ class VhostUserBackend:
             vr.queue = None
             self._break(vr, f"vring {vr.index}: {e}")
             return
-        self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
+        self._open_aio(vr)
+        if vr.aio is None:  # else the engine's thread waits on the kick fd
+            self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
         log.info(
             "%s: vring %d started: %d entries, desc gpa %#x, avail idx %d%s",
             self.device.name,
@@ -485,9 +501,48 @@ class VhostUserBackend:
             self._serve(vr)
 
     def _stop_ring(self, vr: Vring) -> None:
-        vr.stop()
+        if vr.aio is not None:
+            self.loop.remove_reader(vr.aio.wakeup_fd)
+        try:
+            vr.stop(self.mem)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
         if vr.kick >= 0:
             self.loop.remove_reader(vr.kick)
+
+    def _open_aio(self, vr: Vring) -> None:
+        """A blk device's asynchronous engine for this ring (cache=none), on the C ring only."""
+        d = self.device
+        if not (self.fastpath and isinstance(d, BlockDevice) and BlkAio is not None
+                and hasattr(vr.queue, "serve_blk")):  # fmt: skip
+            return
+        try:
+            vr.aio = d.open_aio(vr.num, BlkAio)
+        except OSError as e:
+            log.error("%s: vring %d: no asynchronous engine (%s): requests served by the "
+                      "Python path", d.name, vr.index, e)  # fmt: skip
+            return
+        if vr.aio is not None:
+            vr.blk, vr.threaded = d, True
+            self.loop.add_reader(vr.aio.wakeup_fd, lambda: self._aio_wakeup(vr))
+            log.info("%s: vring %d: %s on its own thread (%s)", d.name, vr.index,
+                     vr.aio.engine, vr.aio.reason)  # fmt: skip
+
+    def _aio_wakeup(self, vr: Vring) -> None:
+        try:
+            vr.wakeup(self.device, self.mem)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+        except OSError as e:
+            log.error("%s: vring %d: %s", self.device.name, vr.index, e)
+
+    def _pause(self, vr: Vring) -> bool:
+        """Take a ring back from its engine thread (before its fds change); True if it ran."""
+        try:
+            return vr.pause(self.mem)
+        except BackendError as e:
+            self._break(vr, f"vring {vr.index}: {e}")
+            return False
 
     def _break(self, vr: Vring, why: str) -> None:
         vr.broken = why
@@ -519,6 +574,8 @@ class VhostUserBackend:
 
     def snapshot(self) -> dict:
         d = self.device
+        for vr in self.vrings:
+            vr.sync_stats()  # what engine threads served since the last snapshot
         return {
             "device": d.name,
             "socket": self.path,

@@ -5,6 +5,14 @@ rings (front-end user addresses → guest-physical, inside the carve-out only), 
 chains a killed predecessor left in the inflight region, then serves whatever the driver
 has already made available. A guest fault marks the vring broken (logged, counted, signalled
 on the err fd); the process and every other vring keep running.
+
+A blk device with an asynchronous engine (``cache=none``: ``BlkAio``, io_uring or threads)
+gets one per vring. With ``threaded`` (the back-end's choice) the engine's C thread serves
+the ring by itself from kick to call (``start_thread``); Python only serves the chains the
+thread hands back (``wakeup``: get_id, discard, ...) and takes statistics. Without it,
+``serve`` submits batches on the loop thread and ``reap`` publishes what finished. Either
+way ``stop`` first waits for the I/O in flight and publishes it, so no request outlives the
+ring or the memory it points into.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgevirt.backend.devices.base import Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
@@ -20,6 +29,7 @@ from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
 from edgevirt.backend.virtq import SplitQueue
 from edgevirt.backend.virtq.pyring import USED_ELEM, walk_chain
+from edgevirt.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,12 @@ class Vring:
     broken: str | None = None
     resubmit: list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]] | None = None
     stats: VringStats = field(default_factory=VringStats)
+    #: the blk device's BlkAio engine for this ring (None: synchronous paths)
+    aio: Any = None
+    #: the device it serves, for the engine's accounting
+    blk: BlockDevice | None = None
+    #: the engine serves the ring on its own thread (``start_thread``)
+    threaded: bool = False
 
     @property
     def served(self) -> int:
@@ -106,11 +122,128 @@ class Vring:
             self.queue = q
         return q
 
-    def stop(self) -> None:
+    def stop(self, mem: GuestMemory | None = None) -> bool:
+        """Stop serving; True if the ring was running. ``mem`` (the memory the ring lives
+        in) lets the engine's I/O in flight finish and be published first. BackendError if
+        the engine's thread had found a guest fault (the ring stops all the same)."""
+        try:
+            if mem is not None:
+                self.pause(mem)
+        finally:
+            running = self._stop(mem)
+        return running
+
+    def _stop(self, mem: GuestMemory | None) -> bool:
+        running = self.queue is not None
+        if self.queue is not None and mem is not None:
+            self.drain(mem)
         if self.queue is not None:
             self.base = self.queue.last_avail_idx
             self.queue = None
         self.resubmit = None
+        if self.aio is not None:
+            self.aio.close()
+            self.aio = None
+        return running
+
+    # -- the engine's thread ---------------------------------------------------------------
+
+    def start_thread(self, device: VirtioDevice, mem: GuestMemory) -> None:
+        """Hand the ring to the engine's thread (chains a predecessor left are served first,
+        here, as they are already marked in the inflight region)."""
+        q, aio, iq = self.queue, self.aio, self.inflight
+        if q is None or aio is None or aio.running or self.broken:
+            return
+        if self.resubmit:
+            chains, self.resubmit = self.resubmit, None
+            self._finish(q, mem, device, chains)
+        aio.start(q, mem, self.kick, self.call, iq.buf if iq is not None else None,
+                  iq.counter if iq is not None else 0)  # fmt: skip
+
+    def pause(self, mem: GuestMemory) -> bool:
+        """Take the ring back from the thread (its I/O finished and published); True if it
+        ran. BackendError if the thread had stopped on a guest fault."""
+        q, aio = self.queue, self.aio
+        if q is None or aio is None or not aio.running:
+            return False
+        try:
+            counter = aio.stop(q)
+        finally:
+            self.sync_stats()
+        if self.inflight is not None:
+            self.inflight.counter = counter
+        rest = aio.take_rest()  # chains it left and Python had not taken yet
+        if rest and self.blk is not None:
+            self._finish(q, mem, self.blk, rest)
+        return True
+
+    def wakeup(self, device: VirtioDevice, mem: GuestMemory) -> None:
+        """The thread has chains for the device, or stopped on a guest fault (raised)."""
+        aio = self.aio
+        if aio is None:
+            return
+        if not aio.running:  # taken back already: only drain the fd, or the loop spins on it
+            aio.take_rest()
+            return
+        if aio.broken:
+            self.pause(mem)  # raises the thread's error
+            return
+        rest = aio.take_rest()
+        try:
+            if rest:
+                aio.complete([(h, device.handle(self.index, Chain(h, r, w), mem))
+                              for h, r, w in rest])  # fmt: skip
+        except BackendError:  # a chain nobody can answer: the ring stops here
+            self.pause(mem)
+            raise
+        self.sync_stats()
+
+    def sync_stats(self) -> None:
+        """Add what the thread served since the last call to the device and ring stats."""
+        if self.aio is None:
+            return
+        res = self.aio.take_stats()
+        if self.blk is not None:
+            self.blk.account(res)
+        self.stats.served += res.pushed
+        self.stats.notifications += res.notified
+        self.stats.kicks += res.kicks
+
+    def _finish(self, q: SplitQueue, mem: GuestMemory, device: VirtioDevice,
+                chains: list) -> None:  # fmt: skip
+        """Serve popped chains with the device and publish them (the loop thread's way)."""
+        iq = self.inflight
+        done = [(h, device.handle(self.index, Chain(h, r, w), mem)) for h, r, w in chains]
+        if iq is not None:
+            iq.before_push(done[-1][0])
+        q.push(mem, done)
+        if iq is not None:
+            iq.completed([h for h, _ in done], q.used_idx)
+        self.stats.served += len(done)
+        self._notify(q, mem)
+
+    # -- the engine on the loop thread -------------------------------------------------------
+
+    def reap(self, mem: GuestMemory, wait: bool = False) -> None:
+        """Publish the engine's finished requests (all in flight with ``wait``)."""
+        q, aio = self.queue, self.aio
+        if q is None or aio is None:
+            return
+        res = aio.reap(q, self.inflight.buf if self.inflight is not None else None, wait,
+                       self.call)  # fmt: skip
+        if self.blk is not None:
+            self.blk.account(res)
+        self.stats.served += res.pushed
+        self.stats.notifications += res.notified
+
+    def drain(self, mem: GuestMemory) -> None:
+        """Wait for the engine's I/O in flight and publish it (the ring is still mapped)."""
+        if self.aio is None or self.queue is None or not self.aio.in_flight:
+            return
+        try:
+            self.reap(mem, wait=True)
+        except OSError as e:  # the call fd is gone: the requests are published all the same
+            log.error("vring %d: drain: %s", self.index, e)
 
     def _resubmit(self, heads: list[int], mem: GuestMemory) -> None:
         q = self.queue
@@ -129,6 +262,12 @@ class Vring:
         q = self.queue
         assert q is not None
         iq = self.inflight
+        if self.aio is not None and self.blk is not None:
+            if self.threaded:
+                self.start_thread(device, mem)
+            else:
+                self._serve_aio(q, device, mem)
+            return
         serve_blk = getattr(q, "serve_blk", None) if fastpath else None
         blk = device if isinstance(device, BlockDevice) and serve_blk is not None else None
         fast = blk.fast_path_args() if blk is not None else None
@@ -139,7 +278,8 @@ class Vring:
             elif blk is not None and fast is not None and serve_blk is not None:
                 res = serve_blk(mem, *fast, BATCH,
                                 iq.buf if iq is not None else None,
-                                iq.counter if iq is not None else 0)  # fmt: skip
+                                iq.counter if iq is not None else 0,
+                                blk.fallback_fd)  # fmt: skip
                 if iq is not None:
                     iq.counter = res.counter  # every chain popped is marked taken
                 blk.account(res)
@@ -168,6 +308,35 @@ class Vring:
             self.stats.served += len(done)
             self._notify(q, mem)
 
+    def _serve_aio(self, q: SplitQueue, device: VirtioDevice, mem: GuestMemory) -> None:
+        """Submit every available chain to the engine; other chains go to ``device.handle``."""
+        iq, aio, blk = self.inflight, self.aio, self.blk
+        assert aio is not None and blk is not None
+        while True:
+            if self.resubmit:  # taken by a predecessor: already marked in the region
+                rest, self.resubmit = self.resubmit, None
+            else:
+                before = q.last_avail_idx
+                res = aio.submit(q, mem, BATCH,
+                                 iq.buf if iq is not None else None,
+                                 iq.counter if iq is not None else 0)  # fmt: skip
+                if iq is not None:
+                    iq.counter = res.counter
+                blk.account(res)
+                if res.pushed:
+                    self.stats.served += res.pushed
+                    self._notify(q, mem)
+                popped = (q.last_avail_idx - before) & 0xFFFF
+                if popped == 0:
+                    return
+                rest = res.rest
+                # A short batch took all there was; without EVENT_IDX the driver kicks for
+                # anything newer (with it, the pop again covers a kick it may have skipped).
+                if popped < BATCH and not q.event_idx and not rest:
+                    return
+            if rest:
+                self._finish(q, mem, device, rest)
+
     def _notify(self, q: SplitQueue, mem: GuestMemory) -> None:
         if q.should_notify(mem) and self.call >= 0:
             self.stats.notifications += 1  # counted first: observers wake on the call
@@ -194,5 +363,8 @@ class Vring:
             "notifications": self.stats.notifications,
             "resubmitted": self.stats.resubmitted,
             "inflight_tracking": self.inflight is not None,
+            "io": self.aio.engine if self.aio is not None else None,
+            "io_thread": self.aio is not None and self.aio.running,
+            "in_flight_io": self.aio.in_flight if self.aio is not None else 0,
             "broken": self.broken,
         }

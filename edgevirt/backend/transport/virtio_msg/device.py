@@ -4,7 +4,9 @@ A :class:`MsgDevice` wraps an unchanged :class:`~edgevirt.backend.devices.Virtio
 (the same classes vhost-user serves) and answers the transport messages for its device
 number: device info, feature blocks, config space with a generation count, device status,
 virtqueues. Chains are served from rings in guest memory (the carve-out) through the same
-``SplitQueue`` as vhost-user.
+``SplitQueue`` as vhost-user, and a file-backed blk device through the same C request path
+(``SplitQueue.serve_blk``: a whole batch per GIL-free call), so the transport costs only its
+messages.
 
 A well-formed request always gets a response, even when its content is refused: a
 GET_CONFIG outside the config space answers with zero bytes, a SET_CONFIG with a stale
@@ -20,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 from edgevirt.backend.devices.base import Chain, VirtioDevice
+from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg import protocol as p
 from edgevirt.backend.transport.virtio_msg.protocol import Message, MsgId
@@ -292,17 +295,31 @@ class MsgDevice:
             return False, False
         notify = False
         budget = SERVE_BUDGET
+        blk = self.device if isinstance(self.device, BlockDevice) else None
+        serve_blk = getattr(q, "serve_blk", None)  # the C ring only
+        fast = blk.sync_args() if blk is not None and serve_blk is not None else None
         try:
             while budget > 0:
-                chains = q.pop(self.mem, min(BATCH, budget))
-                if not chains:
+                done: list[tuple[int, int]] = []
+                if fast is not None and blk is not None and serve_blk is not None:
+                    res = serve_blk(self.mem, *fast, min(BATCH, budget), None, 0,
+                                    blk.fallback_fd)  # fmt: skip
+                    blk.account(res)
+                    if res.pushed:
+                        vq.served += res.pushed
+                        budget -= res.pushed
+                        notify |= q.should_notify(self.mem)
+                        continue
+                    done, chains = list(res.done), res.rest
+                else:
+                    chains = q.pop(self.mem, min(BATCH, budget))
+                if not chains and not done:
                     # Full fence inside: orders our earlier stores (used idx, the message
                     # ring's consumer index) before re-reading avail idx.
                     q.set_notification(self.mem, True)
                     if not q.pending(self.mem):
                         break
                     continue
-                done = []
                 for head, readable, writable in chains:
                     n = self.device.handle(index, Chain(head, readable, writable), self.mem)
                     done.append((head, n))
