@@ -95,7 +95,8 @@ def board_options(f):  # type: ignore[no-untyped-def]
     type=click.IntRange(1, 16),
     default=1,
     show_default=True,
-    help="Run on N QEMU targets at once (own ports and build dir each).",
+    help="Run on N QEMU targets at once (own ports and build dir each), or on N places "
+    "matching --place (one JUnit file).",
 )
 @click.option(
     "--junit",
