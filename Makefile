@@ -40,6 +40,12 @@ $(TEST_STAMP): $(PY_STAMP)
 	@echo "setup: installing the test tools (log: $(LOG))"
 	@$(PIP) install -e '.[test]' >>$(LOG) 2>&1 || \
 	 { tail -20 $(LOG); echo "setup: pip install failed (log: $(LOG))" >&2; exit 3; }
+	@# The labgrid extra brings labgrid's fork pyserial-labgrid, which installs the same
+	@# `serial` package as pyserial: whichever pip wrote last wins (labgrid #1245). Reinstall
+	@# the fork last so the outcome never depends on pip's order: it is pyserial 3.5 plus
+	@# labgrid's RFC2217 fixes (tests/test_lab.py checks it and RFC2217 through ser2net).
+	@$(PIP) install --force-reinstall --no-deps 'pyserial-labgrid==3.5.0.2' >>$(LOG) 2>&1 || \
+	 { tail -20 $(LOG); echo "setup: pip install failed (log: $(LOG))" >&2; exit 3; }
 	@touch $@
 
 setup: host-demo $(PY_STAMP)

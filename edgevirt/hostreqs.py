@@ -324,6 +324,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "TAP devices behind the virtio-net back-end",
         fix="modprobe tun (a container needs --device /dev/net/tun and CAP_NET_ADMIN)",
     ),
+    R(
+        "socat",
+        "tests",
+        "socat",
+        command("socat", "-V"),
+        "pty pairs standing in for a lab's USB-serial adapters (edgevirt.lab.fakelab)",
+    ),
 )
 
 

@@ -1,8 +1,10 @@
 """pytest plugin: device tests in pytest, on a booted edgevirt target.
 
 Enable with the ``pytest11`` entry point (installed with edgevirt) or ``-p edgevirt.pytest_plugin``.
-Pick the board with ``--edgevirt-board NAME`` or ``EDGEVIRT_BOARD``; without one, tests
-that use the fixtures are skipped (so a suite runs fine on a laptop with no board).
+Pick the board with ``--edgevirt-board NAME`` or ``EDGEVIRT_BOARD``, or a labgrid place with
+``--edgevirt-place P`` (``EDGEVIRT_PLACE``; coordinator ``--edgevirt-coordinator`` or
+``LG_COORDINATOR``; held for the session, released at its end); without either, tests that
+use the fixtures are skipped (so a suite runs fine on a laptop with no board).
 
 Fixtures:
     ``edgevirt_target``   session-wide :class:`~edgevirt.deploy.target.Target`, booted to its shell
@@ -39,6 +41,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="U-Boot boards: how the images are loaded.",
     )
     g.addoption("--edgevirt-image", default=None, help="Directory with Image, initramfs, …")
+    g.addoption("--edgevirt-place", default=None, help="labgrid place (or $EDGEVIRT_PLACE).")
+    g.addoption(
+        "--edgevirt-coordinator", default=None, help="labgrid coordinator (or $LG_COORDINATOR)."
+    )
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +55,12 @@ def edgevirt_target(
 
     opt = request.config.getoption
     name = opt("--edgevirt-board") or os.environ.get("EDGEVIRT_BOARD")
-    if not name:
-        pytest.skip("no edgevirt board configured (--edgevirt-board or EDGEVIRT_BOARD)")
+    place = opt("--edgevirt-place") or os.environ.get("EDGEVIRT_PLACE")
+    if not name and not place:
+        pytest.skip(
+            "no edgevirt board configured (--edgevirt-board or EDGEVIRT_BOARD, "
+            "--edgevirt-place or EDGEVIRT_PLACE)"
+        )
     build = opt("--edgevirt-build-dir")
     image = opt("--edgevirt-image")
     opts = DeployOptions(
@@ -58,6 +68,20 @@ def edgevirt_target(
         image_dir=Path(image) if image else None,
         load=opt("--edgevirt-load"),
     )
+    if place:
+        from edgevirt.lab import coordinator_address
+        from edgevirt.lab.client import LabClient
+        from edgevirt.lab.run import place_target
+
+        address = coordinator_address(opt("--edgevirt-coordinator"))
+        with LabClient(address) as client, place_target(client, place, opts, board=name) as (
+            _,
+            target,
+        ):
+            target.boot()
+            yield target
+        return
+    assert name is not None
     with Target(load_board(name), opts) as target:
         target.boot()
         yield target

@@ -8,6 +8,7 @@ something (`make setup` fixes it), 4 a board/spec/config file is invalid.
 from __future__ import annotations
 
 import logging
+import threading
 
 import click
 
@@ -20,6 +21,7 @@ from edgevirt.cli import (
     dt,
     image,
     kernel,
+    lab,
     servicevm,
     test,
     tftp,
@@ -59,7 +61,21 @@ cli.add_command(image.image)
 cli.add_command(servicevm.servicevm)
 cli.add_command(tftp.tftp)
 cli.add_command(doctor.doctor)
+cli.add_command(lab.lab)
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    # pyserial's RFC2217 reader thread dies with a traceback when ser2net drops the
+    # connection; the console reports the drop itself, as a clear error.
+    name = args.thread.name if args.thread is not None else ""
+    if name.startswith("pySerial RFC 2217 reader thread") and issubclass(
+        args.exc_type, OSError
+    ):
+        logging.getLogger("edgevirt.console").debug("%s: %s", name, args.exc_value)
+        return
+    threading.__excepthook__(args)
 
 
 def main() -> None:
+    threading.excepthook = _thread_excepthook
     cli(prog_name="edgevirt")

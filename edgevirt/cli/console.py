@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgevirt.cli.common import EXIT_OK, err, fail
+from edgevirt.cli.lab import place_options
 from edgevirt.cli.test import EXIT_INTERRUPTED, stop_on_sigterm
 from edgevirt.errors import ConfigError, EdgevirtError
 
@@ -22,7 +23,21 @@ from edgevirt.errors import ConfigError, EdgevirtError
     default=None,
     help="Session log [default: out/<board>/console.log].",
 )
-def console(board: str, url: str | None, log_path: Path | None) -> None:
+@place_options
+@click.option(
+    "--power-on", is_flag=True, help="With --place: switch the board on after connecting."
+)
+@click.pass_context
+def console(
+    ctx: click.Context,
+    board: str,
+    url: str | None,
+    log_path: Path | None,
+    place: str | None,
+    coordinator: str | None,
+    wait: float,
+    power_on: bool,
+) -> None:
     """Attach to a board's serial console (Ctrl-] leaves); everything is logged.
 
     \b
@@ -30,6 +45,11 @@ def console(board: str, url: str | None, log_path: Path | None) -> None:
     Examples:
       edgevirt console --board rpi4b
       edgevirt console --board rpi4b --url rfc2217://lab-host:3000
+      edgevirt console --place rack1-rpi4 --coordinator lab:20408 --power-on
+
+    \b
+    With --place the place is acquired for the session and released when you leave
+    (a board this command switched on is switched off again).
     """
     from edgevirt.board import load_board
     from edgevirt.console.expect import Console
@@ -37,6 +57,9 @@ def console(board: str, url: str | None, log_path: Path | None) -> None:
 
     stop_on_sigterm()
     try:
+        if place is not None:
+            _place_console(ctx, place, coordinator, wait, board, log_path, power_on)
+            sys.exit(EXIT_OK)
         b = load_board(board)
         target_url = url or (b.console.url if b.console else None)
         if not target_url:
@@ -58,3 +81,41 @@ def console(board: str, url: str | None, log_path: Path | None) -> None:
     except EdgevirtError as e:
         fail(e)
     sys.exit(EXIT_OK)
+
+
+def _place_console(
+    ctx: click.Context,
+    place: str,
+    coordinator: str | None,
+    wait: float,
+    board: str,
+    log_path: Path | None,
+    power_on: bool,
+) -> None:
+    """Hold the place for an interactive session on its serial port (power untouched
+    unless --power-on)."""
+    from edgevirt.console.expect import Console
+    from edgevirt.console.interact import interact
+    from edgevirt.lab import coordinator_address
+    from edgevirt.lab.client import LabClient
+    from edgevirt.lab.run import hold_places
+
+    del ctx, board  # the console needs no board profile: the place gives URL and speed
+    with LabClient(coordinator_address(coordinator)) as client:
+        with hold_places(client, place, 1, wait=wait) as [session]:
+            acq = session.acquired
+            assert acq is not None and session.power is not None
+            path = log_path or Path("out") / f"lab-{session.name}" / "console.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            con = Console.open(acq.console_url, log_path=path, baudrate=acq.baudrate,
+                               name=f"place {session.name} console")
+            try:
+                err.print(
+                    f"[dim]place {session.name}: connected to {acq.console_url}; "
+                    f"Ctrl-] to leave; log {path}[/]"
+                )
+                if power_on:
+                    session.power.on()
+                interact(con)
+            finally:
+                con.close()

@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from edgevirt.cli.common import EXIT_FAILED, EXIT_OK, RichReporter, err, fail, out
+from edgevirt.cli.lab import place_options
 from edgevirt.cli.up import TRANSPORTS
 from edgevirt.deploy.target import DeployOptions
 from edgevirt.errors import EdgevirtError
@@ -94,7 +95,8 @@ def board_options(f):  # type: ignore[no-untyped-def]
     type=click.IntRange(1, 16),
     default=1,
     show_default=True,
-    help="Run on N QEMU targets at once (own ports and build dir each).",
+    help="Run on N QEMU targets at once (own ports and build dir each), or on N places "
+    "matching --place (one JUnit file).",
 )
 @click.option(
     "--junit",
@@ -107,8 +109,11 @@ def board_options(f):  # type: ignore[no-untyped-def]
     is_flag=True,
     help="QEMU boards: reach the console through ser2net over rfc2217:// (as in a lab).",
 )
+@place_options
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
+@click.pass_context
 def test(
+    ctx: click.Context,
     suites: tuple[str, ...],
     board: str,
     build_dir: Path | None,
@@ -119,6 +124,9 @@ def test(
     parallel: int,
     junit: Path | None,
     ser2net: bool,
+    place: str | None,
+    coordinator: str | None,
+    wait: float,
     as_json: bool,
 ) -> None:
     """Boot the board and run test SUITES (a shipped name such as smoke, or a .yaml file).
@@ -130,6 +138,8 @@ def test(
       edgevirt test carveout boot --board rpi3b             # SD card on QEMU raspi3b
       edgevirt test smoke --transport msg                   # devices over virtio-msg
       edgevirt test my-suite.yaml --parallel 3 --junit out/junit.xml
+      edgevirt test smoke --place rack1-rpi4 --coordinator lab:20408   # a labgrid place
+      edgevirt test smoke --place 'board=qemu-virt' --parallel 2 --wait 300
     """
     from edgevirt.board import load_board
     from edgevirt.suite.junit import write_junit
@@ -138,11 +148,7 @@ def test(
 
     stop_on_sigterm()
     try:
-        b = load_board(board)
         loaded = [load_suite(s) for s in suites]
-        build = build_dir or Path("out") / f"{b.name}-test"
-        opts = deploy_options(build, image, load, boot_timeout, transport)
-        opts.ser2net = ser2net
         reporter = RichReporter(quiet=as_json)
 
         def on_step(target: str, s: object) -> None:
@@ -151,16 +157,40 @@ def test(
                 mark = "[green]✓[/]" if ok else "[red]✗[/]"
                 err.print(f"  {mark} {target}: {getattr(s, 'name', '')}")
 
-        runs = run_parallel(
-            b,
-            loaded,
-            opts,
-            parallel,
-            reporter=reporter,
-            on_step=on_step,
-        )
+        if place is not None:
+            from edgevirt.cli.lab import run_lab_test
+
+            if ser2net:
+                raise click.UsageError(
+                    "--ser2net is for local QEMU boards: a place's console already comes "
+                    "through its exporter's ser2net"
+                )
+            explicit = ctx.get_parameter_source("board") is not click.core.ParameterSource.DEFAULT
+            build = build_dir or Path("out") / "lab-test"
+            opts = deploy_options(build, image, load, boot_timeout, transport)
+            title, runs = run_lab_test(
+                place, coordinator, wait, parallel, board if explicit else None,
+                loaded, opts, reporter, on_step,
+            )
+        else:
+            b = load_board(board)
+            title = b.name
+            build = build_dir or Path("out") / f"{b.name}-test"
+            opts = deploy_options(build, image, load, boot_timeout, transport)
+            opts.ser2net = ser2net
+            runs = run_parallel(
+                b,
+                loaded,
+                opts,
+                parallel,
+                reporter=reporter,
+                on_step=on_step,
+            )
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted:[/] every target was powered off")
+        err.print(
+            "[bold red]interrupted:[/] every target was powered off"
+            + (", every place released" if place else "")
+        )
         sys.exit(EXIT_INTERRUPTED)
     except EdgevirtError as e:
         fail(e)
@@ -188,7 +218,7 @@ def test(
             )
         )
     else:
-        t = Table(title=f"edgevirt test — {b.name}" + (f" ×{parallel}" if parallel > 1 else ""))
+        t = Table(title=f"edgevirt test — {title}" + (f" ×{parallel}" if parallel > 1 else ""))
         for col in ("target", "suite", "step", "result", "time"):
             t.add_column(col, justify="right" if col == "time" else "left")
         t.add_column("detail", overflow="fold")

@@ -130,6 +130,7 @@ class QemuMachine(Power):
         transport: str = "vhost-user",
         spec: SystemSpec | None = None,
         external: ExternalBus | None = None,
+        console_device: Path | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ConfigError(f"transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
@@ -175,6 +176,7 @@ class QemuMachine(Power):
             firmware_ram=firmware_ram,
             tftp_dir=build / "tftp" if tftp else None,
             console_pty=ser2net,
+            console_device=console_device,
         )
         if transport == "msg":
             self.config.ivshmem_socket = (
@@ -327,6 +329,8 @@ class QemuMachine(Power):
         self.boots += 1
         if self.use_ser2net:
             self._start_ser2net()
+        elif c.console_device is not None:
+            wait_for_path(c.qmp_socket, 30, "QEMU QMP socket", self.qemu)
         else:
             wait_for_path(self.console_socket, 30, "QEMU console socket", self.qemu)
 

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class Power(ABC):
+    #: The console exists while the target is off (a UART adapter in a lab): connect to
+    #: it before powering on, so no early boot output is lost.
+    console_first: bool = False
+
     @abstractmethod
     def on(self) -> None: ...
 

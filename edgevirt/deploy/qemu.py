@@ -57,6 +57,9 @@ class QemuConfig:
     tftp_dir: Path | None = None
     #: Console on a pseudo-terminal (a serial device for ser2net) instead of a socket.
     console_pty: bool = False
+    #: Console on this serial device (a lab's UART adapter stand-in: one end of a pty
+    #: pair) instead of a socket; the machine runs at once, as a powered board does.
+    console_device: Path | None = None
     #: virtio-msg: the ivshmem server socket of an ``ivshmem-doorbell`` device (its BAR2 is
     #: the message memory, its doorbell register and MSI-X vectors the doorbells).
     ivshmem_socket: Path | None = None
@@ -157,8 +160,8 @@ class QemuConfig:
         ]
 
     def command(self) -> list[str]:
-        if not self.console_socket:
-            raise DeployError("QEMU command needs a console socket")
+        if not self.console_socket and not self.console_device:
+            raise DeployError("QEMU command needs a console socket or device")
         cmd = [
             *self.machine_args(),
             *self.device_args(),
@@ -168,7 +171,9 @@ class QemuConfig:
             # The console is a server that waits for us: no early boot output is lost.
             # A pty (for ser2net) cannot wait, so the machine starts paused (-S) instead.
             "-chardev",
-            "pty,id=ev-con"
+            f"serial,id=ev-con,path={self.console_device}"
+            if self.console_device
+            else "pty,id=ev-con"
             if self.console_pty
             else f"socket,id=ev-con,path={self.console_socket},server=on,wait=on",
             "-serial",

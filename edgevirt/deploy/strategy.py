@@ -101,8 +101,12 @@ class BootStrategy:
 
     def _power_on(self) -> Console:
         self._close_console()
-        self.power.on()
-        self.console = self.connect()
+        if self.power.console_first:
+            self.console = self.connect()
+            self.power.on()
+        else:
+            self.power.on()
+            self.console = self.connect()
         return self.console
 
     def _enter_kernel(self) -> None:

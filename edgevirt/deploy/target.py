@@ -35,7 +35,7 @@ from typing import Any
 from edgevirt.board import Board, get_key, parse_size
 from edgevirt.console.expect import Console
 from edgevirt.deploy.boardimage import prepare_board_images
-from edgevirt.deploy.machine import ExternalBus, Images, QemuMachine
+from edgevirt.deploy.machine import DEVICES, ExternalBus, Images, QemuMachine, mmio_nodes
 from edgevirt.deploy.power import Power, board_power, no_operator
 from edgevirt.deploy.socmodel import QemuModel
 from edgevirt.deploy.strategy import BootStrategy, State, UBootStrategy
@@ -91,6 +91,12 @@ class DeployOptions:
     spec: SystemSpec | None = None
     #: QEMU boards, transport "msg": a bus served elsewhere (the service VM's host side).
     external: ExternalBus | None = None
+    #: Power and console supplied from outside (a labgrid place, edgevirt.lab): the board
+    #: profile only gives the boot strategy; a profile without [bootloader] boots what the
+    #: board holds when powered (e.g. a QEMU board behind a lab's power switch).
+    power: Power | None = None
+    #: Name for the console in messages and logs [default: the board's name].
+    label: str | None = None
 
 
 def _uboot_settings(board: Board) -> UBootSettings:
@@ -103,6 +109,25 @@ def _uboot_settings(board: Board) -> UBootSettings:
         interrupt=get_key(bl, "interrupt", str, w, d.interrupt),
         retries=get_key(bl, "retries", int, w, d.retries),
     )
+
+
+def qemu_firmware(board: Board) -> tuple[Path | None, int]:
+    """A QEMU board's firmware (U-Boot when it has a [bootloader]) and the RAM node it
+    runs in: ([power] firmware, [power] firmware_ram in bytes)."""
+    pw = board.raw.get("power", {})
+    w = board.where("power")
+    uboot = board.boot.chain == "u-boot"
+    firmware = None
+    if uboot:
+        firmware = Path(get_key(pw, "firmware", str, w, str(DEFAULT_FIRMWARE)))
+        if not firmware.is_file():
+            from edgevirt.errors import SetupError
+
+            raise SetupError(
+                f"U-Boot firmware {firmware} not found", hint="apt-get install u-boot-qemu"
+            )
+    fw_ram = get_key(pw, "firmware_ram", (str, int), w, "128M" if uboot else 0)
+    return firmware, parse_size(fw_ram, f"{w}.firmware_ram") if fw_ram else 0
 
 
 def check_chain(board: Board) -> None:
@@ -167,24 +192,22 @@ class Target:
         self.model: QemuModel | None = None
         self.images: Images | None = None
         power: Power
-        if board.is_qemu:
-            pw = self.raw.get("power", {})
-            w = board.where("power")
-            firmware = None
-            if self.uboot:
-                firmware = Path(get_key(pw, "firmware", str, w, str(DEFAULT_FIRMWARE)))
-                if not firmware.is_file():
-                    from edgevirt.errors import SetupError
-
-                    raise SetupError(
-                        f"U-Boot firmware {firmware} not found", hint="apt-get install u-boot-qemu"
-                    )
-            fw_ram = get_key(pw, "firmware_ram", (str, int), w, "128M" if self.uboot else 0)
+        if opts.power is not None:
+            if not opts.console_url:
+                raise ConfigError(f"{board.name}: external power needs a console URL too")
+            if opts.transport != "vhost-user" or opts.spec is not None:
+                raise ConfigError(
+                    f"{board.name}: --transport and specs shape the QEMU machines edgevirt "
+                    "starts itself; a board powered from outside runs what it was set up with"
+                )
+            power = opts.power
+        elif board.is_qemu:
+            firmware, firmware_ram = qemu_firmware(board)
             self.machine = QemuMachine(
                 board,
                 self.build,
                 firmware=firmware,
-                firmware_ram=parse_size(fw_ram, f"{w}.firmware_ram") if fw_ram else 0,
+                firmware_ram=firmware_ram,
                 tftp=self.uboot and self.tftp.get("server") == "qemu",
                 ser2net=opts.ser2net,
                 transport=opts.transport,
@@ -245,7 +268,7 @@ class Target:
             url,
             log_path=self.build / "console.log",
             baudrate=baud,
-            name=f"{self.board.name} console",
+            name=f"{self.opts.label or self.board.name} console",
         )
         if self.machine is not None:
             self.machine.connected()
@@ -263,6 +286,8 @@ class Target:
             )
             return
         d = self.opts.image_dir
+        if d is None and self.opts.power is not None and self.board.boot.chain == "direct":
+            return  # a board powered from outside (a lab place) boots the images it holds
         if d is None and self.load in ("tftp", "fit"):
             raise DeployError(
                 f"board {self.board.name}: pass --image DIR (Image, "
@@ -431,7 +456,12 @@ class Target:
         v = {"board": self.board.name, "kernel_console": self.board.console_kernel}
         if self.board.is_qemu:
             q = self.board.qemu
-            nodes = self.images.nodes if self.images else []
+            # A QEMU board powered from outside runs the default devices (machine.DEVICES).
+            nodes = (
+                self.images.nodes
+                if self.images and self.images.nodes
+                else mmio_nodes(len(DEVICES))
+            )
             v |= smoke_vars(q.carveout_base, q.carveout, nodes)
         elif self.images is not None and self.images.carveout is not None:
             v |= smoke_vars(*self.images.carveout, [])
