@@ -246,11 +246,10 @@ def resolve(opts: UpOptions, board: Board) -> tuple[str, str, SystemSpec | None]
         dup = sorted({t for t in extra if types.count(t) > 1})
         if dup:
             raise ConfigError(f"{spec.where('[[device]]')}: `up` checks one {dup[0]} device")
-        if extra and (spec_transport != "vhost-user" or opts.backend == "service-vm"
-                      or spec.backend == "service-vm"):  # fmt: skip
+        if extra and "service-vm" in (opts.backend, spec.backend):
             raise ConfigError(
                 f"{spec.where('[[device]]')}: `up` runs the checks of {', '.join(extra)} with "
-                "the host back-end over vhost-user (transport 'mmio') only, so far"
+                "the host back-end only, so far"
             )
     for what, given, from_spec in (
         ("transport", opts.transport, spec_transport),

@@ -10,6 +10,7 @@ from edgevirt.spec import load_spec
 from tests.helpers import ROOT, edgevirt
 
 DEVICES_SPEC = ROOT / "devicetree/specs/qemu-virt-devices.toml"
+DEVICES_MSG_SPEC = ROOT / "devicetree/specs/qemu-virt-devices-msg.toml"
 
 
 def spec_file(tmp_path: Path, devices: str, extra: str = "") -> Path:
@@ -47,18 +48,12 @@ def test_smoke_device_twice_is_exit_4(tmp_path):
     assert r.returncode == 4 and "one gpio device" in r.stderr, r.stderr
 
 
-def test_smoke_devices_over_msg_are_refused_for_now(tmp_path):
-    spec = spec_file(
-        tmp_path,
-        '[[device]]\ntype = "vsock"\ntransport = "mmio"\n',
-        "[msg]\ndoorbell = 0x0c000000\n",
-    )
-    for t in ("mmio", "msg"):
-        text = spec.read_text().replace('transport = "mmio"', f'transport = "{t}"')
-        spec.write_text(text)
-        r = up(tmp_path, spec, "--backend", "service-vm") if t == "mmio" else up(tmp_path, spec)
-        assert r.returncode == 4, r.stderr
-    assert "vhost-user" in r.stderr and "vsock" in r.stderr, r.stderr
+def test_smoke_devices_in_the_service_vm_are_refused_for_now(tmp_path):
+    spec = spec_file(tmp_path, '[[device]]\ntype = "vsock"\ntransport = "msg"\n',
+                     '[msg]\ndoorbell = "ivshmem-pci"\n')  # fmt: skip
+    spec.write_text(spec.read_text().replace('"mmio"', '"msg"'))
+    r = up(tmp_path, spec, "--backend", "service-vm")
+    assert r.returncode == 4 and "vsock" in r.stderr and "host back-end" in r.stderr, r.stderr
 
 
 def test_machine_wires_each_device_to_its_smoke(tmp_path):
@@ -78,3 +73,10 @@ def test_machine_wires_each_device_to_its_smoke(tmp_path):
     assert m.config.devices[2].options == {"mac": "52:54:00:12:34:56"}
     m.close()  # nothing was created: closing is harmless
     assert device_smoke("blk", tmp_path) is None
+
+
+def test_msg_machine_starts_no_vhost_user_devices_but_keeps_the_smokes(tmp_path):
+    spec = load_spec(DEVICES_MSG_SPEC)
+    m = QemuMachine(load_board("qemu-virt"), tmp_path, transport="msg", spec=spec)
+    assert m.config.devices == [] and sorted(m.smokes) == sorted(SMOKES)
+    m.close()
