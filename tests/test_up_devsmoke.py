@@ -3,9 +3,12 @@ the QEMU machine wires each device's smoke checks (no VM boots here)."""
 
 from pathlib import Path
 
+import pytest
+
 from edgevirt.board import load_board
 from edgevirt.deploy.machine import QemuMachine
 from edgevirt.devsmoke import SMOKES, device_smoke
+from edgevirt.errors import SetupError
 from edgevirt.spec import load_spec
 from tests.helpers import ROOT, edgevirt
 
@@ -80,3 +83,12 @@ def test_msg_machine_starts_no_vhost_user_devices_but_keeps_the_smokes(tmp_path)
     m = QemuMachine(load_board("qemu-virt"), tmp_path, transport="msg", spec=spec)
     assert m.config.devices == [] and sorted(m.smokes) == sorted(SMOKES)
     m.close()
+
+
+def test_net_smoke_without_root_is_a_setup_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    smoke = device_smoke("net", tmp_path)
+    assert smoke is not None
+    with pytest.raises(SetupError, match="need root"):
+        smoke.before_backend()
+    smoke.close()  # created nothing, removes nothing

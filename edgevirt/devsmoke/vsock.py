@@ -30,7 +30,7 @@ class VsockSmoke(DeviceSmoke):
         super().__init__(workdir)
         self.mib = mib
         self.got: dict[str, str] = {}
-        self.reply = os.urandom(mib << 20)
+        self.reply = b""
         self.srv: socket.socket | None = None
 
     def backend_arg(self) -> str:
@@ -61,6 +61,7 @@ class VsockSmoke(DeviceSmoke):
             self.got["error"] = str(e)
 
     def run(self, console: Console, prefix: str = "") -> list[Check]:
+        self.reply = os.urandom(self.mib << 20)
         t = threading.Thread(target=self._serve, daemon=True)
         t.start()
         size = self.mib << 20
