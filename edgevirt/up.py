@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgevirt import devsmoke
 from edgevirt.board import Board, load_board
 from edgevirt.console.expect import Console
 from edgevirt.deploy.backend_process import BackendProcess, backend_socket
@@ -232,11 +233,23 @@ def resolve(opts: UpOptions, board: Board) -> tuple[str, str, SystemSpec | None]
                 "`up` runs one transport (all devices mmio, or all msg)"
             )
         spec_transport = "msg" if kinds[0] == "msg" else "vhost-user"
-        types = sorted(d.type for d in spec.devices)
-        if types != sorted(DEVICES):
+        types = [d.type for d in spec.devices]
+        base = sorted(t for t in types if t in DEVICES)
+        extra = [t for t in types if t not in DEVICES]
+        unknown = [t for t in extra if t not in devsmoke.SMOKES]
+        if base != sorted(DEVICES) or unknown:
             raise ConfigError(
                 f"{spec.where('[[device]]')}: devices {', '.join(types)}; `up` serves and "
-                f"checks exactly {' + '.join(DEVICES)}"
+                f"checks {' + '.join(DEVICES)}, optionally with one each of "
+                f"{', '.join(devsmoke.SMOKES)}"
+            )
+        dup = sorted({t for t in extra if types.count(t) > 1})
+        if dup:
+            raise ConfigError(f"{spec.where('[[device]]')}: `up` checks one {dup[0]} device")
+        if extra and "service-vm" in (opts.backend, spec.backend):
+            raise ConfigError(
+                f"{spec.where('[[device]]')}: `up` runs the checks of {', '.join(extra)} with "
+                "the host back-end only, so far"
             )
     for what, given, from_spec in (
         ("transport", opts.transport, spec_transport),
@@ -398,6 +411,11 @@ def _frontend(
     if sr.error is not None:
         raise DeployError(sr.error)
     outputs = {s.name: s.output for s in sr.steps}
+    for dtype, smoke in machine.smokes.items():
+        reporter.step(f"{dtype} smoke checks")
+        t = time.monotonic()
+        result.checks += smoke.run(console, pre)
+        result.timings[f"frontend_{dtype}"] = time.monotonic() - t
     if result.transport == "msg":
         count = len(spec.devices) if spec else len(DEVICES)
         result.checks.append(msg_bus_check(outputs.get(POOL_STEP, ""), count, pre))

@@ -15,7 +15,6 @@ import re
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from edgevirt.board import load_board
 from edgevirt.console.expect import Console
 from edgevirt.deploy.machine import mmio_nodes
 from edgevirt.deploy.qemu import QemuConfig, VhostUserDevice, wait_for_path
+from edgevirt.devsmoke.net import GUEST_IP, PEER_IP, ns_peer
 from edgevirt.image.kernel import build_kernel
 from edgevirt.report import Reporter
 from edgevirt.up import BackendProcess, backend_socket, build_initramfs, compose_dtb
@@ -33,7 +33,6 @@ from edgevirt.up import BackendProcess, backend_socket, build_initramfs, compose
 pytestmark = pytest.mark.e2e
 
 NET_MIB = 32
-GUEST_IP, PEER_IP = "10.0.2.15", "10.0.2.1"
 
 
 def sh(*args: str) -> None:
@@ -50,37 +49,6 @@ def netns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-
-
-NS_SERVER = r"""
-import hashlib, socket, sys
-mode, host, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-if mode == "recv":
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port)); s.listen(1); print("listening", flush=True)
-    c, _ = s.accept(); h = hashlib.sha256(); n = 0
-    while n < size:
-        b = c.recv(1 << 16)
-        if not b: break
-        h.update(b); n += len(b)
-    c.close(); print(n, h.hexdigest(), flush=True)
-else:
-    import os, time
-    data = os.urandom(size)
-    for _ in range(1200):
-        try:
-            c = socket.create_connection((host, port), timeout=5); break
-        except OSError:
-            time.sleep(0.1)
-    c.sendall(data); c.close(); print(size, hashlib.sha256(data).hexdigest(), flush=True)
-"""
-
-
-def ns_python(ns: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", NS_SERVER, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -166,7 +134,7 @@ def test_net_guest_pings_and_moves_data_through_tap_in_netns(tmp_path, netns):
             assert r.status == 0 and "2 packets received" in r.output, r.output
         size = NET_MIB << 20
         # guest → namespace
-        srv = ns_python(netns, "recv", PEER_IP, "5000", str(size))
+        srv = ns_peer(netns, "recv", PEER_IP, "5000", str(size))
         assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
         t0 = time.monotonic()
         r = console.run(f"dd if=/dev/urandom of=/tmp/out bs=1M count={NET_MIB} 2>/dev/null && "
@@ -180,7 +148,7 @@ def test_net_guest_pings_and_moves_data_through_tap_in_netns(tmp_path, netns):
         # namespace → guest
         # The guest listens in the foreground (busybox ash as PID 1 exits when a background
         # job ends while it reads a command line); the sender retries until it is up.
-        snd = ns_python(netns, "send", GUEST_IP, "5001", str(size))
+        snd = ns_peer(netns, "send", GUEST_IP, "5001", str(size))
         r = console.run("nc -l -p 5001 > /tmp/in; sha256sum /tmp/in", 240)
         out, err = snd.communicate(timeout=60)
         assert snd.returncode == 0, err
@@ -321,14 +289,14 @@ def test_net_vsock_console_over_virtio_msg(tmp_path, netns):
                         60)  # fmt: skip
         assert r.status == 0 and "2 packets received" in r.output, r.output
         size = NET_MIB << 20
-        srv = ns_python(netns, "recv", PEER_IP, "5000", str(size))
+        srv = ns_peer(netns, "recv", PEER_IP, "5000", str(size))
         assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
         r = console.run(f"dd if=/dev/urandom of=/tmp/out bs=1M count={NET_MIB} 2>/dev/null && "
                         f"sha256sum /tmp/out && nc {PEER_IP} 5000 < /tmp/out", 240)  # fmt: skip
         assert r.status == 0, r.output
         out, err = srv.communicate(timeout=60)
         assert out.split() == [str(size), sha(r.output)], (out, err)
-        snd = ns_python(netns, "send", GUEST_IP, "5001", str(size))
+        snd = ns_peer(netns, "send", GUEST_IP, "5001", str(size))
         r = console.run("rm /tmp/out; nc -l -p 5001 > /tmp/in; sha256sum /tmp/in; rm /tmp/in",
                         240)  # fmt: skip
         out, err = snd.communicate(timeout=60)
@@ -441,4 +409,3 @@ def test_net_backend_killed_and_restarted_guest_pings_again(tmp_path, netns):
             assert st["broken"] == [] and st["by_type"].get("rx_frames", 0) > 0, st
         finally:
             second.stop()
-

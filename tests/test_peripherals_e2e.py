@@ -21,6 +21,7 @@ import pytest
 
 from edgevirt.backend.devices.gpiosim import control
 from edgevirt.deploy.qemu import VhostUserDevice
+from edgevirt.devsmoke.i2c import detected
 from tests.test_devices_e2e import booted, device_features
 
 pytestmark = pytest.mark.e2e
@@ -98,16 +99,6 @@ def test_gpio_and_i2c_in_the_guest_over_vhost_user(tmp_path):
     assert i2c["by_type"]["address_not_allowed"] == 117 and i2c["refused"] == 0, i2c
     print(json.dumps({"figures": figures, "gpio": gpio["by_type"], "i2c": i2c["by_type"]}))
     assert figures.get("edge_to_guest_console_s", 0) < 1.0, figures
-
-
-def detected(table: str) -> list[int]:
-    """Addresses ``i2cdetect`` shows as present: rows ``50: 50 -- -- …``."""
-    found = []
-    for m in re.finditer(r"^([0-7])0:((?: ..| {2}){1,16})", table, re.M):
-        for col, cell in enumerate(re.findall(r" (..)", m.group(2))):
-            if re.fullmatch(r"[0-9a-f]{2}|UU", cell):
-                found.append(int(m.group(1), 16) * 16 + col)
-    return found
 
 
 def guest_waits_for_edge(console, ctl: Path, chip: str, line: int = 1) -> float:

@@ -40,6 +40,7 @@ from edgevirt.deploy.qemu import (
 from edgevirt.deploy.qmp import Qmp
 from edgevirt.devicetree import compose as dtcompose
 from edgevirt.devicetree.fdt import Fdt
+from edgevirt.devsmoke import DeviceSmoke, device_smoke, supported
 from edgevirt.errors import ConfigError, DeployError
 from edgevirt.report import Reporter
 from edgevirt.spec import SystemSpec
@@ -143,11 +144,17 @@ class QemuMachine(Power):
         self.spec = spec
         self.external = external
         self.device_names = [d.type for d in spec.devices] if spec else [n for n, _ in DEVICES]
+        #: The host side and in-guest checks of each device beyond blk and rng (by type).
+        self.smokes: dict[str, DeviceSmoke] = {}
         for name in self.device_names:
-            if name not in VHOST_USER_KINDS:
-                raise ConfigError(
-                    f"device {name!r}: the edgevirt back-end serves {', '.join(VHOST_USER_KINDS)}"
-                )
+            smoke = device_smoke(name, build) if name not in VHOST_USER_KINDS else None
+            if name not in VHOST_USER_KINDS and smoke is None:
+                served = [*VHOST_USER_KINDS, *supported()]
+                raise ConfigError(f"device {name!r}: `up` serves and checks {', '.join(served)}")
+            if smoke is not None:
+                if name in self.smokes:
+                    raise ConfigError(f"device {name!r}: `up` serves one {name} device")
+                self.smokes[name] = smoke
         self.shm = (
             external.carveout_file
             if external
@@ -158,10 +165,11 @@ class QemuMachine(Power):
         devices = (
             [
                 VhostUserDevice(
-                    VHOST_USER_KINDS[name],
+                    self._qemu_kind(name),
                     backend_socket(self.sock_dir, i, name),
                     f"vu{i}",
-                    chardev_options=dict(RECONNECT) if VHOST_USER_KINDS[name] in RECONNECTS else {},
+                    dict(self.smokes[name].qemu_options) if name in self.smokes else {},
+                    chardev_options=dict(RECONNECT) if self._qemu_kind(name) in RECONNECTS else {},
                 )
                 for i, name in enumerate(self.device_names)
             ]
@@ -192,6 +200,14 @@ class QemuMachine(Power):
         self.qemu: QemuProcess | None = None
         self.backend: BackendProcess | None = None
         self.boots = 0
+
+    def _qemu_kind(self, name: str) -> str:
+        return self.smokes[name].qemu_kind if name in self.smokes else VHOST_USER_KINDS[name]
+
+    def _backend_arg(self, name: str) -> str:
+        if name in self.smokes:
+            return self.smokes[name].backend_arg()
+        return f"blk:path={self.disk}" if name == "blk" else name
 
     # -- images -------------------------------------------------------------------------
 
@@ -335,7 +351,9 @@ class QemuMachine(Power):
             wait_for_path(self.console_socket, 30, "QEMU console socket", self.qemu)
 
     def _start_backend(self) -> BackendProcess:
-        devices = [f"blk:path={self.disk}" if n == "blk" else n for n in self.device_names]
+        devices = [self._backend_arg(n) for n in self.device_names]
+        for smoke in self.smokes.values():
+            smoke.before_backend()
         stats, log_path = self.build / "backend-stats.json", self.build / "backend.log"
         if self.transport == "msg":
             assert self.config.ivshmem_socket is not None
@@ -347,6 +365,8 @@ class QemuMachine(Power):
             backend = BackendProcess(devices, self.sock_dir, stats, log_path)
         try:
             backend.wait_ready()
+            for smoke in self.smokes.values():
+                smoke.after_backend()
         except BaseException:
             backend.stop()
             raise
@@ -384,8 +404,12 @@ class QemuMachine(Power):
             self.backend.stop()
 
     def close(self) -> None:
-        self.off()
-        self.shm.unlink(missing_ok=True)
+        try:
+            self.off()
+        finally:
+            for smoke in self.smokes.values():
+                smoke.close()
+            self.shm.unlink(missing_ok=True)
 
 
 def build_initramfs(out: Path, reporter: Reporter) -> Path:
