@@ -8,7 +8,12 @@ domain's back-end counters and disk."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +75,53 @@ def test_uboot_boot_script_boots_the_same_system(tmp_path: Path) -> None:
     assert dma.count("pool=carveout-ops start=0x3c000000") == 2, dma
     assert "in_pool=0" not in dma
     assert rng.output.strip() == "32"
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Processes whose command line names ``path`` (QEMU, its helpers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline:
+            found.append(f"{pid}: {cmdline[:120]!r}")
+    return found
+
+
+def test_backend_crash_fails_fast_and_blames_the_service_domain(tmp_path: Path) -> None:
+    """`up --platform xen --fault backend-crash` through the CLI: the back-end is killed in
+    the service domU after both shells; the front-end's I/O fails (virtio-msg declares the
+    device side gone) instead of hanging, the report blames the service VM, exit code 1,
+    and no QEMU is left behind."""
+    build = tmp_path / "xen"
+    t = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "edgevirt", "up", "--platform", "xen", "--fault", "backend-crash",
+         "--boot-timeout", "300", "--build-dir", str(build), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    seconds = time.monotonic() - t
+    assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
+    r = json.loads(run.stdout)
+    checks = {c["name"]: c for c in r["checks"]}
+    assert r["ok"] is False and r["failed_vm"] == "service", (r["failed_vm"], r["error"])
+    assert r["fault"] == "backend-crash"
+    # the suite ran to its end: no step hung until its timeout and broke the console
+    assert r["error"] is None, r["error"]
+    assert r["timings"]["frontend_suite"] < 60, r["timings"]
+    # the front-end saw the dead device side and says so
+    assert not checks["front-end: blk write/read-back"]["ok"]
+    hwrng = checks["front-end: hwrng"]
+    assert not hwrng["ok"] and "no entropy within 15 s" in hwrng["detail"], hwrng
+    module = checks["front-end: virtio-msg module"]
+    assert not module["ok"] and "device side" in module["detail"], module
+    backend = checks["service domU: back-end process"]
+    assert not backend["ok"] and "not running" in backend["detail"], backend
+    # the checks that need no back-end still pass: the failure is not blamed on the bus
+    assert checks["front-end: virtio features"]["ok"]
+    assert checks["front-end: carve-out DMA"]["ok"]
+    assert checks["Xen: both domUs powered off"]["ok"]
+    assert _processes_naming(build) == []
+    print(f"backend-crash run: {seconds:.1f}s, suite {r['timings']['frontend_suite']:.1f}s")
