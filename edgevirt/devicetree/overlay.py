@@ -225,6 +225,7 @@ def _fixup_phandles(fdt: Fdt, fdto: Fdt) -> None:
                 f"__fixups__: label {label!r} (used at {used_at}) is not in the base's __symbols__"
             )
         sym_path = sym.as_string()
+        dt_ascii(sym.value[:-1], f"base __symbols__: property {label!r}")
         node = fdt.find(sym_path)
         if node is None or node.phandle is None:
             missing = "no node" if node is None else "a node without phandle"
@@ -250,10 +251,9 @@ def _fixup_phandles(fdt: Fdt, fdto: Fdt) -> None:
 
 def _fixup_entries(label: str, prop: Property) -> list[tuple[str, str, str, int]]:
     """(entry, path, property, offset) of each ``path:property:offset`` entry."""
-    try:
-        texts = prop.as_strings()
-    except DeviceTreeError:
-        raise DeviceTreeError(f"__fixups__: {label!r} is not a string list") from None
+    if not prop.value.endswith(b"\0"):
+        raise DeviceTreeError(f"__fixups__: {label!r} is not a string list")
+    texts = dt_ascii(prop.value[:-1], f"__fixups__: property {label!r}").split("\0")
     entries = []
     for entry in texts:
         path, sep, rest = entry.partition(":")
@@ -264,6 +264,21 @@ def _fixup_entries(label: str, prop: Property) -> list[tuple[str, str, str, int]
             )
         entries.append((entry, path, pname, int(off)))
     return entries
+
+
+def dt_ascii(raw: bytes, where: str) -> str:
+    """``raw`` as a path or label string: printable ASCII (NULs separate list items).
+
+    libfdt compares such strings byte for byte; decoding with replacement characters would
+    target (or record) a different node, so any other byte is an error naming its offset.
+    """
+    for i, b in enumerate(raw):
+        if b and not 0x20 <= b < 0x7F:
+            raise DeviceTreeError(
+                f"{where}: byte {b:#04x} at offset {i} of the value is not printable ASCII "
+                f"(paths and labels are ASCII): …{raw[max(0, i - 32) : i + 8]!r}"
+            )
+    return raw.decode("ascii")
 
 
 def _target(fdt: Fdt, frag: Node) -> tuple[Node, str | None]:
@@ -285,7 +300,7 @@ def _target(fdt: Fdt, frag: Node) -> tuple[Node, str | None]:
     pprop = frag.get("target-path")
     if pprop is None:
         raise DeviceTreeError(f"{frag.name}: has __overlay__ but neither target nor target-path")
-    path = pprop.value.split(b"\0", 1)[0].decode("ascii", "replace")
+    path = dt_ascii(pprop.value.split(b"\0", 1)[0], f"{frag.name}: property 'target-path'")
     node = fdt.find(path)
     if node is None:
         raise DeviceTreeError(f"{frag.name}: target-path {path!r} is not in the base")
@@ -313,7 +328,7 @@ def _update_symbols(fdt: Fdt, fdto: Fdt) -> None:
         value = prop.value
         if not value or value.find(b"\0") != len(value) - 1 or value[:1] != b"/":
             raise DeviceTreeError(f"overlay __symbols__: {label!r} is not an absolute path")
-        path = value[:-1].decode("ascii", "replace")
+        path = dt_ascii(value[:-1], f"overlay __symbols__: property {label!r}")
         frag_name, slash, rest = path[1:].partition("/")
         if not slash:
             continue  # symbol that will not end up in the target tree
