@@ -212,10 +212,13 @@ def inspect_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ImageError(f"{path}: not a readable JSON manifest: {e}") from e
-    if not isinstance(manifest, dict) or "artefacts" not in manifest:
-        raise ImageError(f"{path}: not an edgevirt image manifest (no 'artefacts')")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artefacts"), dict):
+        raise ImageError(f"{path}: not an edgevirt image manifest (no 'artefacts' table)")
     bad = []
     for name, want in sorted(manifest["artefacts"].items()):
+        if not isinstance(want, dict) or name.startswith("/") or ".." in name.split("/"):
+            bad.append(f"{name}: not a file of this build with its size and sha256")
+            continue
         f = path.parent / name
         if not f.is_file():
             bad.append(f"{name}: missing")
