@@ -9,10 +9,13 @@ references. :meth:`Overlay.to_fdt` compiles it exactly as ``dtc -@`` compiles th
 are), so the .dtbo also applies with fdtoverlay, U-Boot and Linux.
 
 :func:`apply_overlay` applies a compiled overlay with the semantics of libfdt's
-``fdt_overlay_apply`` (dtc 1.6.1), step for step: shift the overlay's phandles past the
+``fdt_overlay_apply`` (dtc 1.7.2), step for step: shift the overlay's phandles past the
 base's largest, patch ``__local_fixups__``, resolve ``__fixups__`` through the base's
-``__symbols__``, merge each fragment into its target (new properties and subnodes go first,
-as libfdt inserts them; existing properties are replaced), then merge ``__symbols__``.
+``__symbols__``, keep the phandle of a base node that an overlay node with its own phandle
+merges into (the overlay's references to it follow; dtc 1.6.1 overwrote the base's phandle,
+breaking the base's references), merge each fragment into its target (new properties and
+subnodes go first, as libfdt inserts them; existing properties are replaced), then merge
+``__symbols__``. pylibfdt is the oracle of the differential fuzz target (fuzz/fuzz_fdt.py).
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ def apply_overlay(base: Fdt, overlay: Fdt | Overlay) -> Fdt:
     if local is not None:
         _update_local_references(fdto.root, local, delta, "")
     _fixup_phandles(fdt, fdto)
+    _prevent_phandle_overwrite(fdt, fdto)
     for frag in fdto.root.children.values():
         ov = frag.find_child("__overlay__")
         if ov is not None:
@@ -305,6 +309,61 @@ def _target(fdt: Fdt, frag: Node) -> tuple[Node, str | None]:
     if node is None:
         raise DeviceTreeError(f"{frag.name}: target-path {path!r} is not in the base")
     return node, path
+
+
+def _phandle(node: Node) -> int:
+    """libfdt's ``fdt_get_phandle``: ``phandle``, else ``linux,phandle``, if 4 bytes; else 0."""
+    for key in ("phandle", "linux,phandle"):
+        prop = node.get(key)
+        if prop is not None and len(prop.value) == 4:
+            return prop.as_u32()
+    return 0
+
+
+def _prevent_phandle_overwrite(fdt: Fdt, fdto: Fdt) -> None:
+    local = fdto.root.find_child("__local_fixups__")
+    for frag in fdto.root.children.values():
+        ov = frag.find_child("__overlay__")
+        if ov is None:
+            continue
+        try:
+            target, _ = _target(fdt, frag)
+        except DeviceTreeError:
+            continue  # the merge below reports a fragment without a target
+        _keep_base_phandle(target, ov, fdto, local)
+
+
+def _keep_base_phandle(base: Node, ov: Node, fdto: Fdt, local: Node | None) -> None:
+    mine, theirs = _phandle(base), _phandle(ov)
+    if mine and theirs:
+        for key in ("phandle", "linux,phandle"):
+            prop = ov.get(key)
+            if prop is not None and len(prop.value) == 4:
+                ov.properties[key] = Property(key, _U32.pack(mine))
+        if local is not None:
+            _replace_references(fdto.root, local, theirs, mine)
+    for name, child in ov.children.items():
+        base_child = base.find_child(name)
+        if base_child is not None:  # a new node overwrites nothing
+            _keep_base_phandle(base_child, child, fdto, local)
+
+
+def _replace_references(tree: Node, fixup: Node, old: int, new: int) -> None:
+    """Every ``__local_fixups__`` location in the overlay holding ``old`` now holds ``new``
+    (the offsets were checked by :func:`_update_local_references`)."""
+    for name, prop in fixup.properties.items():
+        target = tree.get(name)
+        if target is None:
+            continue
+        value = bytearray(target.value)
+        for off in prop.as_u32_list():
+            if off + 4 <= len(value) and _U32.unpack_from(value, off)[0] == old:
+                _U32.pack_into(value, off, new)
+        tree.properties[name] = Property(name, bytes(value))
+    for child_name, child_fixup in fixup.children.items():
+        child = tree.find_child(child_name)
+        if child is not None:
+            _replace_references(child, child_fixup, old, new)
 
 
 def _merge_node(target: Node, ov: Node) -> None:
