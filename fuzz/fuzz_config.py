@@ -19,7 +19,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guard import Guard  # noqa: E402
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.board import load_board
     from edgevirt.spec import load_spec
     from edgevirt.suite.model import parse_suite

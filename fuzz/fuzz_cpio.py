@@ -17,7 +17,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guard import Guard  # noqa: E402
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.errors import EdgevirtError
     from edgevirt.image.cpio import CpioWriter, read_cpio
     from edgevirt.image.inspect import inspect_path

@@ -23,7 +23,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guard import Guard  # noqa: E402
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["edgevirt"]):
     import zstandard
 
     from edgevirt.image import unpack

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guard import Guard  # noqa: E402
 from libfdt_oracle import Oracle  # noqa: E402
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.devicetree.fdt import Fdt, Node, Property, Ref
     from edgevirt.devicetree.overlay import Overlay, apply_overlay
     from edgevirt.errors import DeviceTreeError

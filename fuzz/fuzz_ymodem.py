@@ -20,7 +20,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guard import Guard  # noqa: E402
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.console import ymodem
 
 guard = Guard()
