@@ -328,3 +328,27 @@ def test_deb_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(debmod, "MAX_TAR_BYTES", 100_000)
     with pytest.raises(ImageError, match="more than 100000 bytes once decompressed"):
         list(debmod.DebArchive(deb).iter_data())
+
+
+# -- a user's kernel tarball: the same rules before GNU tar unpacks it ------------------------
+
+
+def test_check_tarball_applies_the_rules_to_a_kernel_tarball(tmp_path: Path) -> None:
+    good = tmp_path / "linux.tar.xz"
+    good.write_bytes(_tar([("linux-6.1/", "dir", b""), ("linux-6.1/Makefile", "file", b"x"),
+                           ("linux-6.1/l", "sym", "Makefile")], "w:xz"))  # fmt: skip
+    assert unpack.check_tarball(good) == 3
+    for entries, rule in (
+        ([("linux-6.1/../../etc/cron.d/x", "file", b"x")], r"'\.\.' in the path"),
+        ([("linux-6.1/dev", "chr", b"")], "char device"),
+        ([("linux-6.1/l", "sym", "/etc"), ("linux-6.1/l/passwd", "file", b"x")],
+         "under the symbolic link"),
+    ):  # fmt: skip
+        bad = tmp_path / "bad.tar.gz"
+        bad.write_bytes(_tar(entries, "w:gz"))
+        with pytest.raises(ImageError, match=rule):
+            unpack.check_tarball(bad)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar archive at all" * 40)
+    with pytest.raises(ImageError, match="not a readable tar archive"):
+        unpack.check_tarball(junk)

@@ -334,6 +334,10 @@ def _prepare_source(source: KernelSource, dest: Path, progress: Progress | None)
     else:
         tarball = source_tarball() if source.kind == "debian" else source.path
         assert tarball is not None
+        if source.kind == "tarball":  # a user's archive: the unpacking rules first
+            from edgevirt.image.unpack import check_tarball
+
+            check_tarball(tarball)
         _extract(tarball, dest, progress)
     return check_kernel_tree(dest, source.describe())
 

@@ -36,12 +36,13 @@ import errno
 import os
 import posixpath
 import stat
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from edgevirt.errors import ImageError
-from edgevirt.image.deb import DebArchive, DebMember
+from edgevirt.image.deb import DebArchive, DebMember, MemberType
 
 #: Permission bits kept (no set-uid, set-gid, sticky; no group/other write).
 MODE_MASK = 0o755
@@ -149,6 +150,41 @@ def _parents(path: str) -> Iterator[str]:
     parts = path.strip("/").split("/")[:-1]
     for i in range(1, len(parts) + 1):
         yield "/" + "/".join(parts[:i])
+
+
+def check_tarball(path: str | os.PathLike[str]) -> int:
+    """Apply the rules to every member of a tar archive (any compression tarfile reads)
+    without extracting it: for archives another tool unpacks (a user's kernel tarball goes
+    to GNU tar, several times faster on 130 MiB of xz). Returns the member count."""
+    source = str(path)
+    try:
+        with tarfile.open(source, mode="r|*") as tf:
+            return sum(1 for _ in _listing(tf, source))
+    except tarfile.TarError as e:
+        raise ImageError(f"{source}: not a readable tar archive: {e}") from e
+    except (OSError, EOFError, ValueError) as e:
+        raise ImageError(f"{source}: cannot read: {e}") from e
+
+
+def _listing(tf: tarfile.TarFile, source: str) -> Iterator[DebMember]:
+    kinds: dict[bytes, MemberType] = {
+        tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file",
+        tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+        tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
+    }  # fmt: skip
+
+    def members() -> Iterator[DebMember]:
+        for ti in tf:
+            kind = kinds.get(ti.type)
+            if kind is None:
+                raise _refuse(source, ti.name, f"unsupported tar entry type {ti.type!r}")
+            link = ti.linkname
+            if kind == "hardlink":
+                link = "/" + "/".join(p for p in link.split("/") if p not in ("", "."))
+            yield DebMember("/" + ti.name.lstrip("/"), ti.mode & 0o7777, kind,
+                            linkname=link, name=ti.name)  # fmt: skip
+
+    return checked_members(members(), source=source)
 
 
 # -- reading and writing ----------------------------------------------------------------------
