@@ -281,3 +281,21 @@ def test_vhost_user_sequence_generator_reaches_a_served_request():
     finally:
         f.backend.proc.kill()
         f.backend.proc.wait()
+
+
+def test_virtio_msg_sequence_fuzzer_bounded_run(tmp_path):
+    r = fuzz(tmp_path, ROOT / "fuzz" / "fuzz_virtio_msg_seq.py", "-runs=15", "-max_len=512",
+             "-timeout=60")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done 15 runs" in r.stderr
+    assert not list(tmp_path.glob("crash-*"))
+
+
+def test_virtio_msg_sequence_generator_reaches_a_served_request():
+    f = target("fuzz_virtio_msg_seq")
+    try:
+        assert f.served_once()
+        f.TestOneInput(b"")
+    finally:
+        f.backend.proc.kill()
+        f.backend.proc.wait()
