@@ -120,7 +120,16 @@ class Session:
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(2.0)
-        self.sock.connect(str(path))
+        # A unix socket with a timeout reports a full backlog (the back-end's loop has not
+        # accepted the previous attempt yet) as EAGAIN at once: retry, but only for so long.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"back-end accepts no connection on {path}"
+                time.sleep(0.01)
         self.memfd = os.memfd_create("edgevirt-fuzz")
         os.ftruncate(self.memfd, SIZE + 2 * PAGE)
         self.map = mmap.mmap(self.memfd, SIZE + 2 * PAGE, flags=mmap.MAP_SHARED)
