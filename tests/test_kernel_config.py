@@ -160,6 +160,8 @@ def test_kconfiglib_matches_conf_olddefconfig_on_every_arm64_symbol(kb, index, t
     `conf` and by the wrapped kconfiglib, on the cached tree: every defined symbol agrees."""
     if not (kb.source / "scripts/kconfig/conf").exists():
         pytest.skip("the cached tree has no scripts/kconfig/conf")
+    # toolchain probes ran through edgevirt's $(shell,...) (outside the tree and the cwd)
+    assert index.kconf._functions["shell"][0] is kconfig._shell
     real_allno = _conf(kb, "--allnoconfig", tmp_path / "allno.config")
     ours_allno = kconfig.allnoconfig(index)
     assert _parse_config(ours_allno) == _parse_config(real_allno)

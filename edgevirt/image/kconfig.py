@@ -92,18 +92,35 @@ def kconfig_env(tree: Path, arch: str = "arm64", cross: str = CROSS) -> dict[str
     }
 
 
+_probe_dir: str | None = None  # where $(shell,...) runs while a tree is being loaded
+
+
+def _shell(kconf: Any, _name: str, command: str) -> str:
+    """kconfiglib's ``$(shell,…)``, run in a private directory: the toolchain probes
+    (``cc-option`` makes ``.tmp_$$`` in its working directory) never touch the tree or the
+    caller's directory, and the process's working directory is left alone."""
+    r = subprocess.run(command, shell=True, capture_output=True, cwd=_probe_dir, check=False)  # noqa: S602 - the kernel's own Kconfig macros
+    out = r.stdout.decode("utf-8", "replace")
+    return "\n".join(out.splitlines()).rstrip("\n").replace("\n", " ")
+
+
+#: Picked up by kconfiglib through ``KCONFIG_FUNCTIONS`` (overrides its ``shell``).
+functions = {"shell": (_shell, 1, 1)}
+
+
 @contextlib.contextmanager
 def _environment(env: dict[str, str]) -> Iterator[None]:
-    """Kconfig reads os.environ while parsing; its probes write temp dirs in the cwd."""
+    """Kconfig's ``$(VAR)`` reads os.environ while parsing (restored afterwards)."""
+    global _probe_dir
     saved = dict(os.environ)
-    cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="edgevirt-kconfig-") as tmp:
         os.environ.update(env)
-        os.chdir(tmp)
+        os.environ["KCONFIG_FUNCTIONS"] = __name__
+        _probe_dir = tmp
         try:
             yield
         finally:
-            os.chdir(cwd)
+            _probe_dir = None
             os.environ.clear()
             os.environ.update(saved)
 
