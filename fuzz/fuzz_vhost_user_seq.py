@@ -299,7 +299,7 @@ def step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
         if fdp.ConsumeBool():
             fds = [s.fd(fdp.ConsumeIntInRange(0, 4))]
     s.send(req, payload, fds, flags)
-    s.drain(1.0 if req in REPLYING or flags & p.FLAG_NEED_REPLY else 0.005)
+    s.drain(1.0 if req in REPLYING or flags & p.FLAG_NEED_REPLY else 0.0)
 
 
 def _bring_up(s: Session, q: int) -> None:

@@ -135,7 +135,6 @@ class Session:
         assert self._frozen() == self.snapshot, "back-end wrote the header or to-device slots"
 
     def after_our_writes(self) -> None:
-        time.sleep(0.002)
         self.drv.receive()  # whatever the back-end sent must decode (else: its bug)
         self.snapshot = self._frozen()
 
