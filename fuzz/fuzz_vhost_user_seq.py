@@ -299,7 +299,9 @@ def step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
         if fdp.ConsumeBool():
             fds = [s.fd(fdp.ConsumeIntInRange(0, 4))]
     s.send(req, payload, fds, flags)
-    s.drain(1.0 if req in REPLYING or flags & p.FLAG_NEED_REPLY else 0.0)
+    # NEED_REPLY is answered only once REPLY_ACK was negotiated: wait briefly; a late reply
+    # is read with the next step's.
+    s.drain(1.0 if req in REPLYING else 0.05 if flags & p.FLAG_NEED_REPLY else 0.0)
 
 
 def _bring_up(s: Session, q: int) -> None:
