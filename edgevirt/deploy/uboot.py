@@ -77,9 +77,7 @@ class UBoot:
         first = c.expect(banner, s.banner_timeout, abort)
         if BOOTING_WITHOUT_BANNER.fullmatch(first.group(0)):
             raise self._missed()  # we came too late: it is already booting
-        if first.group(0) == s.prompt.encode() and AUTOBOOT_STARTED.search(
-            c.buffer, begin, first.start()
-        ):
+        if first.group(0) == s.prompt.encode() and c.search(AUTOBOOT_STARTED, begin, first.start()):
             raise self._missed()  # the prompt after a failed bootcmd, not our interrupt
         start = first.end()
         deadline = time.monotonic() + 10.0
