@@ -241,3 +241,19 @@ def test_second_front_end_is_refused_while_first_connected(served):
     assert s.recv(1) == b""
     s.close()
     fe.close()
+
+
+def test_new_kick_fd_on_a_running_ring_is_listened_to(served, disk):
+    """SET_VRING_KICK on a started ring replaced the fd but never watched the new one: the
+    ring went deaf until restarted (found while fixing a loop defect the sequence fuzzer
+    found)."""
+    fe = connect(served["blk"])
+    fe.setup_vring(0)
+    blk_request(fe, 1, 0, data=b"a" * 512)  # the ring runs
+    new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    fe.send(p.Request.SET_VRING_KICK, p.U64.pack(0), [new_kick])
+    os.close(fe.vrings[0].kick)
+    fe.vrings[0].kick = new_kick
+    drv, _, written = blk_request(fe, 1, 8, data=b"b" * 512)  # kicked on the new fd only
+    assert written == 1 and disk.read_bytes()[8 * 512 : 9 * 512] == b"b" * 512
+    fe.close()

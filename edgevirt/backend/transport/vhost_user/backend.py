@@ -371,7 +371,10 @@ class VhostUserBackend:
             if old >= 0:
                 os.close(old)
             setattr(vr, name, os.dup(msg.fds[0]) if msg.fds else -1)
-            if name == "kick":
+            if name == "kick" and vr.queue is not None and vr.kick >= 0:
+                # a running ring keeps running: listen on the new kick fd from now on
+                self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
+            elif name == "kick":
                 self._try_start(vr)
             if paused and vr.enabled:
                 self._serve(vr)
