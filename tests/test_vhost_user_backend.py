@@ -252,6 +252,7 @@ def test_new_kick_fd_on_a_running_ring_is_listened_to(served, disk):
     blk_request(fe, 1, 0, data=b"a" * 512)  # the ring runs
     new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     fe.send(p.Request.SET_VRING_KICK, p.U64.pack(0), [new_kick])
+    fe.call(p.Request.GET_FEATURES)  # a round trip: SET_VRING_KICK was processed
     os.close(fe.vrings[0].kick)
     fe.vrings[0].kick = new_kick
     drv, _, written = blk_request(fe, 1, 8, data=b"b" * 512)  # kicked on the new fd only
