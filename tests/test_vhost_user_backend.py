@@ -258,3 +258,28 @@ def test_new_kick_fd_on_a_running_ring_is_listened_to(served, disk):
     drv, _, written = blk_request(fe, 1, 8, data=b"b" * 512)  # kicked on the new fd only
     assert written == 1 and disk.read_bytes()[8 * 512 : 9 * 512] == b"b" * 512
     fe.close()
+
+
+@pytest.mark.parametrize("kind", ["memfd", "pipe-write-end", "dev-null"])
+def test_kick_or_call_fd_that_is_not_an_eventfd_is_refused(served, disk, kind):
+    """Regression (fuzz/fuzz_vhost_user_seq.py): a memfd as kick fd reached epoll, which
+    refuses regular files: PermissionError ended the back-end. A pipe's write end as call fd
+    would block it once full. Only eventfds are taken."""
+    fe = connect(served["blk"])
+    drv = fe.setup_vring(0).driver  # a proper ring first: the bad fd then replaces its fds
+    if kind == "memfd":
+        bad, keep = os.memfd_create("not-an-eventfd"), -1
+    elif kind == "pipe-write-end":
+        keep, bad = os.pipe()
+    else:
+        bad, keep = os.open("/dev/null", os.O_RDWR), -1
+    for req in (p.Request.SET_VRING_KICK, p.Request.SET_VRING_CALL):
+        assert fe.ack(req, p.U64.pack(0), [bad]) == 1  # refused, connection kept
+    os.close(bad)
+    if keep >= 0:
+        os.close(keep)
+    # the ring still runs on its eventfds, and the back-end serves
+    drv2, _, written = blk_request(fe, 1, 16, data=b"c" * 512)
+    assert written == 1 and disk.read_bytes()[16 * 512 : 17 * 512] == b"c" * 512
+    del drv, drv2
+    fe.close()
