@@ -283,3 +283,22 @@ def test_kick_or_call_fd_that_is_not_an_eventfd_is_refused(served, disk, kind):
     assert written == 1 and disk.read_bytes()[16 * 512 : 17 * 512] == b"c" * 512
     del drv, drv2
     fe.close()
+
+
+@pytest.mark.parametrize(
+    "size, offset",
+    [(1 << 63, 0), ((4 << 20) + 4096, 0), (4 << 20, 4096), ((1 << 64) - 4096, 4096)],
+    ids=["2^63", "past-the-file", "offset-past-the-file", "wraps"],
+)
+def test_mem_table_region_larger_than_its_file_is_refused(served, disk, size, offset):
+    """Regression (fuzz/fuzz_vhost_user_seq.py): a region of 2^63 bytes made mmap raise
+    OverflowError, which ended the back-end; a region past the end of its file would map and
+    then fault (SIGBUS) on first touch."""
+    fe = connect(served["blk"])
+    body = p.MEM_HEADER.pack(1, 0) + p.MEM_REGION.pack(fe.region.gpa, size, fe.region.uva, offset)
+    assert fe.ack(p.Request.SET_MEM_TABLE, body, [fe.fd]) == 1
+    fe.set_mem_table()  # the real one is still taken
+    fe.setup_vring(0)
+    _, _, written = blk_request(fe, 1, 24, data=b"d" * 512)
+    assert written == 1 and disk.read_bytes()[24 * 512 : 25 * 512] == b"d" * 512
+    fe.close()
