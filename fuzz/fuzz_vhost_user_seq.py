@@ -378,8 +378,10 @@ def TestOneInput(data: bytes) -> None:
     finally:
         s.close()
     deadline = time.monotonic() + 5
-    while backend.fds() > backend.baseline_fds and time.monotonic() < deadline:
+    while backend.alive() and backend.fds() > backend.baseline_fds and time.monotonic() < deadline:
         time.sleep(0.01)
+    # the input that killed the back-end is the one reported (a zombie has no fds)
+    assert backend.alive(), f"back-end died (exit {backend.proc.returncode}); see its log"  # type: ignore[union-attr]
     assert backend.fds() <= backend.baseline_fds, (
         f"fd leak: {backend.fds()} open after disconnect, baseline {backend.baseline_fds}"
     )
