@@ -210,6 +210,23 @@ class Board:
         return f"{self.path}: [{section}]"
 
 
+def read_toml(path: Path, what: str = "") -> dict[str, Any]:
+    """A TOML file as a table; every way it can be unreadable is a ConfigError naming it
+    (not UTF-8, deeper nesting than the parser's recursion allows, I/O)."""
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what + ' ' if what else ''}{path} not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte {e.start}: not UTF-8 text ({e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to parse") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
 def get_key(table: dict[str, Any], key: str, kind: Any, where: str, default: Any = ...) -> Any:
     if key not in table:
         if default is ...:
@@ -401,10 +418,7 @@ def load_board(name_or_path: str) -> Board:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in boards_dir().glob("*.toml")))
         raise ConfigError(f"board {name_or_path!r} not found ({path}); known boards: {known}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    data = read_toml(path, "board")
     f = str(path)
     check_keys(data, _TOP_KEYS | _OWN_SECTIONS | _FOREIGN_SECTIONS, f)
     for section in _OWN_SECTIONS - {"ram"}:

@@ -39,12 +39,11 @@ Validated with messages that name the file, the key and what was expected. Examp
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevirt.board import check_keys, get_key, parse_address, parse_size
+from edgevirt.board import check_keys, get_key, parse_address, parse_size, read_toml
 from edgevirt.errors import ConfigError
 
 __all__ = [
@@ -201,12 +200,7 @@ def _power_of_two(value: int, where: str) -> int:
 def load_spec(path: str | Path) -> SystemSpec:
     p = Path(path)
     f = str(p)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"system spec {p} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from e
+    data = read_toml(p, "system spec")
     check_keys(data, {"name", "vm", "carveout", "device", "msg", "backend"}, f)
     name = get_key(data, "name", str, f, p.stem)
     backend = get_key(data, "backend", str, f, None)

@@ -494,6 +494,52 @@ def test_apply_errors_name_fragment_and_label(plain: Fdt) -> None:
         apply_overlay(plain, bad)
 
 
+def _patched_dtbo(path: str, name: str, value: bytes) -> Fdt:
+    """The general overlay, compiled, with one property's value replaced by raw bytes."""
+    dtbo = general_overlay().to_fdt()
+    dtbo.get(path).properties[name] = Property(name, value)
+    return dtbo
+
+
+@needs_tools
+@pytest.mark.parametrize(
+    "path,name,value,where,offset,byte",
+    [
+        # target-path "/bus@1000" with its '@' swapped for a byte >= 0x80
+        ("/fragment@1", "target-path", b"/bus\xc01000\0", "fragment@1: property 'target-path'",
+         4, 0xC0),
+        ("/__symbols__", "newdev", b"/fragment@1/__overlay__/dev\x802000\0",
+         "overlay __symbols__: property 'newdev'", 27, 0x80),
+        ("/__fixups__", "intc", b"/fragment@0/__overlay__/child@0:interrupt-parent:0\0"
+         b"/fragment@3/__overlay__/consumer:pe\xffr:4\0", "__fixups__: property 'intc'", 86, 0xFF),
+        ("/__fixups__", "intc", b"/fragment@0/__overlay__/child@0:interrupt-parent:0\x01\0",
+         "__fixups__: property 'intc'", 50, 0x01),
+    ],
+)  # fmt: skip
+def test_non_ascii_label_or_path_in_overlay_is_an_error_naming_property_and_offset(
+    tmp_path: Path, path: str, name: str, value: bytes, where: str, offset: int, byte: int
+) -> None:
+    """Regression: bytes >= 0x80 became U+FFFD, so a different node was targeted or recorded."""
+    base = Fdt.from_bytes(dtc_compile(BASE_DTS, tmp_path, "-@"))
+    with pytest.raises(DeviceTreeError) as ei:
+        apply_overlay(base, _patched_dtbo(path, name, value))
+    msg = str(ei.value)
+    assert msg.startswith(where), msg
+    assert f"byte {byte:#04x} at offset {offset} " in msg, msg
+
+
+@needs_tools
+def test_non_ascii_base_symbol_is_an_error_naming_property_and_offset(tmp_path: Path) -> None:
+    base = Fdt.from_bytes(dtc_compile(BASE_DTS, tmp_path, "-@"))
+    base.get("/__symbols__").properties["intc"] = Property(
+        "intc", "/interrupt-controller@8000000\u00e9".encode() + b"\0"
+    )
+    with pytest.raises(
+        DeviceTreeError, match=r"base __symbols__: property 'intc': byte 0xc3 at offset 29 "
+    ):
+        apply_overlay(base, general_overlay())
+
+
 # -- malformed blobs --------------------------------------------------------------------
 
 

@@ -284,7 +284,7 @@ def test_deb_zstd_without_any_decompressor_says_what_to_install(
     monkeypatch.setattr(debmod.shutil, "which", lambda _name: None)
     with pytest.raises(ImageError, match="zstd") as ei:
         read_deb_file(deb, "/usr/bin/hello")
-    assert ei.value.hint == "apt-get install zstd"
+    assert ei.value.hint is not None and "zstandard" in ei.value.hint
 
 
 # -- the real busybox-static:arm64 -----------------------------------------------------------

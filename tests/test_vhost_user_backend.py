@@ -241,3 +241,64 @@ def test_second_front_end_is_refused_while_first_connected(served):
     assert s.recv(1) == b""
     s.close()
     fe.close()
+
+
+def test_new_kick_fd_on_a_running_ring_is_listened_to(served, disk):
+    """SET_VRING_KICK on a started ring replaced the fd but never watched the new one: the
+    ring went deaf until restarted (found while fixing a loop defect the sequence fuzzer
+    found)."""
+    fe = connect(served["blk"])
+    fe.setup_vring(0)
+    blk_request(fe, 1, 0, data=b"a" * 512)  # the ring runs
+    new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    fe.send(p.Request.SET_VRING_KICK, p.U64.pack(0), [new_kick])
+    fe.call(p.Request.GET_FEATURES)  # a round trip: SET_VRING_KICK was processed
+    os.close(fe.vrings[0].kick)
+    fe.vrings[0].kick = new_kick
+    drv, _, written = blk_request(fe, 1, 8, data=b"b" * 512)  # kicked on the new fd only
+    assert written == 1 and disk.read_bytes()[8 * 512 : 9 * 512] == b"b" * 512
+    fe.close()
+
+
+@pytest.mark.parametrize("kind", ["memfd", "pipe-write-end", "dev-null"])
+def test_kick_or_call_fd_that_is_not_an_eventfd_is_refused(served, disk, kind):
+    """Regression (fuzz/fuzz_vhost_user_seq.py): a memfd as kick fd reached epoll, which
+    refuses regular files: PermissionError ended the back-end. A pipe's write end as call fd
+    would block it once full. Only eventfds are taken."""
+    fe = connect(served["blk"])
+    drv = fe.setup_vring(0).driver  # a proper ring first: the bad fd then replaces its fds
+    if kind == "memfd":
+        bad, keep = os.memfd_create("not-an-eventfd"), -1
+    elif kind == "pipe-write-end":
+        keep, bad = os.pipe()
+    else:
+        bad, keep = os.open("/dev/null", os.O_RDWR), -1
+    for req in (p.Request.SET_VRING_KICK, p.Request.SET_VRING_CALL):
+        assert fe.ack(req, p.U64.pack(0), [bad]) == 1  # refused, connection kept
+    os.close(bad)
+    if keep >= 0:
+        os.close(keep)
+    # the ring still runs on its eventfds, and the back-end serves
+    drv2, _, written = blk_request(fe, 1, 16, data=b"c" * 512)
+    assert written == 1 and disk.read_bytes()[16 * 512 : 17 * 512] == b"c" * 512
+    del drv, drv2
+    fe.close()
+
+
+@pytest.mark.parametrize(
+    "size, offset",
+    [(1 << 63, 0), ((4 << 20) + 4096, 0), (4 << 20, 4096), ((1 << 64) - 4096, 4096)],
+    ids=["2^63", "past-the-file", "offset-past-the-file", "wraps"],
+)
+def test_mem_table_region_larger_than_its_file_is_refused(served, disk, size, offset):
+    """Regression (fuzz/fuzz_vhost_user_seq.py): a region of 2^63 bytes made mmap raise
+    OverflowError, which ended the back-end; a region past the end of its file would map and
+    then fault (SIGBUS) on first touch."""
+    fe = connect(served["blk"])
+    body = p.MEM_HEADER.pack(1, 0) + p.MEM_REGION.pack(fe.region.gpa, size, fe.region.uva, offset)
+    assert fe.ack(p.Request.SET_MEM_TABLE, body, [fe.fd]) == 1
+    fe.set_mem_table()  # the real one is still taken
+    fe.setup_vring(0)
+    _, _, written = blk_request(fe, 1, 24, data=b"d" * 512)
+    assert written == 1 and disk.read_bytes()[24 * 512 : 25 * 512] == b"d" * 512
+    fe.close()

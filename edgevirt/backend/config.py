@@ -56,7 +56,6 @@ Device numbers on the virtio-msg bus (and vhost-user socket indices) are the ord
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,7 @@ from edgevirt.backend.devices import (
 from edgevirt.backend.devices.blk import AIO_MODES, CACHE_MODES
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg.service import MsgService
-from edgevirt.board import check_keys, get_key, parse_address, parse_size
+from edgevirt.board import check_keys, get_key, parse_address, parse_size, read_toml
 from edgevirt.errors import ConfigError
 
 __all__ = [
@@ -144,14 +143,7 @@ class BackendSpec:
 def load_backend_spec(path: str | Path) -> BackendSpec:
     p = Path(path)
     f = str(p)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"back-end spec {p} not found") from None
-    except OSError as e:
-        raise ConfigError(f"back-end spec {p}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: {e}") from e
+    data = read_toml(p, "back-end spec")
     here = p.resolve().parent
     check_keys(data, {"transport", "stats", "vhost_user", "msg", "device"}, f)
     transport = get_key(data, "transport", str, f, "vhost-user")

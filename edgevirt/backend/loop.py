@@ -52,6 +52,13 @@ class Loop:
         except (KeyError, ValueError, OSError):
             pass  # the fd was closed under us: nothing to watch
 
+    def _current(self, fd: int, which: int) -> Callable[[], None] | None:
+        """The callback registered for ``fd`` now (0 reader, 1 writer), or None."""
+        try:
+            return self._sel.get_key(fd).data[which]  # type: ignore[no-any-return]
+        except (KeyError, ValueError):
+            return None
+
     def every(self, seconds: float, callback: Callable[[], None]) -> None:
         self._ticks.append((seconds, callback, [time.monotonic() + seconds]))
 
@@ -70,14 +77,15 @@ class Loop:
                 timeout = min(timeout, max(0.0, due[0] - now))
             for key, events in self._sel.select(timeout):
                 reader, writer = key.data
-                if events & selectors.EVENT_READ and reader is not None:
-                    reader()
+                # An earlier callback of this batch may have removed or replaced this reader
+                # (a disconnect closes the vrings' kick fds): its stale event is dropped, or
+                # it would read a closed (or reused) fd.
+                current = self._current(key.fd, 0)
+                if events & selectors.EVENT_READ and current is not None and current is reader:
+                    current()
                 if events & selectors.EVENT_WRITE and writer is not None:
                     # The reader may have dropped the writer: ask the selector again.
-                    try:
-                        writer = self._sel.get_key(key.fd).data[1]
-                    except (KeyError, ValueError):
-                        writer = None
+                    writer = self._current(key.fd, 1)
                     if writer is not None:
                         writer()
                 if not self.running:

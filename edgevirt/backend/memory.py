@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 from dataclasses import dataclass, field
 
 from edgevirt.errors import GuestMemoryError
@@ -68,7 +69,20 @@ class GuestMemory:
             raise GuestMemoryError(f"mmap offset {offset:#x} is not page aligned ({page:#x})")
         if size <= 0:
             raise GuestMemoryError(f"region at {gpa:#x} has size {size:#x}, expected > 0")
-        buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
+        where = f"region at {gpa:#x} ({size:#x} bytes at file offset {offset:#x})"
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise GuestMemoryError(f"{where}: bad fd: {e.strerror}") from e
+        # A mapping past the end of the file would fault (SIGBUS) on first touch.
+        if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
+            raise GuestMemoryError(
+                f"{where}: goes past the end of the {st.st_size:#x}-byte file it maps"
+            )
+        try:
+            buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
+        except (OSError, ValueError, OverflowError) as e:
+            raise GuestMemoryError(f"{where}: cannot map: {e}") from e
         region = Region(gpa=gpa, size=size, buf=buf, uva=uva)
         try:
             self.add(region)

@@ -5,6 +5,13 @@ match (the markers are split with an empty quote pair, ``EV''B``), so terminal e
 prompt, or kernel messages printed before the frame do not confuse the parser. Every byte
 read is logged with a timestamp. While waiting, panics and oopses are detected and raised
 as :class:`ConsoleError` quoting the offending lines.
+
+**Bounded work per read.** Offsets (``pos``, match offsets, :meth:`Console.text`) count
+bytes since the console was opened. Memory holds a window: everything not yet consumed by an
+expect plus :data:`KEEP_BEHIND` bytes before it (the log file on disk has it all). While an
+expect waits, each new read is searched together with at most :data:`SEARCH_WINDOW` bytes
+before it, never the whole history again: a 4 MiB boot log costs one pass, not one pass per
+read. The price: a match longer than ``SEARCH_WINDOW`` that straddles two reads is not found.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import serial
 
@@ -30,6 +37,37 @@ FAILURE_PATTERNS = [
     re.compile(rb"Login incorrect[^\n]*"),
 ]
 POLL = 0.1
+#: Bytes before the newly read data that a waiting expect searches again: the longest match
+#: that can straddle two reads.
+SEARCH_WINDOW = 64 * 1024
+#: Consumed bytes kept in memory behind ``pos`` (tail(), look-backs such as U-Boot's).
+KEEP_BEHIND = 256 * 1024
+#: Never more than this in memory, consumed or not (a console that floods without pause).
+MAX_BUFFER = 64 * 1024 * 1024
+#: Trim in steps of at least this much, so that the memmove is amortised.
+_TRIM_STEP = 1024 * 1024
+
+
+class ConsoleMatch:
+    """A match in the console stream: :class:`re.Match`'s accessors, offsets since open."""
+
+    def __init__(self, m: re.Match[bytes], base: int) -> None:
+        self._m, self._base = m, base
+
+    def group(self, *groups: int | str) -> Any:
+        return self._m.group(*groups)
+
+    def groups(self) -> tuple[bytes | Any, ...]:
+        return self._m.groups()
+
+    def start(self, group: int | str = 0) -> int:
+        return self._base + self._m.start(group)
+
+    def end(self, group: int | str = 0) -> int:
+        return self._base + self._m.end(group)
+
+    def span(self, group: int | str = 0) -> tuple[int, int]:
+        return self.start(group), self.end(group)
 
 
 @dataclass
@@ -77,10 +115,15 @@ class Console:
         self.port = port
         self.name = name
         self.log = ConsoleLog(log_path)
-        self.buffer = bytearray()
+        self._buf = bytearray()  # the bytes from offset ``base`` on
+        self.base = 0
         self.pos = 0  # everything before this offset has been consumed by an expect
         self._scan = 0  # failure patterns already checked up to here
         self._ids = itertools.count(1)
+        #: Bytes handed to the regex engine by expect, and the largest single search: a
+        #: waiting expect costs O(data + reads × SEARCH_WINDOW) (bench/console.py measures it).
+        self.searched_bytes = 0
+        self.largest_search = 0
         #: Extra failure patterns for the current phase (a bootloader adds its own).
         self.extra_failures: list[re.Pattern[bytes]] = []
 
@@ -115,6 +158,51 @@ class Console:
 
     # -- reading --------------------------------------------------------------------------
 
+    @property
+    def end(self) -> int:
+        """Offset just past the last byte read."""
+        return self.base + len(self._buf)
+
+    def text(self, start: int, end: int | None = None) -> bytes:
+        """The bytes between two offsets (``end`` default: all read so far). Bytes no longer
+        in memory are replaced by a note pointing at the log."""
+        end = self.end if end is None else min(end, self.end)
+        if start >= self.base:
+            return bytes(self._buf[start - self.base : max(start, end) - self.base])
+        lost = min(self.base, end) - start
+        where = self.log.path or "the console log (none kept)"
+        note = f"[... {lost} bytes no longer in memory: see {where}]\n".encode()
+        return note + bytes(self._buf[: max(0, end - self.base)])
+
+    def search(
+        self, pattern: re.Pattern[bytes], start: int, end: int | None = None
+    ) -> ConsoleMatch | None:
+        """``pattern`` between two offsets (what is still in memory of them)."""
+        lo = max(start, self.base) - self.base
+        hi = len(self._buf) if end is None else max(lo, min(end, self.end) - self.base)
+        m = pattern.search(self._buf, lo, hi)
+        return ConsoleMatch(m, self.base) if m else None
+
+    def _append(self, data: bytes) -> None:
+        self._buf += data
+        self.log.feed(data)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop what no offset still needs: consumed bytes beyond KEEP_BEHIND, and anything
+        beyond MAX_BUFFER (then the oldest unconsumed bytes go too; the log has them).
+
+        Called on new data and when an expect starts, never between a match and the
+        caller's use of it (``run`` slices its output after the end marker matched)."""
+        keep_from = max(self.pos - KEEP_BEHIND, self.end - MAX_BUFFER)
+        if keep_from - self.base >= _TRIM_STEP:
+            del self._buf[: keep_from - self.base]
+            self.base = keep_from
+            if self.pos < self.base:
+                self.log.note(f"console buffer full: {self.base - self.pos} unread bytes dropped")
+                self.pos = self.base
+            self._scan = max(self._scan, self.base)
+
     def _read(self) -> None:
         try:
             # pyserial's read(n) waits for all n bytes or the timeout: ask for one byte
@@ -129,25 +217,23 @@ class Console:
                 f"{self.name}: disconnected ({e}); last lines:\n{self.tail()}"
             ) from e
         if data:
-            self.buffer += data
-            self.log.feed(data)
+            self._append(data)
             self._check_failures()
 
     def _check_failures(self) -> None:
-        start = max(0, self._scan - 256)
+        start = max(self.base, self._scan - 256)
         for pat in [*FAILURE_PATTERNS, *self.extra_failures]:
-            m = pat.search(self.buffer, start)
+            m = self.search(pat, start)
             if m:
                 # Give the rest of the report a moment to arrive, then quote it.
                 end = time.monotonic() + 1.0
                 while time.monotonic() < end:
                     more = self.port.read(max(1, self.port.in_waiting))
                     if more:
-                        self.buffer += more
-                        self.log.feed(more)
-                text = self.buffer[m.start() : m.start() + 2000].decode("utf-8", "replace")
+                        self._append(more)
+                text = self.text(m.start(), m.start() + 2000).decode("utf-8", "replace")
                 raise ConsoleError(f"{self.name}: target failed: {text.strip()}")
-        self._scan = len(self.buffer)
+        self._scan = self.end
 
     def _explain_disconnect(self, abort: Callable[[], None], grace: float = 1.0) -> None:
         """A console that drops usually means the target died: give the abort check (QEMU
@@ -158,7 +244,7 @@ class Console:
             time.sleep(0.05)
 
     def tail(self, lines: int = 15) -> str:
-        text = self.buffer[-4000:].decode("utf-8", "replace").replace("\r", "")
+        text = self._buf[-4000:].decode("utf-8", "replace").replace("\r", "")
         return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
     def expect(
@@ -166,17 +252,26 @@ class Console:
         pattern: str | bytes | re.Pattern[bytes],
         timeout: float,
         abort: Callable[[], None] | None = None,
-    ) -> re.Match[bytes]:
-        """Wait for ``pattern`` after the last consumed position; consume through the match."""
+    ) -> ConsoleMatch:
+        """Wait for ``pattern`` after the last consumed position; consume through the match.
+
+        Each pass searches from ``pos``, or from ``SEARCH_WINDOW`` bytes before what the
+        previous pass had not seen, whichever is later (module docstring)."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
         pat = re.compile(pattern) if isinstance(pattern, bytes) else pattern
         deadline = time.monotonic() + timeout
+        self._trim()
+        seen = self.pos  # bytes up to here were searched without a match
         while True:
-            m = pat.search(self.buffer, self.pos)
+            start = max(self.pos, seen - SEARCH_WINDOW, self.base)
+            self.searched_bytes += self.end - start
+            self.largest_search = max(self.largest_search, self.end - start)
+            m = self.search(pat, start)
             if m:
                 self.pos = m.end()
                 return m
+            seen = self.end
             if time.monotonic() >= deadline:
                 self.log.note(f"timeout after {timeout:.0f}s waiting for {pat.pattern!r}")
                 raise ConsoleTimeout(
@@ -195,11 +290,11 @@ class Console:
     def getc(self, timeout: float) -> int | None:
         """Next unconsumed byte (binary protocols such as ymodem), or None after ``timeout``."""
         deadline = time.monotonic() + timeout
-        while self.pos >= len(self.buffer):
+        while self.pos >= self.end:
             if time.monotonic() >= deadline:
                 return None
             self._read()
-        c = self.buffer[self.pos]
+        c = self._buf[self.pos - self.base]
         self.pos += 1
         return c
 
@@ -207,13 +302,13 @@ class Console:
         """Read until the line has been silent for ``quiet`` seconds; consume it all."""
         end = time.monotonic() + limit
         while time.monotonic() < end:
-            n = len(self.buffer)
+            n = self.end
             t = time.monotonic() + quiet
-            while time.monotonic() < t and len(self.buffer) == n:
+            while time.monotonic() < t and self.end == n:
                 self._read()
-            if len(self.buffer) == n:
+            if self.end == n:
                 break
-        self.pos = len(self.buffer)
+        self.pos = self.end
 
     # -- writing --------------------------------------------------------------------------
 
@@ -238,7 +333,7 @@ class Console:
         self.expect(rf"EVB{n}\r?\n".encode(), timeout, abort)
         start = self.pos
         m = self.expect(rf"EVE{n} (\d+)\r?\n".encode(), timeout, abort)
-        output = self.buffer[start : m.start()].decode("utf-8", "replace").replace("\r\n", "\n")
+        output = self.text(start, m.start()).decode("utf-8", "replace").replace("\r\n", "\n")
         if output.endswith("\n"):  # the newline before the end marker is the frame's, not output
             output = output[:-1]
         return CommandResult(command, int(m.group(1)), output, time.monotonic() - t0)

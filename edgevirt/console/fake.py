@@ -94,3 +94,41 @@ class PtyShellPort:
             self.kill()
             os.close(self.fd)
             self.is_open = False
+
+
+class ScriptedPort:
+    """A port that hands out pre-recorded output, one chunk per read burst (a boot log
+    replayed at full speed); what is written to it is kept in ``written``."""
+
+    def __init__(self, chunks: list[bytes], *, timeout: float = 0.01) -> None:
+        self._chunks = [c for c in chunks if c]
+        self._current = b""
+        self.timeout = timeout
+        self.written = bytearray()
+        self.reads = 0  # bursts handed out
+        self.is_open = True
+
+    def read(self, size: int = 1) -> bytes:
+        if not self.is_open:
+            raise serial.SerialException("port closed")
+        if not self._current:
+            if not self._chunks:
+                return b""
+            self._current = self._chunks.pop(0)
+            self.reads += 1
+        data, self._current = self._current[:size], self._current[size:]
+        return data
+
+    @property
+    def in_waiting(self) -> int:
+        return len(self._current)
+
+    def write(self, data: bytes) -> int:
+        self.written += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.is_open = False

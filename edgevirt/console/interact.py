@@ -38,10 +38,10 @@ def interact(
         shown = console.pos
         while True:
             # Show what arrived (the Console keeps reading, logging and checking for panics).
-            if len(console.buffer) > shown:
-                fout.write(bytes(console.buffer[shown:]))
+            if console.end > shown:
+                fout.write(console.text(shown))
                 fout.flush()
-                shown = len(console.buffer)
+                shown = console.end
                 console.pos = shown
             ready, _, _ = select.select([fd], [], [], 0)
             if ready:

@@ -286,7 +286,7 @@ class XenDomainConsole(Console):
                 continue
             start = self.pos
             m = self.expect(rf"EVE{n} (\d+)\r?\n".encode(), timeout, abort)
-            out = self.buffer[start : m.start()].decode("utf-8", "replace").replace("\r\n", "\n")
+            out = self.text(start, m.start()).decode("utf-8", "replace").replace("\r\n", "\n")
             if out.endswith("\n"):
                 out = out[:-1]
             return CommandResult(command, int(m.group(1)), out, time.monotonic() - t0)

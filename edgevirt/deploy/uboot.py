@@ -77,9 +77,7 @@ class UBoot:
         first = c.expect(banner, s.banner_timeout, abort)
         if BOOTING_WITHOUT_BANNER.fullmatch(first.group(0)):
             raise self._missed()  # we came too late: it is already booting
-        if first.group(0) == s.prompt.encode() and AUTOBOOT_STARTED.search(
-            c.buffer, begin, first.start()
-        ):
+        if first.group(0) == s.prompt.encode() and c.search(AUTOBOOT_STARTED, begin, first.start()):
             raise self._missed()  # the prompt after a failed bootcmd, not our interrupt
         start = first.end()
         deadline = time.monotonic() + 10.0
@@ -89,12 +87,12 @@ class UBoot:
             try:
                 m = c.expect(prompt, 0.25, abort)
             except ConsoleTimeout:
-                if AUTOBOOT_STARTED.search(c.buffer, start) or time.monotonic() > deadline:
+                if c.search(AUTOBOOT_STARTED, start) or time.monotonic() > deadline:
                     raise self._missed() from None
                 continue
             # A prompt after the countdown ran out (bootcmd failed) is not ours: U-Boot has
             # already started booting something, so its state is not the one we want.
-            if AUTOBOOT_STARTED.search(c.buffer, start, m.start()):
+            if c.search(AUTOBOOT_STARTED, start, m.start()):
                 raise self._missed()
             break
         self.sync()
@@ -123,7 +121,7 @@ class UBoot:
         c.expect(rb"\n", timeout, abort)
         start = c.pos
         m = c.expect(rf"EVR{n} (\d+)\r?\n".encode(), timeout, abort)
-        output = c.buffer[start : m.start()].decode("utf-8", "replace").replace("\r\n", "\n")
+        output = c.text(start, m.start()).decode("utf-8", "replace").replace("\r\n", "\n")
         c.expect(re.escape(self.settings.prompt.encode()), 5, abort)
         return CommandResult(command, int(m.group(1)), output.rstrip("\n"), time.monotonic() - t0)
 

@@ -427,11 +427,11 @@ class Fdt:
             if off + _RSV_ENTRY.size > total:
                 raise DeviceTreeError(
                     f"DTB offset {off:#x}: expected a 16-byte /memreserve/ "
-                    f"entry (or the 0,0 terminator), blob ends at {total:#x}"
+                    f"entry (or the terminator, size 0), blob ends at {total:#x}"
                 )
             addr, size = _RSV_ENTRY.unpack_from(data, off)
             off += _RSV_ENTRY.size
-            if addr == 0 and size == 0:
+            if size == 0:  # the spec writes 0,0; libfdt and dtc stop at any size 0
                 break
             fdt.memreserve.append((addr, size))
         fdt.root = _parse_struct(rd, h)

@@ -9,10 +9,13 @@ references. :meth:`Overlay.to_fdt` compiles it exactly as ``dtc -@`` compiles th
 are), so the .dtbo also applies with fdtoverlay, U-Boot and Linux.
 
 :func:`apply_overlay` applies a compiled overlay with the semantics of libfdt's
-``fdt_overlay_apply`` (dtc 1.6.1), step for step: shift the overlay's phandles past the
+``fdt_overlay_apply`` (dtc 1.7.2), step for step: shift the overlay's phandles past the
 base's largest, patch ``__local_fixups__``, resolve ``__fixups__`` through the base's
-``__symbols__``, merge each fragment into its target (new properties and subnodes go first,
-as libfdt inserts them; existing properties are replaced), then merge ``__symbols__``.
+``__symbols__``, keep the phandle of a base node that an overlay node with its own phandle
+merges into (the overlay's references to it follow; dtc 1.6.1 overwrote the base's phandle,
+breaking the base's references), merge each fragment into its target (new properties and
+subnodes go first, as libfdt inserts them; existing properties are replaced), then merge
+``__symbols__``. pylibfdt is the oracle of the differential fuzz target (fuzz/fuzz_fdt.py).
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ def apply_overlay(base: Fdt, overlay: Fdt | Overlay) -> Fdt:
     if local is not None:
         _update_local_references(fdto.root, local, delta, "")
     _fixup_phandles(fdt, fdto)
+    _prevent_phandle_overwrite(fdt, fdto)
     for frag in fdto.root.children.values():
         ov = frag.find_child("__overlay__")
         if ov is not None:
@@ -225,6 +229,7 @@ def _fixup_phandles(fdt: Fdt, fdto: Fdt) -> None:
                 f"__fixups__: label {label!r} (used at {used_at}) is not in the base's __symbols__"
             )
         sym_path = sym.as_string()
+        dt_ascii(sym.value[:-1], f"base __symbols__: property {label!r}")
         node = fdt.find(sym_path)
         if node is None or node.phandle is None:
             missing = "no node" if node is None else "a node without phandle"
@@ -250,10 +255,9 @@ def _fixup_phandles(fdt: Fdt, fdto: Fdt) -> None:
 
 def _fixup_entries(label: str, prop: Property) -> list[tuple[str, str, str, int]]:
     """(entry, path, property, offset) of each ``path:property:offset`` entry."""
-    try:
-        texts = prop.as_strings()
-    except DeviceTreeError:
-        raise DeviceTreeError(f"__fixups__: {label!r} is not a string list") from None
+    if not prop.value.endswith(b"\0"):
+        raise DeviceTreeError(f"__fixups__: {label!r} is not a string list")
+    texts = dt_ascii(prop.value[:-1], f"__fixups__: property {label!r}").split("\0")
     entries = []
     for entry in texts:
         path, sep, rest = entry.partition(":")
@@ -264,6 +268,21 @@ def _fixup_entries(label: str, prop: Property) -> list[tuple[str, str, str, int]
             )
         entries.append((entry, path, pname, int(off)))
     return entries
+
+
+def dt_ascii(raw: bytes, where: str) -> str:
+    """``raw`` as a path or label string: printable ASCII (NULs separate list items).
+
+    libfdt compares such strings byte for byte; decoding with replacement characters would
+    target (or record) a different node, so any other byte is an error naming its offset.
+    """
+    for i, b in enumerate(raw):
+        if b and not 0x20 <= b < 0x7F:
+            raise DeviceTreeError(
+                f"{where}: byte {b:#04x} at offset {i} of the value is not printable ASCII "
+                f"(paths and labels are ASCII): …{raw[max(0, i - 32) : i + 8]!r}"
+            )
+    return raw.decode("ascii")
 
 
 def _target(fdt: Fdt, frag: Node) -> tuple[Node, str | None]:
@@ -285,11 +304,66 @@ def _target(fdt: Fdt, frag: Node) -> tuple[Node, str | None]:
     pprop = frag.get("target-path")
     if pprop is None:
         raise DeviceTreeError(f"{frag.name}: has __overlay__ but neither target nor target-path")
-    path = pprop.value.split(b"\0", 1)[0].decode("ascii", "replace")
+    path = dt_ascii(pprop.value.split(b"\0", 1)[0], f"{frag.name}: property 'target-path'")
     node = fdt.find(path)
     if node is None:
         raise DeviceTreeError(f"{frag.name}: target-path {path!r} is not in the base")
     return node, path
+
+
+def _phandle(node: Node) -> int:
+    """libfdt's ``fdt_get_phandle``: ``phandle``, else ``linux,phandle``, if 4 bytes; else 0."""
+    for key in ("phandle", "linux,phandle"):
+        prop = node.get(key)
+        if prop is not None and len(prop.value) == 4:
+            return prop.as_u32()
+    return 0
+
+
+def _prevent_phandle_overwrite(fdt: Fdt, fdto: Fdt) -> None:
+    local = fdto.root.find_child("__local_fixups__")
+    for frag in fdto.root.children.values():
+        ov = frag.find_child("__overlay__")
+        if ov is None:
+            continue
+        try:
+            target, _ = _target(fdt, frag)
+        except DeviceTreeError:
+            continue  # the merge below reports a fragment without a target
+        _keep_base_phandle(target, ov, fdto, local)
+
+
+def _keep_base_phandle(base: Node, ov: Node, fdto: Fdt, local: Node | None) -> None:
+    mine, theirs = _phandle(base), _phandle(ov)
+    if mine and theirs:
+        for key in ("phandle", "linux,phandle"):
+            prop = ov.get(key)
+            if prop is not None and len(prop.value) == 4:
+                ov.properties[key] = Property(key, _U32.pack(mine))
+        if local is not None:
+            _replace_references(fdto.root, local, theirs, mine)
+    for name, child in ov.children.items():
+        base_child = base.find_child(name)
+        if base_child is not None:  # a new node overwrites nothing
+            _keep_base_phandle(base_child, child, fdto, local)
+
+
+def _replace_references(tree: Node, fixup: Node, old: int, new: int) -> None:
+    """Every ``__local_fixups__`` location in the overlay holding ``old`` now holds ``new``
+    (the offsets were checked by :func:`_update_local_references`)."""
+    for name, prop in fixup.properties.items():
+        target = tree.get(name)
+        if target is None:
+            continue
+        value = bytearray(target.value)
+        for off in prop.as_u32_list():
+            if off + 4 <= len(value) and _U32.unpack_from(value, off)[0] == old:
+                _U32.pack_into(value, off, new)
+        tree.properties[name] = Property(name, bytes(value))
+    for child_name, child_fixup in fixup.children.items():
+        child = tree.find_child(child_name)
+        if child is not None:
+            _replace_references(child, child_fixup, old, new)
 
 
 def _merge_node(target: Node, ov: Node) -> None:
@@ -313,7 +387,7 @@ def _update_symbols(fdt: Fdt, fdto: Fdt) -> None:
         value = prop.value
         if not value or value.find(b"\0") != len(value) - 1 or value[:1] != b"/":
             raise DeviceTreeError(f"overlay __symbols__: {label!r} is not an absolute path")
-        path = value[:-1].decode("ascii", "replace")
+        path = dt_ascii(value[:-1], f"overlay __symbols__: property {label!r}")
         frag_name, slash, rest = path[1:].partition("/")
         if not slash:
             continue  # symbol that will not end up in the target tree

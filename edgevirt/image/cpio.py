@@ -454,12 +454,12 @@ def read_cpio(data: bytes, *, source: str = "<cpio>") -> list[CpioRecord]:
             raise ImageError(f"{source}: truncated header at offset {off} (no {TRAILER})")
         if head[:6] != MAGIC:
             raise ImageError(f"{source}: bad magic {head[:6]!r} at offset {off}")
-        try:
-            v = dict(
-                zip(FIELDS, (int(head[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)), strict=True)
-            )
-        except ValueError:
-            raise ImageError(f"{source}: non-hex header field at offset {off}") from None
+        # int(x, 16) would also take signs, blanks and underscores: check the digits first.
+        if head[6:HEADER_SIZE].strip(b"0123456789abcdefABCDEF"):
+            raise ImageError(f"{source}: non-hex header field at offset {off}")
+        v = dict(
+            zip(FIELDS, (int(head[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)), strict=True)
+        )
         name_end = off + HEADER_SIZE + v["namesize"]
         if v["namesize"] < 1 or name_end > len(data) or data[name_end - 1] != 0:
             raise ImageError(f"{source}: bad name size {v['namesize']} at offset {off}")

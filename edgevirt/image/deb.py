@@ -7,6 +7,10 @@ and ``data.tar.*`` (uncompressed, gz, xz, lzma, bz2 or zst). edgevirt uses it to
 ``/bin/busybox`` out of ``busybox-static:arm64`` without installing a foreign package.
 
 Every malformed input becomes an :class:`ImageError` naming the file and the byte offset.
+
+This module only *reads*: member names come back as stored (``..`` and links included). To
+put members on disk, or into an image, go through :mod:`edgevirt.image.unpack`, which applies
+the path and link rules (``extract_deb``, ``checked_members``, ``read_file``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ AR_HEADER = (
     ("fmag", 58, 60),
 )
 TAR_SUFFIXES = ("", ".gz", ".xz", ".lzma", ".bz2", ".zst")
+#: Decompressed size beyond which a tar member of a .deb is refused (a decompression bomb;
+#: Debian's largest package edgevirt reads, libpython3.11-stdlib, is ~30 MB unpacked).
+MAX_TAR_BYTES = 1 << 30
 
 MemberType = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo"]
 
@@ -66,6 +73,7 @@ class DebMember:
     linkname: str = ""  # symlink target as stored; hardlink target as a normalized path
     devmajor: int = 0
     devminor: int = 0
+    name: str = ""  # the member name as stored in the tar (checked by edgevirt.image.unpack)
 
 
 def normalize_member_path(name: str) -> str:
@@ -90,6 +98,31 @@ def _tar_type(ti: tarfile.TarInfo) -> MemberType | None:
     if ti.isfifo():
         return "fifo"
     return None
+
+
+class _Capped(io.RawIOBase):
+    """A read-only stream that refuses to yield more than ``limit`` bytes."""
+
+    def __init__(self, inner: IO[bytes] | io.BufferedIOBase, limit: int, what: str) -> None:
+        self._inner, self._left, self._limit, self._what = inner, limit, limit, what
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size if size >= 0 else self._left + 1)
+        self._left -= len(data)
+        if self._left < 0:
+            raise ImageError(
+                f"{self._what}: more than {self._limit} bytes once decompressed "
+                "(a decompression bomb?)"
+            )
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 class DebArchive:
@@ -219,8 +252,9 @@ class DebArchive:
         m = self.find_member(stem)
         raw = self._read_at(m)
         suffix = m.name[len(stem) :]
+        zstd_error: type[Exception] | None = None
         try:
-            stream: io.BufferedIOBase
+            stream: IO[bytes] | io.BufferedIOBase
             if suffix == ".gz":
                 stream = gzip.GzipFile(fileobj=io.BytesIO(raw), mode="rb")
             elif suffix in (".xz", ".lzma"):
@@ -228,31 +262,43 @@ class DebArchive:
             elif suffix == ".bz2":
                 stream = bz2.BZ2File(io.BytesIO(raw))
             elif suffix == ".zst":
-                stream = io.BytesIO(self._unzstd(raw, m))
+                stream, zstd_error = self._unzstd(raw, m)
             else:
                 stream = io.BytesIO(raw)
-            with tarfile.open(fileobj=stream, mode="r|") as tf:
+            capped = _Capped(stream, MAX_TAR_BYTES, f"{self.path}: {m.name}")
+            with tarfile.open(fileobj=capped, mode="r|") as tf:  # type: ignore[call-overload]
                 yield tf
         except ImageError:
             raise
         except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, ValueError) as e:
             raise self._error(m.offset, f"corrupt {m.name}: {e}") from e
+        except Exception as e:
+            if zstd_error is not None and isinstance(e, zstd_error):
+                raise self._error(m.offset, f"corrupt {m.name}: zstd: {e}") from e
+            raise
 
-    def _unzstd(self, raw: bytes, m: ArMember) -> bytes:
+    def _unzstd(self, raw: bytes, m: ArMember) -> tuple[IO[bytes], type[Exception] | None]:
+        """A stream of the decompressed data and the decompressor's own error class.
+
+        Debian (since trixie for some packages) and Ubuntu compress data.tar with zstd. The
+        ``zstandard`` package is a dependency of edgevirt; Python 3.14's ``compression.zstd``
+        and the ``zstd`` command are fallbacks.
+        """
         for modname in ("compression.zstd", "zstandard"):
             try:
                 mod = importlib.import_module(modname)
             except ImportError:
                 continue
             if modname == "zstandard":
-                return bytes(mod.ZstdDecompressor().decompressobj().decompress(raw))
-            return bytes(mod.decompress(raw))
+                dctx = mod.ZstdDecompressor()
+                return dctx.stream_reader(io.BytesIO(raw), read_across_frames=True), mod.ZstdError
+            return mod.ZstdFile(io.BytesIO(raw)), mod.ZstdError
         exe = shutil.which("zstd")
         if exe is None:
             raise ImageError(
                 f"{self.path}: {m.name} is zstd-compressed and neither a Python zstd module "
                 "nor the `zstd` command is available",
-                hint="apt-get install zstd",
+                hint="pip install zstandard (an edgevirt dependency), or apt-get install zstd",
             )
         proc = subprocess.run([exe, "-dc"], input=raw, capture_output=True, check=False)
         if proc.returncode != 0:
@@ -261,7 +307,7 @@ class DebArchive:
                 f"zstd could not decompress {m.name}: "
                 f"{proc.stderr.decode(errors='replace').strip()}",
             )
-        return proc.stdout
+        return io.BytesIO(proc.stdout), None
 
     def iter_tar(self, stem: str = "data.tar") -> Iterator[DebMember]:
         """Every entry of ``data.tar`` (or ``control.tar``) in archive order."""
@@ -293,6 +339,7 @@ class DebArchive:
                     link,
                     ti.devmajor,
                     ti.devminor,
+                    ti.name,
                 )
 
     def iter_data(self) -> Iterator[DebMember]:

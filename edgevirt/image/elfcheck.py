@@ -182,3 +182,72 @@ def check_arm64_image_header(source: str | os.PathLike[str] | bytes) -> Arm64Ima
             f"{label}: big-endian kernel (flags {flags:#x}); edgevirt guests are little-endian"
         )
     return Arm64ImageHeader(code0, code1, text_offset, image_size, flags, len(data))
+
+
+# -- "parsed in full": every part a header points to lies inside the file ----------------------
+
+
+def check_elf_layout(data: bytes, label: str) -> int:
+    """Every section and segment the headers declare lies within ``data`` (a truncated ELF
+    fails here, not later); returns the number of sections checked."""
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        size = len(data)
+        for what, off, count, entsize in (
+            ("section header table", elf["e_shoff"], elf["e_shnum"], elf["e_shentsize"]),
+            ("program header table", elf["e_phoff"], elf["e_phnum"], elf["e_phentsize"]),
+        ):
+            if count and off + count * entsize > size:
+                raise ImageError(
+                    f"{label}: {what} at {off:#x} ({count} × {entsize} bytes) runs past the "
+                    f"end of the {size:#x}-byte file (truncated)"
+                )
+        n = 0
+        for i, sec in enumerate(elf.iter_sections()):
+            if sec["sh_type"] != "SHT_NOBITS" and sec["sh_offset"] + sec["sh_size"] > size:
+                raise ImageError(
+                    f"{label}: section {i} {sec.name!r} at {sec['sh_offset']:#x}+"
+                    f"{sec['sh_size']:#x} runs past the end of the {size:#x}-byte file"
+                )
+            n += 1
+        for i, seg in enumerate(elf.iter_segments()):
+            if seg["p_offset"] + seg["p_filesz"] > size:
+                raise ImageError(
+                    f"{label}: segment {i} at {seg['p_offset']:#x}+{seg['p_filesz']:#x} runs "
+                    f"past the end of the {size:#x}-byte file"
+                )
+        return n
+    except (ELFError, struct.error, ValueError, KeyError) as e:
+        raise ImageError(f"{label}: malformed ELF file: {e}") from e
+
+
+def check_pe_sections(data: bytes, label: str) -> int:
+    """An EFI-stub arm64 Image carries a PE/COFF header: each section's raw data must lie in
+    the file (the Image header itself has no length for its data). Returns the end of the
+    last section's raw data."""
+
+    def u(fmt: str, off: int, what: str) -> int:
+        if off < 0 or off + struct.calcsize(fmt) > len(data):
+            raise ImageError(f"{label}: PE/COFF {what} at {off:#x} is past the end of the file")
+        return int(struct.unpack_from(fmt, data, off)[0])
+
+    pe = u("<I", 0x3C, "header offset")
+    if data[pe : pe + 4] != b"PE\0\0":
+        raise ImageError(f"{label}: EFI stub without a PE signature at {pe:#x}")
+    nsec = u("<H", pe + 6, "NumberOfSections")
+    opt = u("<H", pe + 20, "SizeOfOptionalHeader")
+    table = pe + 24 + opt
+    end = 0
+    for i in range(nsec):
+        raw_size = u("<I", table + 40 * i + 16, f"section {i} SizeOfRawData")
+        raw_ptr = u("<I", table + 40 * i + 20, f"section {i} PointerToRawData")
+        if raw_ptr + raw_size > len(data):
+            name = (
+                data[table + 40 * i : table + 40 * i + 8].rstrip(b"\0").decode("ascii", "replace")
+            )
+            raise ImageError(
+                f"{label}: PE section {i} {name!r} at {raw_ptr:#x}+{raw_size:#x} runs past the "
+                f"end of the {len(data):#x}-byte Image (truncated)"
+            )
+        end = max(end, raw_ptr + raw_size)
+    return end

@@ -14,11 +14,14 @@ import os
 import re
 import shutil
 import subprocess
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevirt.errors import ConfigError, ImageError, SetupError
+from edgevirt.devicetree.fdt import Fdt, Node
+from edgevirt.errors import ConfigError, DeviceTreeError, ImageError, SetupError
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +212,130 @@ def verify_fit(itb: Path, inputs: dict[str, Path]) -> list[FitImage]:
                 f"expected sha256 {want[:16]}… of {src}"
             )
     return images
+
+
+# -- reading a FIT natively (for `image inspect`: every image's data and hash checked) ---------
+
+#: FIT ``hash-N`` algorithms (U-Boot's ``common/hash.c`` names) and their digests.
+HASHES: dict[str, Callable[[bytes], bytes]] = {
+    "sha1": lambda d: hashlib.sha1(d).digest(),
+    "sha256": lambda d: hashlib.sha256(d).digest(),
+    "sha384": lambda d: hashlib.sha384(d).digest(),
+    "sha512": lambda d: hashlib.sha512(d).digest(),
+    "md5": lambda d: hashlib.md5(d).digest(),
+    "crc32": lambda d: zlib.crc32(d).to_bytes(4, "big"),
+}
+
+
+@dataclass(frozen=True)
+class FitContents:
+    description: str
+    images: list[FitImage]
+    data: dict[str, bytes]  # image name -> its data
+    types: dict[str, tuple[str, str, str]]  # image name -> (type, arch, compression)
+    configurations: dict[str, dict[str, list[str]]]  # conf -> role -> image names
+    default: str
+
+
+def is_fit(fdt: Fdt) -> bool:
+    return fdt.root.find_child("images") is not None and (
+        fdt.root.find_child("configurations") is not None
+    )
+
+
+def read_fit(data: bytes, *, source: str) -> FitContents:
+    """Parse a FIT in full: every image's data (embedded or external) against each of its
+    ``hash-N`` nodes, and every image a configuration names. ImageError otherwise."""
+    try:
+        fdt = Fdt.from_bytes(data)
+    except DeviceTreeError as e:
+        raise ImageError(f"{source}: {e}") from e
+    if not is_fit(fdt):
+        raise ImageError(f"{source}: a DTB without /images and /configurations, not a FIT")
+    total = int.from_bytes(data[4:8], "big")
+    images_node = fdt.root.find_child("images")
+    confs_node = fdt.root.find_child("configurations")
+    assert images_node is not None and confs_node is not None
+    images: list[FitImage] = []
+    blobs: dict[str, bytes] = {}
+    types: dict[str, tuple[str, str, str]] = {}
+    try:
+        for name, node in images_node.children.items():
+            where = f"{source}: /images/{name}"
+            blob = _fit_data(node, data, total, where)
+            algo, value = "", ""
+            for hname, hnode in node.children.items():
+                if not hname.startswith("hash"):
+                    continue
+                algo = hnode.prop("algo").as_string() if hnode.get("algo") else ""
+                if algo not in HASHES:
+                    raise ImageError(f"{where}/{hname}: unknown hash algo {algo!r}")
+                stored = hnode.get("value")
+                want = HASHES[algo](blob)
+                if stored is None or stored.value != want:
+                    got = stored.value.hex() if stored is not None else "none"
+                    raise ImageError(
+                        f"{where}/{hname}: {algo} of the {len(blob)}-byte data is "
+                        f"{want.hex()[:16]}…, the FIT stores {got[:16]}… (corrupt or truncated)"
+                    )
+                value = want.hex()
+            if not algo:
+                raise ImageError(f"{where}: no hash node: its data cannot be verified")
+            load = node.get("load")
+            strs = {k: node.prop(k).as_string() if node.get(k) else "" for k in
+                    ("type", "arch", "compression")}  # fmt: skip
+            images.append(
+                FitImage(name, strs["type"], len(blob), algo, value,
+                         _cells_value(load.value) if load is not None else None)
+            )  # fmt: skip
+            blobs[name] = blob
+            types[name] = (strs["type"], strs["arch"], strs["compression"])
+        configurations: dict[str, dict[str, list[str]]] = {}
+        for cname, cnode in confs_node.children.items():
+            roles: dict[str, list[str]] = {}
+            for role in ("kernel", "ramdisk", "fdt", "loadables", "firmware"):
+                if cnode.get(role) is None:
+                    continue
+                roles[role] = [n for n in cnode.prop(role).as_strings() if n]
+                for n in roles[role]:
+                    if n not in blobs:
+                        raise ImageError(
+                            f"{source}: /configurations/{cname}: {role} {n!r} is not in /images"
+                        )
+            configurations[cname] = roles
+        default = confs_node.prop("default").as_string() if confs_node.get("default") else ""
+        if default and default not in configurations:
+            raise ImageError(f"{source}: default configuration {default!r} does not exist")
+        desc = fdt.root.prop("description").as_string() if fdt.root.get("description") else ""
+    except DeviceTreeError as e:
+        raise ImageError(f"{source}: {e}") from e
+    return FitContents(desc, images, blobs, types, configurations, default)
+
+
+def _cells_value(raw: bytes) -> int | None:
+    if len(raw) not in (4, 8):
+        return None
+    return int.from_bytes(raw, "big")
+
+
+def _fit_data(node: Node, blob: bytes, total: int, where: str) -> bytes:
+    """``data``, or external data at ``data-offset`` (after the FDT) / ``data-position``."""
+    prop = node.get("data")
+    if prop is not None:
+        return prop.value
+    size = node.get("data-size")
+    if size is None:
+        raise ImageError(f"{where}: neither data nor data-size")
+    length = size.as_u32()
+    if node.get("data-position") is not None:
+        start = node.prop("data-position").as_u32()
+    elif node.get("data-offset") is not None:
+        start = ((total + 3) & ~3) + node.prop("data-offset").as_u32()
+    else:
+        raise ImageError(f"{where}: data-size without data-offset or data-position")
+    if start + length > len(blob):
+        raise ImageError(
+            f"{where}: external data {start:#x}+{length:#x} runs past the end of the "
+            f"{len(blob):#x}-byte file (truncated)"
+        )
+    return blob[start : start + length]

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevirt.errors import ImageError
+from edgevirt.image import unpack
 from edgevirt.image.cpio import CpioWriter
-from edgevirt.image.deb import DebArchive
 from edgevirt.image.elfcheck import ElfInfo, check_elf
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def fetch_busybox(cache_dir: Path | None = None) -> Path:
     deb = download_busybox_deb(Path(cache_dir))
     out = deb.with_suffix(".busybox")
     if not out.exists():
-        data = DebArchive(deb).read_file(BUSYBOX_PATH_IN_DEB)
+        data = unpack.read_file(deb, BUSYBOX_PATH_IN_DEB)
         check_busybox(data, name=f"{deb}:{BUSYBOX_PATH_IN_DEB}")
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:

@@ -1,9 +1,13 @@
 """``edgevirt image inspect PATH``: recognise any artefact, verify it, describe it as a dict.
 
-A build directory or ``manifest.json`` (every artefact's size and sha256 re-checked), a FIT
-(``dumpimage -l``), a DTB, a ``vmlinux`` (release, embedded config, required options), a
-``.ko`` (vermagic), any other ELF, an arm64 ``Image`` (header, release), an initramfs (every
-ELF inside), an Android boot image (every section), an SD-card image (partitions, files).
+Each kind is parsed in full before it is called verified, and ``checks`` lists what was
+checked: a build directory or ``manifest.json`` (every artefact's size and sha256), a FIT
+(every image's data against its hash nodes; its DTBs parsed, its arm64 kernel's header and
+PE sections, its initramfs read to the trailer), a DTB (the whole structure block, strings and
+reservation map), an ELF (every section and segment inside the file; a ``vmlinux``'s release,
+config and required options; a ``.ko``'s vermagic), an arm64 ``Image`` (header, banner, and
+with an EFI stub its PE sections), an initramfs (every record to the trailer, every ELF
+inside), an Android boot image (every section), an SD-card image (partitions, files).
 Verification failures raise :class:`ImageError` naming the file.
 """
 
@@ -11,15 +15,25 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 from elftools.elf.elffile import ELFFile
 
-from edgevirt.errors import ImageError
+from edgevirt.devicetree.fdt import Fdt
+from edgevirt.errors import DeviceTreeError, ImageError
 from edgevirt.image.bootimg import BOOT_MAGIC, parse_bootimg
-from edgevirt.image.elfcheck import ARM64_MAGIC_OFFSET, ELF_MAGIC, check_elf
-from edgevirt.image.fit import list_fit
+from edgevirt.image.cpio import read_cpio
+from edgevirt.image.elfcheck import (
+    ARM64_MAGIC_OFFSET,
+    ELF_MAGIC,
+    check_arm64_image_header,
+    check_elf,
+    check_elf_layout,
+    check_pe_sections,
+)
+from edgevirt.image.fit import is_fit, read_fit
 from edgevirt.image.kernel import file_sha256
 from edgevirt.image.sdcard import inspect_card, partitions
 from edgevirt.image.verify import (
@@ -57,7 +71,8 @@ def inspect_path(path: Path, *, release: str | None = None) -> dict[str, Any]:
         return _elf(path, release)
     if head[ARM64_MAGIC_OFFSET : ARM64_MAGIC_OFFSET + 4] == b"ARM\x64":
         hdr = verify_image(path)
-        return {
+        checks = ["header (magic, text_offset, image_size, flags)", "release banner"]
+        info: dict[str, Any] = {
             "kind": "arm64-image",
             "path": str(path),
             "release": image_release(path),
@@ -67,6 +82,12 @@ def inspect_path(path: Path, *, release: str | None = None) -> dict[str, Any]:
             "page_size": hdr.page_size,
             "efi_stub": hdr.efi_stub,
         }
+        if hdr.efi_stub:
+            info["pe_data_end"] = check_pe_sections(path.read_bytes(), str(path))
+            checks.append("PE/COFF sections inside the file")
+        else:
+            checks.append("no EFI stub: the Image format has no length to check its end against")
+        return info | {"checks": checks}
     if head[:2] == b"\x1f\x8b" or head[:6] == b"070701":
         rep = verify_initramfs(path, release=release)
         return {
@@ -75,7 +96,9 @@ def inspect_path(path: Path, *, release: str | None = None) -> dict[str, Any]:
             "entries": rep.entries,
             "elf": rep.elves,
             "modules": [m.name for m in rep.modules],
-        }
+            "checks": ["every cpio record up to the trailer", "every ELF inside (AArch64, "
+                       "interpreter present)", "every module's vermagic"],
+        }  # fmt: skip
     if partitions(head):  # last: an MBR has no magic beyond its 0x55aa signature
         return inspect_card(path)
     raise ImageError(
@@ -85,24 +108,70 @@ def inspect_path(path: Path, *, release: str | None = None) -> dict[str, Any]:
 
 
 def _fdt(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
     try:
-        desc, images = list_fit(path)
-    except ImageError:
-        return {"kind": "dtb", "path": str(path), "size": path.stat().st_size}
+        fdt = Fdt.from_bytes(data)
+    except DeviceTreeError as e:
+        raise ImageError(f"{path}: {e}") from e
+    if is_fit(fdt):
+        return _fit(path, data)
+    _, total, *_, version = struct.unpack_from(">6I", data)
+    walk = list(fdt.walk())
+    info: dict[str, Any] = {
+        "kind": "dtb",
+        "path": str(path),
+        "size": len(data),
+        "totalsize": total,
+        "version": version,
+        "nodes": len(walk),
+        "properties": sum(len(n.properties) for _, n in walk),
+        "memreserve": len(fdt.memreserve),
+    }
+    if len(data) > total:
+        info["trailing_bytes"] = len(data) - total
+    checks = ["header", "structure block to FDT_END", "strings", "memory reservation map"]
+    return info | {"checks": checks}
+
+
+def _fit(path: Path, data: bytes) -> dict[str, Any]:
+    fit = read_fit(data, source=str(path))
+    checks = [f"{len(fit.images)} images against their hash nodes", "configurations"]
+    for name, (kind, arch, compression) in fit.types.items():
+        blob, label = fit.data[name], f"{path}: /images/{name}"
+        try:
+            if kind == "flat_dt":
+                Fdt.from_bytes(blob)
+                checks.append(f"{name}: DTB parsed")
+            elif kind == "kernel" and arch == "arm64" and compression == "none":
+                hdr = check_arm64_image_header(blob)
+                if hdr.efi_stub:
+                    check_pe_sections(blob, label)
+                checks.append(f"{name}: arm64 Image header" + (", PE sections" * hdr.efi_stub))
+            elif kind == "ramdisk" and (blob[:2] == b"\x1f\x8b" or blob[:6] == b"070701"):
+                read_cpio(blob, source=label)
+                checks.append(f"{name}: cpio read to the trailer")
+        except DeviceTreeError as e:
+            raise ImageError(f"{label}: {e}") from e
+        except ImageError as e:
+            raise ImageError(f"{label}: {e}") from e
     return {
         "kind": "fit",
         "path": str(path),
-        "description": desc,
+        "description": fit.description,
+        "default": fit.default,
         "images": [
             {"name": i.name, "type": i.type, "size": i.size, i.hash_algo or "hash": i.hash}
             | ({"load": hex(i.load)} if i.load is not None else {})
-            for i in images
+            for i in fit.images
         ],
+        "checks": checks,
     }
 
 
 def _elf(path: Path, release: str | None) -> dict[str, Any]:
     data = path.read_bytes()
+    sections = check_elf_layout(data, str(path))
+    checks = [f"{sections} sections and every segment inside the file"]
     try:
         elf = ELFFile(io.BytesIO(data))
         is_module = elf.get_section_by_name(".modinfo") is not None
@@ -119,6 +188,7 @@ def _elf(path: Path, release: str | None) -> dict[str, Any]:
             "license": m.license,
             "depends": list(m.depends),
             "description": m.description,
+            "checks": [*checks, "AArch64 ET_REL", "vermagic" + (" = release" * bool(release))],
         }
     if b"Linux version " in data:
         v = verify_vmlinux(path, release=release)
@@ -130,10 +200,11 @@ def _elf(path: Path, release: str | None) -> dict[str, Any]:
             "ikconfig": v.config is not None,
             "options": {k: v.options.get(k, "n") for k in REQUIRED_OPTIONS},
             "config_options": len(v.options),
+            "checks": [*checks, "AArch64", "banner release", "embedded config options"],
         }
     info = check_elf(path, machine=None)
     return {"kind": "elf", "path": str(path), "describe": info.describe(),
-            "machine": info.machine, "static": info.static}  # fmt: skip
+            "machine": info.machine, "static": info.static, "checks": checks}  # fmt: skip
 
 
 def inspect_manifest(path: Path) -> dict[str, Any]:
@@ -141,10 +212,13 @@ def inspect_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ImageError(f"{path}: not a readable JSON manifest: {e}") from e
-    if not isinstance(manifest, dict) or "artefacts" not in manifest:
-        raise ImageError(f"{path}: not an edgevirt image manifest (no 'artefacts')")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artefacts"), dict):
+        raise ImageError(f"{path}: not an edgevirt image manifest (no 'artefacts' table)")
     bad = []
     for name, want in sorted(manifest["artefacts"].items()):
+        if not isinstance(want, dict) or name.startswith("/") or ".." in name.split("/"):
+            bad.append(f"{name}: not a file of this build with its size and sha256")
+            continue
         f = path.parent / name
         if not f.is_file():
             bad.append(f"{name}: missing")
@@ -161,4 +235,5 @@ def inspect_manifest(path: Path) -> dict[str, Any]:
         "kernel": manifest.get("kernel"),
         "artefacts": manifest["artefacts"],
         "verified": True,
+        "checks": ["every artefact's size and sha256 against the manifest"],
     }

@@ -26,11 +26,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from edgevirt.errors import ImageError, SetupError
 from edgevirt.image.cachelock import build_lock, remove_stale_stages
 from edgevirt.paths import cache_dir, images_dir
+
+if TYPE_CHECKING:
+    from edgevirt.image.kconfig import KconfigIndex
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +334,10 @@ def _prepare_source(source: KernelSource, dest: Path, progress: Progress | None)
     else:
         tarball = source_tarball() if source.kind == "debian" else source.path
         assert tarball is not None
+        if source.kind == "tarball":  # a user's archive: the unpacking rules first
+            from edgevirt.image.unpack import check_tarball
+
+            check_tarball(tarball)
         _extract(tarball, dest, progress)
     return check_kernel_tree(dest, source.describe())
 
@@ -392,14 +399,15 @@ def check_config(
     origin: str,
     tree: Path | None = None,
     kconfig_warnings: Sequence[str] = (),
+    index: KconfigIndex | None = None,
 ) -> None:
-    """Every option asked for must be set as asked; else name each and why (from ``tree``)."""
+    """Every option asked for must be set as asked; else name each and why (Kconfig of
+    ``tree``, loaded only now, or an ``index`` already loaded)."""
     have = config_values(config_text)
     misses = [(k, v, have.get(k, "n")) for k, v in wanted.items() if have.get(k, "n") != v]
     if not misses:
         return
-    index = None
-    if tree is not None:
+    if index is None and tree is not None:
         from edgevirt.image import kconfig
 
         index = kconfig.load(tree)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from edgevirt import hostreqs
 from edgevirt.errors import ImageError, SetupError
-from edgevirt.image.deb import DebArchive, DebMember
+from edgevirt.image import unpack
+from edgevirt.image.deb import DebMember
 from edgevirt.image.elfcheck import ElfInfo, check_elf
 from edgevirt.image.initramfs import APT_HINT
 
@@ -227,10 +228,14 @@ def wanted(path: str) -> bool:
 
 
 def members(debs: Iterable[DebPackage]) -> Iterator[tuple[DebPackage, DebMember]]:
-    """Every wanted member of every package, hard links resolved to file contents."""
+    """Every wanted member of every package, hard links resolved to file contents.
+
+    The members pass :mod:`edgevirt.image.unpack`'s rules; absolute symlink targets are kept
+    (they mean the image's root).
+    """
     for pkg in debs:
         files: dict[str, DebMember] = {}
-        for m in DebArchive(pkg.deb).iter_data():
+        for m in unpack.deb_members(pkg.deb):
             if m.type == "file":
                 files[m.path] = m
             if m.type == "hardlink":
@@ -275,7 +280,7 @@ def ext_suffix(stdlib_debs: Iterable[DebPackage]) -> str:
     """EXT_SUFFIX from the target's own ``_sysconfigdata`` (not the host's)."""
     for pkg in stdlib_debs:
         try:
-            text = DebArchive(pkg.deb).read_file(SYSCONFIGDATA).decode()
+            text = unpack.read_file(pkg.deb, SYSCONFIGDATA).decode()
         except ImageError:
             continue
         m = re.search(r"'EXT_SUFFIX': '([^']+)'", text)
@@ -289,24 +294,13 @@ def python_headers(dev: DebPackage, out: Path) -> Path:
     inc = out / "usr" / "include"
     if (inc / f"python{PY_VERSION}" / "Python.h").exists():
         return inc
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".headers-"))
     try:
-        for m in DebArchive(dev.deb).iter_data():
-            if not m.path.startswith("/usr/include/"):
-                continue
-            target = tmp / m.path.lstrip("/")
-            if m.type == "dir":
-                target.mkdir(parents=True, exist_ok=True)
-            elif m.type == "file":
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(m.data)
-            elif m.type == "symlink":
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(m.linkname)
+        unpack.extract_deb(dev.deb, tmp, select=lambda p: p.startswith("/usr/include/"))
         if not (tmp / "usr/include" / f"python{PY_VERSION}" / "Python.h").exists():
             raise ImageError(f"{dev.deb}: no /usr/include/python{PY_VERSION}/Python.h")
         shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

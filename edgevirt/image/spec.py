@@ -164,5 +164,7 @@ def load_image_spec(path: Path | None) -> ImageSpec:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to parse") from None
     spec = parse_image_section(data, path.resolve().parent, str(path))
     return replace(spec, path=path, sha256=hashlib.sha256(raw).hexdigest())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevirt.errors import ImageError, SetupError
+from edgevirt.image import unpack
 from edgevirt.image.deb import DebArchive
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def extract_xen(deb: Path, out_dir: Path) -> XenBinary:
     """``/boot/xen-*-arm64`` and its ``.config`` out of ``deb`` into ``out_dir`` (cached)."""
     arc = DebArchive(deb)
     version = arc.control().get("Version", "?")
-    names = [m.path for m in arc.iter_data() if m.path.startswith("/boot/xen-")]
+    # members through the unpacking rules (edgevirt.image.unpack), like every .deb
+    names = [m.path for m in unpack.deb_members(deb) if m.path.startswith("/boot/xen-")]
     image_name = next((n for n in names if n.endswith("-arm64")), None)
     config_name = next((n for n in names if n.endswith("-arm64.config")), None)
     if image_name is None or config_name is None:
@@ -100,10 +102,10 @@ def extract_xen(deb: Path, out_dir: Path) -> XenBinary:
     image = out_dir / Path(image_name).name
     config = out_dir / Path(config_name).name
     if not image.exists() or not config.exists():
-        data = arc.read_file(image_name)
+        data = unpack.read_file(deb, image_name)
         if len(data) < 64 or data[56:60] != IMAGE_MAGIC:
             raise ImageError(f"{deb}:{image_name}: not an arm64 Image (no ARM\\x64 magic at 56)")
-        _write_atomic(config, arc.read_file(config_name))
+        _write_atomic(config, unpack.read_file(deb, config_name))
         _write_atomic(image, data)
     xen = XenBinary(image, config, version, deb)
     missing = [o for o in NEEDED_CONFIG if o not in config.read_text().splitlines()]

@@ -129,6 +129,8 @@ def parse_suite(text: str, path: Path) -> Suite:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to parse") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with name and steps")
     unknown = sorted(set(doc) - {"name", "description", "timeout", "vars", "steps"})
@@ -138,6 +140,8 @@ def parse_suite(text: str, path: Path) -> Suite:
     if not isinstance(steps, list) or not steps:
         raise ConfigError(f"{path}: steps: expected a non-empty list")
     timeout = doc.get("timeout", 60)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout < 1e9:
+        raise ConfigError(f"{path}: timeout: expected seconds > 0, got {timeout!r}")
     variables = doc.get("vars", {}) or {}
     if not isinstance(variables, dict):
         raise ConfigError(f"{path}: vars: expected a mapping")

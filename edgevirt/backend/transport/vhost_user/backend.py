@@ -50,6 +50,18 @@ class BackendStats:
     broken: list[str] = field(default_factory=list)
 
 
+def _check_eventfd(fd: int, what: str) -> None:
+    """Kick, call and err fds must be eventfds (vhost-user spec): a regular file cannot be
+    polled (epoll refuses it: the loop would fail), and a pipe's write end would block the
+    back-end once full."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise VhostUserError(f"{what}: cannot inspect the fd: {e.strerror}") from e
+    if kind != "anon_inode:[eventfd]":
+        raise VhostUserError(f"{what}: the fd is {kind!r}, expected an eventfd")
+
+
 class VhostUserBackend:
     """Serve ``device`` on the unix socket at ``path`` (QEMU connects as the front-end)."""
 
@@ -364,6 +376,8 @@ class VhostUserBackend:
             v = msg.u64()
             vr = self._vring(v & p.VRING_IDX_MASK)
             name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call", R.SET_VRING_ERR: "err"}[r]
+            if msg.fds:
+                _check_eventfd(msg.fds[0], f"{r.name} {v & p.VRING_IDX_MASK}")
             paused = name != "err" and self._pause(vr)  # the engine thread uses kick and call
             old = getattr(vr, name)
             if name == "kick" and old >= 0:
@@ -371,7 +385,12 @@ class VhostUserBackend:
             if old >= 0:
                 os.close(old)
             setattr(vr, name, os.dup(msg.fds[0]) if msg.fds else -1)
-            if name == "kick":
+            if name == "kick" and vr.queue is not None:
+                # a running ring keeps running: listen on the new kick fd from now on (an
+                # engine thread gets it when _serve below hands the ring back)
+                if vr.kick >= 0 and vr.aio is None:
+                    self.loop.add_reader(vr.kick, lambda: self._kicked(vr))
+            elif name == "kick":
                 self._try_start(vr)
             if paused and vr.enabled:
                 self._serve(vr)
