@@ -160,9 +160,10 @@ def test_passthrough_node_must_name_a_region_of_its_domain(tmp_path: Path) -> No
 
 def test_missing_xen_deb_without_apt_is_a_setup_error(tmp_path: Path, monkeypatch) -> None:
     from edgevirt.errors import SetupError
-    from edgevirt.image import xen
+    from edgevirt.image import initramfs, xen
 
-    monkeypatch.setattr(xen.shutil, "which", lambda name: None)
+    # The download is the shared one in initramfs: apt-get is looked up there.
+    monkeypatch.setattr(initramfs.shutil, "which", lambda name: None)
     with pytest.raises(SetupError, match="apt-get not found") as e:
         xen.fetch_xen(tmp_path)
     assert "xen-hypervisor-4.17-arm64_*_arm64.deb" in (e.value.hint or "")

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevirt.errors import ImageError
+from edgevirt.errors import EdgevirtError, ImageError
 from edgevirt.image import unpack
 from edgevirt.image.cpio import CpioWriter
 from edgevirt.image.elfcheck import ElfInfo, check_elf
@@ -78,38 +78,42 @@ BASE_DEVICES: tuple[tuple[str, str, int, int, int], ...] = (
 # -- busybox ---------------------------------------------------------------------------------
 
 
-def _cached_deb(cache_dir: Path) -> Path | None:
-    debs = sorted(cache_dir.glob(BUSYBOX_DEB_GLOB))
-    return debs[-1] if debs else None
-
-
-def download_busybox_deb(cache_dir: Path, *, timeout: float = 300) -> Path:
-    """``apt-get download busybox-static:arm64`` into ``cache_dir`` unless a .deb is there."""
+def download_deb(
+    package: str,
+    glob: str,
+    cache_dir: Path,
+    *,
+    timeout: float = 300,
+    error: type[EdgevirtError] = ImageError,
+) -> Path:
+    """``apt-get download package`` into ``cache_dir`` unless a .deb matching ``glob`` is
+    there (a file put there by hand counts too: offline machines). Failures raise ``error``
+    (callers choose the layer's exception, hence the exit code)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cached = _cached_deb(cache_dir)
-    if cached is not None:
-        return cached
+    cached = sorted(cache_dir.glob(glob))
+    if cached:
+        return cached[-1]
     if shutil.which("apt-get") is None:
-        raise ImageError(
-            f"cannot download {BUSYBOX_PACKAGE}: apt-get not found",
-            hint=f"put a {BUSYBOX_DEB_GLOB} into {cache_dir}",
+        raise error(
+            f"cannot download {package}: apt-get not found",
+            hint=f"put a {glob} into {cache_dir}",
         )
     # Download into a private directory, then rename: concurrent builds never see half a file.
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        cmd = ["apt-get", "download", BUSYBOX_PACKAGE]
-        log.info("downloading %s into %s", BUSYBOX_PACKAGE, cache_dir)
+        cmd = ["apt-get", "download", package]
+        log.info("downloading %s into %s", package, cache_dir)
         try:
             proc = subprocess.run(
                 cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout, check=False
             )
         except subprocess.TimeoutExpired:
-            raise ImageError(
+            raise error(
                 f"`{' '.join(cmd)}` took longer than {timeout:.0f} s", hint=APT_HINT
             ) from None
-        debs = sorted(Path(tmp).glob(BUSYBOX_DEB_GLOB))
+        debs = sorted(Path(tmp).glob(glob))
         if proc.returncode != 0 or not debs:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise ImageError(
+            raise error(
                 f"`{' '.join(cmd)}` failed (exit {proc.returncode}): "
                 f"{detail[-1] if detail else 'no .deb produced'}",
                 hint=APT_HINT,
@@ -117,6 +121,11 @@ def download_busybox_deb(cache_dir: Path, *, timeout: float = 300) -> Path:
         final = cache_dir / debs[-1].name
         os.replace(debs[-1], final)
     return final
+
+
+def download_busybox_deb(cache_dir: Path, *, timeout: float = 300) -> Path:
+    """``apt-get download busybox-static:arm64`` into ``cache_dir`` unless a .deb is there."""
+    return download_deb(BUSYBOX_PACKAGE, BUSYBOX_DEB_GLOB, cache_dir, timeout=timeout)
 
 
 def fetch_busybox(cache_dir: Path | None = None) -> Path:

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgevirt.errors import ImageError, SetupError
-from edgevirt.image import unpack
+from edgevirt.image import initramfs, unpack
 from edgevirt.image.deb import DebArchive
 
 log = logging.getLogger(__name__)
 
 XEN_PACKAGE = "xen-hypervisor-4.17-arm64:arm64"
 XEN_DEB_GLOB = "xen-hypervisor-4.17-arm64_*_arm64.deb"
-APT_HINT = "run `dpkg --add-architecture arm64 && apt-get update` (as root), then retry"
+APT_HINT = initramfs.APT_HINT
 #: arm64 Image header: "ARM\x64" at offset 56 (Documentation/arm64/booting.rst).
 IMAGE_MAGIC = b"ARM\x64"
 #: Options the dom0less platform relies on, and ones it must not assume.
@@ -46,35 +43,9 @@ class XenBinary:
 
 
 def download_deb(package: str, glob: str, cache_dir: Path, *, timeout: float = 300) -> Path:
-    """``apt-get download package`` into ``cache_dir`` unless a .deb matching ``glob`` is
-    there (a file put there by hand counts too: offline machines)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cached = sorted(cache_dir.glob(glob))
-    if cached:
-        return cached[-1]
-    if shutil.which("apt-get") is None:
-        raise SetupError(f"cannot download {package}: apt-get not found",
-                         hint=f"put a {glob} into {cache_dir}")  # fmt: skip
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        cmd = ["apt-get", "download", package]
-        log.info("downloading %s into %s", package, cache_dir)
-        try:
-            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
-                                  timeout=timeout, check=False)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise SetupError(f"`{' '.join(cmd)}` took longer than {timeout:.0f} s",
-                             hint=APT_HINT) from None  # fmt: skip
-        debs = sorted(Path(tmp).glob(glob))
-        if proc.returncode != 0 or not debs:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise SetupError(
-                f"`{' '.join(cmd)}` failed (exit {proc.returncode}): "
-                f"{detail[-1] if detail else 'no .deb produced'}",
-                hint=APT_HINT,
-            )
-        final = cache_dir / debs[-1].name
-        os.replace(debs[-1], final)
-    return final
+    """The shared ``apt-get download`` (:func:`edgevirt.image.initramfs.download_deb`); a
+    missing Xen package is the host's problem here (SetupError, exit 3)."""
+    return initramfs.download_deb(package, glob, cache_dir, timeout=timeout, error=SetupError)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
