@@ -85,11 +85,17 @@ indices, ``SplitQueue`` or notification state: that stays in the transport.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgevirt.backend.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+#: Bad requests a device logs before it only counts them.
+MAX_BAD_REQUEST_LOGS = 50
 
 Segment = tuple[int, int]  # (gpa, length)
 
@@ -158,6 +164,18 @@ class VirtioDevice:
         self.stats = DeviceStats()
         self.acked_features = 0
         self.host: DeviceHost | None = None
+        self.bad_requests_logged = 0
+
+    def bad_request(self, key: str, message: str, *args: object) -> None:
+        """Count a guest's bad request under ``key`` and log it, up to
+        :data:`MAX_BAD_REQUEST_LOGS` lines: a hostile guest must not flood the log."""
+        self.stats.errors += 1
+        self.stats.count(key)
+        self.bad_requests_logged += 1
+        if self.bad_requests_logged <= MAX_BAD_REQUEST_LOGS:
+            log.warning(f"{self.name}: " + message, *args)
+            if self.bad_requests_logged == MAX_BAD_REQUEST_LOGS:
+                log.warning("%s: further bad requests are only counted", self.name)
 
     def attach(self, host: DeviceHost) -> None:
         self.host = host

@@ -59,7 +59,6 @@ IRQ_TYPES = {IRQ_NONE: "none", IRQ_RISING: "edge-rising", IRQ_FALLING: "edge-fal
 IRQ_INVALID, IRQ_VALID = 0, 1
 MAX_LINES = 512
 #: Log lines about bad requests per device before going quiet (counters keep counting).
-MAX_WARNINGS = 50
 
 
 class GpioError(Exception):
@@ -115,7 +114,6 @@ class GpioDevice(VirtioDevice):
         self.bank = bank
         self.lines = [Line() for _ in range(n)]
         self.names_block = b"".join(name.encode("ascii") + b"\0" for name in bank.names)
-        self.warnings = 0
         #: (last, max) from a line's change to its interrupt's completion, nanoseconds.
         self.irq_latency_ns = (0, 0)
 
@@ -158,15 +156,6 @@ class GpioDevice(VirtioDevice):
         self.reset()
         self.bank.close()
 
-    def _bad(self, key: str, message: str, *args: object) -> None:
-        self.stats.errors += 1
-        self.stats.count(key)
-        self.warnings += 1
-        if self.warnings <= MAX_WARNINGS:
-            log.warning("gpio: " + message, *args)
-            if self.warnings == MAX_WARNINGS:
-                log.warning("gpio: further bad requests are only counted")
-
     # -- chains ---------------------------------------------------------------------------
 
     def handle(self, queue: int, chain: Chain, mem: GuestMemory) -> int:
@@ -180,38 +169,53 @@ class GpioDevice(VirtioDevice):
         self.stats.requests += 1
         out = views(mem, chain.writable)
         if not out:
-            self._bad("bad_chain", "request chain %d has no response buffer", chain.head)
+            self.bad_request("bad_chain", "request chain %d has no response buffer", chain.head)
             return 0
         if chain.readable_len != REQUEST.size:
-            self._bad("bad_request_size", "request chain %d: %d readable bytes, expected %d",
-                      chain.head, chain.readable_len, REQUEST.size)  # fmt: skip
+            self.bad_request(
+                "bad_request_size",
+                "request chain %d: %d readable bytes, expected %d",
+                chain.head,
+                chain.readable_len,
+                REQUEST.size,
+            )
             return _answer(out, STATUS_ERR)
         typ, gpio, value = REQUEST.unpack(gather(mem, chain.readable, REQUEST.size))
         self.stats.count(MSG_NAMES.get(typ, "unknown_type"))
         if typ == GET_LINE_NAMES:
             size = len(self.names_block)
             if chain.writable_len < 1 + size:
-                self._bad("bad_response_size", "get_line_names: response of %d bytes, "
-                          "expected %d", chain.writable_len, 1 + size)  # fmt: skip
+                self.bad_request(
+                    "bad_response_size",
+                    "get_line_names: response of %d bytes, expected %d",
+                    chain.writable_len,
+                    1 + size,
+                )
                 return _answer(out, STATUS_ERR)
             self.stats.bytes_written += 1 + size
             return _write(out, bytes([STATUS_OK]) + self.names_block)
         if typ not in MSG_NAMES:
-            self._bad("bad_type", "request type %d unknown (1..6)", typ)
+            self.bad_request("bad_type", "request type %d unknown (1..6)", typ)
             return _answer(out, STATUS_ERR)
         if chain.writable_len != 2:
-            self._bad("bad_response_size", "%s: response of %d bytes, expected 2",
-                      MSG_NAMES[typ], chain.writable_len)  # fmt: skip
+            self.bad_request(
+                "bad_response_size",
+                "%s: response of %d bytes, expected 2",
+                MSG_NAMES[typ],
+                chain.writable_len,
+            )
             return _answer(out, STATUS_ERR)
         if gpio >= len(self.lines):
-            self._bad("bad_line", "%s: line %d, device has %d", MSG_NAMES[typ], gpio,
-                      len(self.lines))  # fmt: skip
+            self.bad_request(
+                "bad_line", "%s: line %d, device has %d", MSG_NAMES[typ], gpio, len(self.lines)
+            )
             return _answer(out, STATUS_ERR)
         try:
             result = self._do(typ, gpio, value)
         except GpioError as e:
-            self._bad("bank_error", "%s line %d (%s): %s", MSG_NAMES[typ], gpio,
-                      self.bank.names[gpio], e)  # fmt: skip
+            self.bad_request(
+                "bank_error", "%s line %d (%s): %s", MSG_NAMES[typ], gpio, self.bank.names[gpio], e
+            )
             return _answer(out, STATUS_ERR)
         if result is None:
             return _answer(out, STATUS_ERR)
@@ -224,7 +228,9 @@ class GpioDevice(VirtioDevice):
             return ln.direction
         if typ == SET_DIRECTION:
             if value not in DIRECTIONS:
-                self._bad("bad_direction", "%s: direction %d (0 none, 1 out, 2 in)", what, value)
+                self.bad_request(
+                    "bad_direction", "%s: direction %d (0 none, 1 out, 2 in)", what, value
+                )
                 return None
             try:
                 self.bank.set_direction(gpio, value, ln.value)
@@ -242,7 +248,7 @@ class GpioDevice(VirtioDevice):
             return self.bank.get_value(gpio) & 1
         if typ == SET_VALUE:
             if value > 1:
-                self._bad("bad_value", "%s: value %d (0 or 1)", what, value)
+                self.bad_request("bad_value", "%s: value %d (0 or 1)", what, value)
                 return None
             ln.value = value
             if ln.direction == DIR_OUT:
@@ -250,13 +256,13 @@ class GpioDevice(VirtioDevice):
             return 0
         # SET_IRQ_TYPE
         if not self.acked_features >> F_IRQ & 1:
-            self._bad("irq_not_negotiated", "%s without VIRTIO_GPIO_F_IRQ", what)
+            self.bad_request("irq_not_negotiated", "%s without VIRTIO_GPIO_F_IRQ", what)
             return None
         if value not in IRQ_TYPES:
-            self._bad("bad_irq_type", "%s: type %d (0, 1, 2, 3, 4 or 8)", what, value)
+            self.bad_request("bad_irq_type", "%s: type %d (0, 1, 2, 3, 4 or 8)", what, value)
             return None
         if value != IRQ_NONE and ln.direction == DIR_OUT:
-            self._bad("irq_on_output", "%s: the line is an output", what)
+            self.bad_request("irq_on_output", "%s: the line is an output", what)
             return None
         if value == IRQ_NONE:
             self._disable(gpio)
@@ -273,17 +279,21 @@ class GpioDevice(VirtioDevice):
         self.stats.count("unmask")
         out = views(mem, chain.writable)
         if not out or chain.readable_len != 2:
-            self._bad("bad_event_chain", "eventq chain %d: %d readable / %d writable bytes, "
-                      "expected 2 / 1", chain.head, chain.readable_len,
-                      chain.writable_len)  # fmt: skip
+            self.bad_request(
+                "bad_event_chain",
+                "eventq chain %d: %d readable / %d writable bytes, expected 2 / 1",
+                chain.head,
+                chain.readable_len,
+                chain.writable_len,
+            )
             return _answer(out, IRQ_INVALID) if out else 0
         (gpio,) = struct.unpack("<H", gather(mem, chain.readable, 2))
         if gpio >= len(self.lines):
-            self._bad("bad_line", "eventq: line %d, device has %d", gpio, len(self.lines))
+            self.bad_request("bad_line", "eventq: line %d, device has %d", gpio, len(self.lines))
             return _answer(out, IRQ_INVALID)
         ln = self.lines[gpio]
         if ln.event is not None:
-            self._bad("event_duplicate", "eventq: line %d unmasked twice", gpio)
+            self.bad_request("event_duplicate", "eventq: line %d unmasked twice", gpio)
             return _answer(out, IRQ_INVALID)
         if ln.irq_type == IRQ_NONE:
             self.stats.count("unmask_disabled")
@@ -342,7 +352,7 @@ class GpioDevice(VirtioDevice):
         try:
             n = _answer(views(self.host.mem, chain.writable), status)
         except BackendError as e:  # the memory table changed under a kept chain
-            self._bad("bad_event_buffer", "eventq chain %d: %s", chain.head, e)
+            self.bad_request("bad_event_buffer", "eventq chain %d: %s", chain.head, e)
             n = 0
         self.host.complete(EVENTQ, [(chain, n)])
 

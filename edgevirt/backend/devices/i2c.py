@@ -55,7 +55,6 @@ MSG_OK, MSG_ERR = 0, 1
 MAX_SEGMENT = 8192
 #: Longest group (Linux's I2C_RDWR_IOCTL_MAX_MSGS).
 MAX_GROUP = 42
-MAX_WARNINGS = 50
 
 
 class I2cError(Exception):
@@ -124,7 +123,6 @@ class I2cDevice(VirtioDevice):
         self.bus = bus
         self.allow = frozenset(allow)
         self.group: list[Request] = []
-        self.warnings = 0
 
     def snapshot(self) -> dict:
         return {"allow": " ".join(f"{a:#04x}" for a in sorted(self.allow)),
@@ -136,15 +134,6 @@ class I2cDevice(VirtioDevice):
     def close(self) -> None:
         self.reset()
         self.bus.close()
-
-    def _bad(self, key: str, message: str, *args: object) -> None:
-        self.stats.errors += 1
-        self.stats.count(key)
-        self.warnings += 1
-        if self.warnings <= MAX_WARNINGS:
-            log.warning("i2c: " + message, *args)
-            if self.warnings == MAX_WARNINGS:
-                log.warning("i2c: further bad requests are only counted")
 
     # -- chains ---------------------------------------------------------------------------
 
@@ -160,7 +149,7 @@ class I2cDevice(VirtioDevice):
             return DEFERRED
         too_long = bool(flags & FLAG_FAIL_NEXT)
         if too_long:
-            self._bad("group_too_long", "a group of more than %d requests", MAX_GROUP)
+            self.bad_request("group_too_long", "a group of more than %d requests", MAX_GROUP)
         group, self.group = self.group, []
         results = self._run(group, refuse=too_long)
         assert self.host is not None
@@ -173,34 +162,56 @@ class I2cDevice(VirtioDevice):
         req = Request(chain, None)
         wlen = chain.writable_len
         if wlen < 1:
-            self._bad("bad_chain", "request chain %d has no status byte", chain.head)
+            self.bad_request("bad_chain", "request chain %d has no status byte", chain.head)
             return req, 0
         req.status = views(mem, chain.writable, skip=wlen - 1)
         if chain.readable_len < OUT_HDR.size:
-            self._bad("bad_header", "request chain %d: %d readable bytes, header is %d",
-                      chain.head, chain.readable_len, OUT_HDR.size)  # fmt: skip
+            self.bad_request(
+                "bad_header",
+                "request chain %d: %d readable bytes, header is %d",
+                chain.head,
+                chain.readable_len,
+                OUT_HDR.size,
+            )
             return req, 0
         addr, _pad, flags = OUT_HDR.unpack(gather(mem, chain.readable, OUT_HDR.size))
         read = bool(flags & FLAG_M_RD)
         wdata = chain.readable_len - OUT_HDR.size
         rdata = wlen - 1
         if flags & ~(FLAG_FAIL_NEXT | FLAG_M_RD):
-            self._bad("bad_flags", "request to %#06x: reserved flags %#x", addr, flags)
+            self.bad_request("bad_flags", "request to %#06x: reserved flags %#x", addr, flags)
         elif (read and wdata) or (not read and rdata):
-            self._bad("bad_direction", "request to %#06x: %s with %d readable and %d writable "
-                      "data bytes", addr, "read" if read else "write", wdata,
-                      rdata)  # fmt: skip
+            self.bad_request(
+                "bad_direction",
+                "request to %#06x: %s with %d readable and %d writable data bytes",
+                addr,
+                "read" if read else "write",
+                wdata,
+                rdata,
+            )
         elif max(wdata, rdata) > MAX_SEGMENT:
-            self._bad("bad_length", "request to %#06x: %d bytes, at most %d", addr,
-                      max(wdata, rdata), MAX_SEGMENT)  # fmt: skip
+            self.bad_request(
+                "bad_length",
+                "request to %#06x: %d bytes, at most %d",
+                addr,
+                max(wdata, rdata),
+                MAX_SEGMENT,
+            )
         elif addr & 0xF9 == 0xF0 and addr >> 8:
-            self._bad("ten_bit_address", "request to %#06x: 10-bit addresses are not supported",
-                      addr)  # fmt: skip
+            self.bad_request(
+                "ten_bit_address", "request to %#06x: 10-bit addresses are not supported", addr
+            )
         elif addr & 1 or addr >> 8:
-            self._bad("bad_address", "request to %#06x: not a 7-bit address (addr << 1)", addr)
+            self.bad_request(
+                "bad_address", "request to %#06x: not a 7-bit address (addr << 1)", addr
+            )
         elif addr >> 1 not in self.allow:
-            self._bad("address_not_allowed", "request to %#04x: not in the allow-list (%s)",
-                      addr >> 1, ", ".join(f"{a:#04x}" for a in sorted(self.allow)))  # fmt: skip
+            self.bad_request(
+                "address_not_allowed",
+                "request to %#04x: not in the allow-list (%s)",
+                addr >> 1,
+                ", ".join(f"{a:#04x}" for a in sorted(self.allow)),
+            )
         else:
             if read:
                 req.out = views(mem, chain.writable, drop_tail=1)
