@@ -38,6 +38,7 @@ from edgevirt.console.expect import Console
 from edgevirt.deploy.backend_process import BackendProcess, backend_socket
 from edgevirt.deploy.machine import build_initramfs, compose_dtb, mmio_nodes
 from edgevirt.deploy.qemu import QemuConfig, VhostUserDevice, wait_for_path
+from edgevirt.devsmoke.net import in_netns
 from edgevirt.image.kernel import build_kernel
 from edgevirt.report import Reporter
 
@@ -78,7 +79,7 @@ def sh(*args: str) -> None:
 
 
 def peer(ns: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER, *args],
+    return subprocess.Popen(in_netns(ns, sys.executable, "-c", PEER, *args),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
@@ -135,7 +136,7 @@ def run(build: Path | None = None) -> dict:
         for name, tap in (("edgevirt", "evtap0"), ("qemu", "evqtap0")):
             ip = NETS[name][0]
             for cmd in (["addr", "add", f"{ip}/24", "dev", tap], ["link", "set", tap, "up"]):
-                sh("ip", "-n", ns[name], *cmd)
+                sh(*in_netns(ns[name], "ip", *cmd))
         os.set_inheritable(qtap.fd, True)
         log = open(build / "qemu.log", "wb")  # noqa: SIM115
         qemu = subprocess.Popen(qcfg.command(), stdin=subprocess.DEVNULL, stdout=log,

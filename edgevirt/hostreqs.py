@@ -317,6 +317,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "network namespaces and TAPs for the virtio-net tests and bench",
     ),
     R(
+        "nsenter",
+        "tests",
+        "util-linux",
+        command("nsenter", "--version"),
+        "commands inside a test network namespace (ip -n needs / to be a mount point)",
+    ),
+    R(
         "/dev/net/tun",
         "tests",
         None,

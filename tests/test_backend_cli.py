@@ -106,7 +106,7 @@ def start(args: list[str], **kw: object) -> subprocess.Popen:
 def stop(proc: subprocess.Popen) -> tuple[str, str]:
     try:
         os.kill(proc.pid, signal.SIGTERM)
-        return proc.communicate(timeout=10)
+        return proc.communicate(timeout=30)  # a drain, then the final stats; generous under load
     finally:
         if proc.poll() is None:
             proc.kill()

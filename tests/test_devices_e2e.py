@@ -25,7 +25,7 @@ from edgevirt.board import load_board
 from edgevirt.console.expect import Console
 from edgevirt.deploy.machine import mmio_nodes
 from edgevirt.deploy.qemu import QemuConfig, VhostUserDevice, wait_for_path
-from edgevirt.devsmoke.net import GUEST_IP, PEER_IP, ns_peer
+from edgevirt.devsmoke.net import GUEST_IP, PEER_IP, in_netns, ns_peer
 from edgevirt.image.kernel import build_kernel
 from edgevirt.report import Reporter
 from edgevirt.up import BackendProcess, backend_socket, build_initramfs, compose_dtb
@@ -121,7 +121,7 @@ def test_net_guest_pings_and_moves_data_through_tap_in_netns(tmp_path, netns):
     with booted(tmp_path, [f"net:tap={tap},netns={netns}"], [qdev]) as (console, be):
         for cmd in (["addr", "add", f"{PEER_IP}/24", "dev", tap], ["link", "set", tap, "up"],
                     ["link", "set", "lo", "up"]):  # fmt: skip
-            sh("ip", "-n", netns, *cmd)
+            sh(*in_netns(netns, "ip"), *cmd)
         ns_ready = True
         feats = device_features(console, 1)
         assert feats[15] == feats[5] == feats[16] == "1", f"MRG_RXBUF/MAC/STATUS missing: {feats}"
@@ -276,7 +276,7 @@ def test_net_vsock_console_over_virtio_msg(tmp_path, netns):
     try:
         be.wait_ready()
         for cmd in (["addr", "add", f"{PEER_IP}/24", "dev", tap], ["link", "set", tap, "up"]):
-            sh("ip", "-n", netns, *cmd)
+            sh(*in_netns(netns, "ip"), *cmd)
         qemu = QemuProcess(qcfg, build / "qemu.log")
         wait_for_path(qcfg.console_socket, 30, "console", qemu)
         console = Console.open(f"unix://{qcfg.console_socket}", log_path=build / "console.log")
@@ -379,9 +379,9 @@ def test_net_backend_killed_and_restarted_guest_pings_again(tmp_path, netns):
     import signal
 
     tap = "evtap2"
-    sh("ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
+    sh(*in_netns(netns, "ip"), "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
     for cmd in (["addr", "add", f"{PEER_IP}/24", "dev", tap], ["link", "set", tap, "up"]):
-        sh("ip", "-n", netns, *cmd)
+        sh(*in_netns(netns, "ip"), *cmd)
     qdev = VhostUserDevice("virtio-net-device", Path(), "vn0", {"mac": "52:54:00:12:34:56"},
                            {"reconnect": "1"})  # fmt: skip
     spec = f"net:tap={tap},netns={netns}"

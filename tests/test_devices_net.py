@@ -257,18 +257,19 @@ def test_real_tap_in_netns_and_its_disappearance(tmp_path):
     import subprocess
 
     from edgevirt.backend.devices.tap import Tap
+    from edgevirt.devsmoke.net import in_netns
 
     ns = f"evunit{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
     try:
         tap = Tap("evu0", ns)
-        r = subprocess.run(["ip", "-n", ns, "link", "show", "evu0"], capture_output=True,
+        r = subprocess.run(in_netns(ns, "ip", "link", "show", "evu0"), capture_output=True,
                            text=True, timeout=30)  # fmt: skip
         assert r.returncode == 0 and "evu0" in r.stdout
         assert "evu0" not in subprocess.run(["ip", "link"], capture_output=True,
                                             text=True).stdout  # fmt: skip
         dev = NetDevice(tap)
-        subprocess.run(["ip", "-n", ns, "link", "del", "evu0"], check=True, timeout=30)
+        subprocess.run(in_netns(ns, "ip", "link", "del", "evu0"), check=True, timeout=30)
         from edgevirt.backend.memory import GuestMemory, memfd_region
 
         fd, region = memfd_region(0x5C000000, 1 << 16)

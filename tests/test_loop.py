@@ -9,6 +9,7 @@ fd raised EBADF and ended the back-end process.
 from __future__ import annotations
 
 import os
+import time
 
 from edgevirt.backend.loop import Loop
 
@@ -61,3 +62,19 @@ def test_loop_reader_replaced_on_a_reused_fd_number_is_not_called_for_the_old_ev
     loop.run()
     # b first is fine; b after first is the stale event of a removed reader
     assert calls in (["first"], ["b", "first"]), calls
+
+
+def test_a_stop_before_run_is_not_lost():
+    """SIGTERM between installing the handler and entering run(): run returns at once, and
+    the loop still runs normally the next time."""
+    loop = Loop()
+    loop.every(1.0, loop.stop)  # the guard: a lost stop fails the timing, never hangs
+    loop.stop()
+    t0 = time.monotonic()
+    loop.run()
+    assert not loop.running and time.monotonic() - t0 < 0.4
+    ticks: list[int] = []
+    loop.every(0.01, lambda: (ticks.append(1), len(ticks) >= 3 and loop.stop()))
+    loop.run()
+    assert len(ticks) >= 3
+    loop.close()

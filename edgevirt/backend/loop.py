@@ -17,6 +17,7 @@ class Loop:
         self._sel = selectors.DefaultSelector()
         self._ticks: list[tuple[float, Callable[[], None], list[float]]] = []
         self.running = False
+        self._stop_requested = False
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` while ``fd`` is readable; registering again replaces it."""
@@ -64,9 +65,13 @@ class Loop:
 
     def stop(self) -> None:
         self.running = False
+        self._stop_requested = True
 
     def run(self) -> None:
-        self.running = True
+        # A stop that came before run() (a signal right after its handler was installed) is
+        # not lost: this run returns at once.
+        self.running = not self._stop_requested
+        self._stop_requested = False
         while self.running:
             timeout = 0.5
             now = time.monotonic()

@@ -47,18 +47,29 @@ else:
 """
 
 
+def in_netns(ns: str, *argv: str) -> list[str]:
+    """``argv`` run inside the named network namespace.
+
+    nsenter enters only the network namespace; ``ip -n``/``ip netns exec`` also unshare the
+    mount namespace and remount / as a slave, which fails where / is not a mount point (a
+    chroot, some containers) with exit 255.
+    """
+    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
+
+
 def ns_peer(ns: str, *args: str) -> subprocess.Popen[str]:
     """The TCP peer (:data:`NS_PEER`) inside network namespace ``ns``."""
     return subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", NS_PEER, *args],
+        in_netns(ns, sys.executable, "-c", NS_PEER, *args),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def _ip(*args: str) -> None:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+def _ip(*args: str, ns: str | None = None) -> None:
+    argv = ["ip", *args] if ns is None else in_netns(ns, "ip", *args)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
-        raise SetupError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+        raise SetupError(f"{' '.join(argv)}: {r.stderr.strip()}")
 
 
 class NetSmoke(DeviceSmoke):
@@ -85,13 +96,13 @@ class NetSmoke(DeviceSmoke):
         self.created = True
 
     def after_backend(self) -> None:
-        addr = subprocess.run(["ip", "-n", self.netns, "-o", "addr", "show", "dev", self.tap],
+        addr = subprocess.run(in_netns(self.netns, "ip", "-o", "addr", "show", "dev", self.tap),
                               capture_output=True, text=True, timeout=30).stdout  # fmt: skip
         if PEER_IP in addr:
             return
         for cmd in (("addr", "add", f"{PEER_IP}/24", "dev", self.tap),
                     ("link", "set", self.tap, "up"), ("link", "set", "lo", "up")):  # fmt: skip
-            _ip("-n", self.netns, *cmd)
+            _ip(*cmd, ns=self.netns)
 
     def close(self) -> None:
         if self.created:
