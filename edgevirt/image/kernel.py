@@ -46,16 +46,6 @@ DEFAULT_STEPS = 1500
 #: An extracted and built 6.1 tree is ~1.6 GiB; leave room for the tarball's extraction.
 MIN_FREE_BYTES = 3 << 30
 #: Host tool -> the Debian package that provides it.
-BUILD_TOOLS = {
-    f"{CROSS}gcc": "gcc-aarch64-linux-gnu",
-    "make": "make",
-    "flex": "flex",
-    "bison": "bison",
-    "bc": "bc",
-    "tar": "tar",
-    "xz": "xz-utils",
-}
-
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -253,18 +243,23 @@ def cache_key(fragments: Path | Sequence[Path], source: KernelSource | None = No
 
 
 def check_tools() -> None:
-    missing = {t: pkg for t, pkg in BUILD_TOOLS.items() if not shutil.which(t)}
-    if not Path("/usr/include/openssl/opensslv.h").exists():
-        missing["openssl headers"] = "libssl-dev"
+    """The doctor table's kernel-build rows (one source of truth); the Debian source package
+    is checked only when it is the source (``KernelSource``)."""
+    from edgevirt import hostreqs
+
+    missing = [
+        f.req
+        for f in hostreqs.check(["kernel"])
+        if not f.ok and f.req.name != "linux-source-6.1" and f.req.package
+    ]
     if missing:
         raise SetupError(
             "kernel build tools missing: "
-            + ", ".join(f"{t} (apt package {p})" for t, p in missing.items()),
-            hint=f"run `make setup` or `apt-get install {' '.join(sorted(set(missing.values())))}`",
+            + ", ".join(f"{r.name} (apt package {r.package})" for r in missing),
+            hint="run `make setup` or `apt-get install "
+            + " ".join(sorted({r.package for r in missing if r.package}))
+            + "`",
         )
-
-
-_check_tools = check_tools
 
 
 def check_space(where: Path, need: int = MIN_FREE_BYTES) -> None:
