@@ -67,7 +67,7 @@ test: setup-test
 	  echo "test: guest image build failed; the tests that need it will say why" >&2
 	@$(EV) servicevm image >/dev/null || \
 	  echo "test: service-VM image build failed; the tests that need it will say why" >&2
-	@$(PY) -m pytest -ra; rc=$$?; \
+	@$(PY) -m pytest -ra --durations=20; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup-test

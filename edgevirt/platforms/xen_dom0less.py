@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgevirt import isolation
 from edgevirt.console.expect import Console
 from edgevirt.errors import ConfigError, EdgevirtError, SetupError
 from edgevirt.platforms.xen_machine import DISK, STATS, XenMachine
@@ -33,49 +33,13 @@ from edgevirt.suite.runner import run_suite
 from edgevirt.up import UpOptions, UpResult
 
 DMA_STEP = "carve-out DMA"
-SECRET_BYTES = 64
 
 
 def isolation_check(fe: Console, svc: Console, layout: XenLayout) -> list[Check]:
-    """The front-end writes one random secret into its private RAM and another into the
-    carve-out; the service domain scans every byte it can map (its RAM, every passthrough
-    region) for both: it must find the carve-out's and never the private one."""
-    private = secrets.token_bytes(SECRET_BYTES)
-    shared = secrets.token_bytes(SECRET_BYTES)
-    # The private secret lives in the front-end's tmpfs (its RAM) only.
-    esc = "".join(f"\\{b:03o}" for b in private)
-    r = fe.run(f"printf '{esc}' > /tmp/private-secret; od -An -tx1 /tmp/private-secret "
-               "| tr -d ' \\n'", 30)  # fmt: skip
-    if r.output.strip() != private.hex():
-        return [Check("isolation: secrets written", False, f"front-end wrote {r.output[:80]!r}")]
-    # The shared one goes into the carve-out's last page (the DMA pool allocates from the
-    # bottom), 8 bytes at a time.
+    """:func:`edgevirt.isolation.isolation_check` with the carve-out secret in the
+    carve-out's last page (the DMA pool allocates from the bottom), written with devmem."""
     at = layout.carveout_guest + layout.carveout_size - 0x1000
-    words = [int.from_bytes(shared[i : i + 8], "little") for i in range(0, SECRET_BYTES, 8)]
-    cmd = "; ".join(f"devmem {at + 8 * i:#x} 64 {w:#x}" for i, w in enumerate(words))
-    fe.run(cmd, 30)
-    checks = []
-    inverted = " ".join(bytes(b ^ 0xFF for b in x).hex() for x in (private, shared))
-    svc.run(f"echo {inverted} > /proc/ev-scan", 20)
-    out = svc.run("cat /proc/ev-scan", 180).output
-    ram = re.search(r"ram pages=(\d+) skipped=(\d+) hits=(\d+),(\d+)", out)
-    pts = re.findall(r"passthrough (\S+) (0x[0-9a-f]+)-(0x[0-9a-f]+) hits=(\d+),(\d+)", out)
-    if ram is None or not pts:
-        return [Check("isolation: scan", False, f"scanner output: {out[-300:]!r}")]
-    pages = int(ram.group(1))
-    priv_hits = int(ram.group(3)) + sum(int(p[3]) for p in pts)
-    carve_hits = sum(int(p[4]) for p in pts)
-    regions = ", ".join(f"[{a}, {b})" for _n, a, b, _h, _g in pts)
-    checks.append(Check("isolation: front-end's private secret", priv_hits == 0 and pages > 0,
-                        f"0 of {SECRET_BYTES} B found: service domain scanned {pages} RAM "
-                        f"pages ({pages * 4 >> 10} MiB, {ram.group(2)} unmapped) and the "
-                        f"passthrough regions {regions}" if priv_hits == 0 else
-                        f"FOUND {priv_hits} times in the service domain"))  # fmt: skip
-    checks.append(Check("isolation: carve-out secret", carve_hits >= 1,
-                        f"found {carve_hits}x in the passthrough regions at guest {at:#x} "
-                        f"(RAM hits {ram.group(4)})"))  # fmt: skip
-    fe.run(f"rm -f /tmp/private-secret; {cmd.replace(' 64 0x', ' 64 0x0 #')}", 30)
-    return checks
+    return isolation.isolation_check(fe, svc, isolation.devmem_plant(at), "service domain")
 
 
 #: A guest address nothing is mapped at in the service domain (Xen 4.17's guest layout has
@@ -104,9 +68,14 @@ def fault_check(fe: Console, svc: Console) -> list[Check]:
 def service_checks(svc: Console, carveout: int) -> tuple[list[Check], dict]:
     pid = svc.run("cat /run/edgevirt/backend.pid; kill -0 $(cat /run/edgevirt/backend.pid)", 20)
     tail = svc.run("tail -n 5 /run/edgevirt/backend.log", 20).output
-    checks = [Check("service domU: back-end process", pid.status == 0,
-                    f"pid {pid.output.split()[0] if pid.output else '?'} "
-                    + ("running" if pid.status == 0 else f"not running; log: {tail[-300:]}"))]
+    checks = [
+        Check(
+            "service domU: back-end process",
+            pid.status == 0,
+            f"pid {pid.output.split()[0] if pid.output else '?'} "
+            + ("running" if pid.status == 0 else f"not running; log: {tail[-300:]}"),
+        )
+    ]
     try:
         stats = dict(json.loads(svc.run(f"cat {STATS}", 20).output))
     except ValueError:

@@ -31,6 +31,7 @@ from edgevirt.image.kernel import build_kernel
 from edgevirt.image.modules import build_modules
 from edgevirt.image.rootfs import ServiceRootfs, build_service_rootfs
 from edgevirt.image.xen import XenBinary, fetch_xen
+from edgevirt.isolation import scanner_module
 from edgevirt.paths import images_dir
 from edgevirt.platforms.xen_system import DOMID, FRONTEND, SERVICE, XenLayout, xen_system
 from edgevirt.platforms.xen_uboot import SCRIPT_ADDR, BootScript, write_boot_script
@@ -83,8 +84,8 @@ class XenMachine:
         fe = build_guest_image("qemu-virt", self.build / "frontend", reporter=reporter)
         reporter.step("service domU image: Python back-end, ev_evtchn + ev_scan")
         kb = build_kernel(progress=reporter.progress)
-        mods = build_modules(kb, sorted(p for p in (images_dir() / "xen" / "modules").iterdir()
-                                        if p.is_dir()))  # fmt: skip
+        own = sorted(p for p in (images_dir() / "xen" / "modules").iterdir() if p.is_dir())
+        mods = build_modules(kb, [*own, scanner_module()])
         svc = build_service_rootfs(
             modules=[m.ko for m in mods],
             init_script=images_dir() / "xen" / "service-init",
@@ -151,7 +152,10 @@ class XenMachine:
         self.started = time.monotonic()
         with open(self.build / "qemu.log", "wb") as qlog:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         deadline = time.monotonic() + 30

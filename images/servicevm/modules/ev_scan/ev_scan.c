@@ -8,10 +8,14 @@
  *
  *   - all System RAM of this domain, page by page (copy_from_kernel_nofault: a page that
  *     is not mapped counts as skipped, never as an oops), then
- *   - every region of every /passthrough node (what Xen mapped in through xen,reg),
+ *   - every region of every /passthrough node (what Xen mapped in through xen,reg), and
+ *   - the shared-memory BAR 2 of every ivshmem PCI device (what the QEMU service-VM
+ *     platform's host shares: the carve-out and the message memory),
  *
- * and prints one line per area: "ram pages=… skipped=… hits=N[,M]" and
- * "passthrough <node> <start>-<end> hits=N[,M]" (one count per pattern). RAM comes first: the scan buffer, which later
+ * and prints one line per area: "ram pages=… skipped=… hits=N[,M]",
+ * "passthrough <node> <start>-<end> hits=N[,M]" and "ivshmem <bdf> <start>-<end> hits=N[,M]"
+ * (one count per pattern). Reading a BAR has no side effect for ivshmem (plain memory); no
+ * other device's BARs are touched. RAM comes first: the scan buffer, which later
  * holds passthrough bytes, is wiped before it is freed.
  */
 #include <linux/io.h>
@@ -20,6 +24,7 @@
 #include <linux/module.h>
 #include <linux/of.h>
 #include <linux/of_address.h>
+#include <linux/pci.h>
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
 #include <linux/slab.h>
@@ -105,6 +110,24 @@ static int ev_ram_range(struct resource *res, void *arg)
 	return 0;
 }
 
+/* Count the patterns in the physical range res (not System RAM): 0, or -ENOMEM. */
+static int ev_scan_region(const struct resource *res, u8 *buf, u64 *hits)
+{
+	size_t size = resource_size(res), off, n;
+	void *va = memremap(res->start, size, MEMREMAP_WB);
+
+	if (!va)
+		return -ENOMEM;
+	for (off = 0; off < size; off += PAGE_SIZE) {
+		n = min_t(size_t, size - off, PAGE_SIZE + EV_MAX_PATTERN);
+		memcpy_fromio(buf, (void __iomem *)(va + off), n);
+		ev_find(hits, buf, n, min_t(size_t, n, PAGE_SIZE));
+		cond_resched();
+	}
+	memunmap(va);
+	return 0;
+}
+
 static void ev_scan_passthrough(struct seq_file *m, u8 *buf)
 {
 	struct device_node *pt = of_find_node_by_path("/passthrough"), *np;
@@ -117,27 +140,39 @@ static void ev_scan_passthrough(struct seq_file *m, u8 *buf)
 	}
 	for_each_child_of_node(pt, np) {
 		for (i = 0; !of_address_to_resource(np, i, &res); i++) {
-			size_t size = resource_size(&res), off, n;
-			void *va = memremap(res.start, size, MEMREMAP_WB);
 			u64 hits[EV_PATTERNS] = { 0 };
 
-			if (!va) {
+			if (ev_scan_region(&res, buf, hits)) {
 				seq_printf(m, "passthrough %pOFn %pa unmappable\n", np, &res.start);
 				continue;
 			}
-			for (off = 0; off < size; off += PAGE_SIZE) {
-				n = min_t(size_t, size - off, PAGE_SIZE + EV_MAX_PATTERN);
-				memcpy_fromio(buf, (void __iomem *)(va + off), n);
-				ev_find(hits, buf, n, min_t(size_t, n, PAGE_SIZE));
-				cond_resched();
-			}
-			memunmap(va);
 			seq_printf(m, "passthrough %pOFn %#llx-%#llx", np, (u64)res.start,
 				   (u64)res.end + 1);
 			ev_print_hits(m, hits);
 		}
 	}
 	of_node_put(pt);
+}
+
+/* ivshmem (1af4:1110) keeps its shared memory in BAR 2. */
+static void ev_scan_ivshmem(struct seq_file *m, u8 *buf)
+{
+	struct pci_dev *pdev = NULL;
+
+	while ((pdev = pci_get_device(PCI_VENDOR_ID_REDHAT_QUMRANET, 0x1110, pdev))) {
+		struct resource *res = &pdev->resource[2];
+		u64 hits[EV_PATTERNS] = { 0 };
+
+		if (!(res->flags & IORESOURCE_MEM) || !resource_size(res))
+			continue;
+		if (ev_scan_region(res, buf, hits)) {
+			seq_printf(m, "ivshmem %s %pa unmappable\n", pci_name(pdev), &res->start);
+			continue;
+		}
+		seq_printf(m, "ivshmem %s %#llx-%#llx", pci_name(pdev), (u64)res->start,
+			   (u64)res->end + 1);
+		ev_print_hits(m, hits);
+	}
 }
 
 static int ev_show(struct seq_file *m, void *v)
@@ -159,6 +194,7 @@ static int ev_show(struct seq_file *m, void *v)
 	seq_printf(m, "ram pages=%llu skipped=%llu", r.pages, r.skipped);
 	ev_print_hits(m, r.hits);
 	ev_scan_passthrough(m, r.buf);
+	ev_scan_ivshmem(m, r.buf);
 	memzero_explicit(r.buf, PAGE_SIZE + 2 * EV_MAX_PATTERN);
 	kfree(r.buf);
 out:
@@ -225,5 +261,5 @@ static void __exit ev_exit(void)
 
 module_init(ev_init);
 module_exit(ev_exit);
-MODULE_DESCRIPTION("Scan this domain's RAM and passthrough regions for a pattern");
+MODULE_DESCRIPTION("Scan this domain's RAM and shared regions for a pattern");
 MODULE_LICENSE("GPL");
