@@ -5,7 +5,7 @@ own network). Back-end in the service VM: a TAP inside the service VM, so the gu
 the service VM's own stack, the way a service VM that owns the car's Ethernet would route
 it. The guest pings the TAP's end (64-byte and MTU-sized frames) and moves data over TCP
 both ways with :mod:`edgevirt.devpeer` as the far end, the sha256 checked on both sides.
-The service VM runs under TCG (about 1 MiB/s through its stack): it moves
+The service VM runs under TCG (0.4–1.2 MiB/s through its stack measured under load): it moves
 :data:`SERVICE_MIB` instead of :data:`NET_MIB`, and the check's detail says so.
 """
 
@@ -26,7 +26,7 @@ from edgevirt.smoke import Check
 
 GUEST_IP, PEER_IP = "10.0.2.15", "10.0.2.1"
 NET_MIB = 32
-SERVICE_MIB = 1
+SERVICE_MIB = 8
 #: The TAP the service VM's back-end creates.
 SERVICE_TAP = "ev0"
 #: The guest side retries its connection this many seconds (the far end may start slowly).

@@ -19,7 +19,7 @@ from edgevirt.smoke import Check
 GUEST_CID = 3
 PORT = 5000
 VSOCK_MIB = 8
-SERVICE_MIB = 1
+SERVICE_MIB = 4
 SERVICE_DIR = f"{SERVICE_RUN}/vsock"
 RETRY = 60
 
