@@ -414,7 +414,7 @@ def _frontend(
     for dtype, smoke in machine.smokes.items():
         reporter.step(f"{dtype} smoke checks")
         t = time.monotonic()
-        result.checks += smoke.run(console, pre)
+        result.checks += smoke.checks(console, pre)
         result.timings[f"frontend_{dtype}"] = time.monotonic() - t
     if result.transport == "msg":
         count = len(spec.devices) if spec else len(DEVICES)

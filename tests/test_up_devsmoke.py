@@ -111,6 +111,10 @@ def test_service_vm_back_end_gets_each_smokes_device_and_peripherals(tmp_path):
     peripherals.check(cfg.peripherals, "t")
     d = parse_device(cfg.devices[3].replace("/run/edgevirt", str(tmp_path / "run")))
     d.close()
+    # until a service VM runs, a smoke has no far side: one failed check, nothing driven
+    assert all(sm.in_service_vm and sm.service is None for sm in svm.smokes.values())
+    [c] = svm.smokes["net"].checks(None, "front-end: ")  # type: ignore[arg-type]
+    assert (c.name, c.ok) == ("front-end: net checks", False) and "no service VM" in c.detail
     # without smokes (no spec) the service VM serves blk and rng, no peripherals
     assert peer_config(board).devices == ["blk:path=/dev/vda", "rng"]
     assert peer_config(board).peripherals == {}

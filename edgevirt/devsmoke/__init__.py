@@ -55,6 +55,8 @@ class DeviceSmoke:
         self.dir.mkdir(parents=True, exist_ok=True)
         #: The service VM's console once its back-end runs (None: the back-end is on the host).
         self.service: Console | None = None
+        #: The back-end runs in a service VM (set before it boots): no host far side.
+        self.in_service_vm = False
 
     def backend_arg(self) -> str:
         """The host back-end's ``--device`` argument."""
@@ -85,6 +87,14 @@ class DeviceSmoke:
 
     def run(self, console: Console, prefix: str = "") -> list[Check]:
         raise NotImplementedError
+
+    def checks(self, console: Console, prefix: str = "") -> list[Check]:
+        """:meth:`run`, or one failed check when the service VM that should drive the far
+        side is not there (a fault scenario, a service VM that died)."""
+        if self.in_service_vm and self.service is None:
+            return [Check(f"{prefix}{self.type} checks", False,
+                          "no service VM runs the far side of this device")]  # fmt: skip
+        return self.run(console, prefix)
 
     def close(self) -> None:
         """Remove what :meth:`before_backend` created (always called)."""

@@ -241,6 +241,8 @@ class ServiceVmBackend(Placement):
 
     def frontend(self, machine: QemuMachine) -> None:
         self.devices, self.smokes = tuple(machine.device_names), machine.smokes
+        for smoke in self.smokes.values():
+            smoke.in_service_vm = True
 
     def prepare(self, reporter: Reporter, result: UpResult) -> None:
         self.svc_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +301,8 @@ class ServiceVmBackend(Placement):
         """SIGKILL the service VM's QEMU (a crash, no shutdown); the host side stays."""
         svc = self.svc
         assert svc is not None
+        for smoke in self.smokes.values():
+            smoke.service = None
         os.killpg(svc.qemu.pid, signal.SIGKILL)
         svc.qemu.wait(20)
         svc.console.close()
