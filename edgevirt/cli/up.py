@@ -167,9 +167,16 @@ def up(
       edgevirt up --spec devicetree/specs/qemu-virt-devices.toml  # + net, vsock, gpio, i2c
       edgevirt up --spec devicetree/specs/qemu-virt-devices-svm.toml  # all in a service VM
     """
+    from edgevirt.spec import load_spec
     from edgevirt.up import UpOptions
 
-    service = backend == "service-vm" or platform == "xen"
+    in_spec = None
+    if spec is not None and backend is None:  # the spec may place the back-end
+        try:
+            in_spec = load_spec(spec).backend
+        except EdgevirtError as e:
+            fail(e)
+    service = (backend or in_spec) == "service-vm" or platform == "xen"
     default_dir = f"{board}-xen" if platform == "xen" else (
         f"{board}-servicevm" if service else board)  # fmt: skip
     opts = UpOptions(
