@@ -294,3 +294,47 @@ def test_net_service_side_addresses_the_tap_in_the_service_vm(tmp_path):
     assert "ip addr add 10.0.2.1/24 dev ev0" in con.commands[0]
     assert net.service_arg() == "net:tap=ev0"
     net.close()  # no namespace was made on the host
+
+
+class BlockingServiceConsole:
+    """A service VM console whose command runs until the shell gets Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.interrupted = threading.Event()
+        self.commands: list[str] = []
+
+    def run(self, command, timeout=30.0, abort=None):
+        from edgevirt.console.expect import CommandResult
+
+        self.commands.append(command)
+        self.interrupted.wait(timeout)
+        return CommandResult(command, 130, "", 0.0)
+
+    def send(self, text):
+        assert text == "\x03"
+        self.interrupted.set()
+
+
+def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path):
+    """A far end in the service VM is a devpeer command on its console; a check that gives
+    up early interrupts it (Ctrl-C) so the console is free for the next device."""
+    from edgevirt.devsmoke import Background
+    from edgevirt.errors import DeployError
+
+    smoke = device_smoke("vsock", tmp_path)
+    con = BlockingServiceConsole()
+    smoke.service = con
+    far = FarEnd(smoke, "serve", "/run/edgevirt/vsock/vsock_5000", 1024, timeout=60)
+    for _ in range(100):
+        if con.commands:
+            break
+        threading.Event().wait(0.01)
+    assert con.commands == ["python3 -m edgevirt.devpeer --timeout 60 serve "
+                            "/run/edgevirt/vsock/vsock_5000 1024"]  # fmt: skip
+    far.close()
+    assert con.interrupted.is_set() and far.bg is not None and far.bg.result is not None
+    assert far.bg.result.status == 130
+    slow = Background(BlockingServiceConsole(), "sleep", 60)
+    with pytest.raises(DeployError, match="still running"):
+        slow.wait(0.05)
+    slow.console.send("\x03")
