@@ -160,6 +160,10 @@ class Placement:
         """Extra :class:`DeployOptions` for the front-end (an external bus)."""
         return {}
 
+    def frontend(self, machine: QemuMachine) -> None:
+        """The front-end's QEMU machine, before :meth:`prepare`: its devices (in bus order)
+        and their smoke checks, whose far side a placement may have to serve."""
+
     def prepare(self, reporter: Reporter, result: UpResult) -> None:
         """Images of the back-end side (before the front-end's)."""
 
@@ -246,11 +250,6 @@ def resolve(opts: UpOptions, board: Board) -> tuple[str, str, SystemSpec | None]
         dup = sorted({t for t in extra if types.count(t) > 1})
         if dup:
             raise ConfigError(f"{spec.where('[[device]]')}: `up` checks one {dup[0]} device")
-        if extra and "service-vm" in (opts.backend, spec.backend):
-            raise ConfigError(
-                f"{spec.where('[[device]]')}: `up` runs the checks of {', '.join(extra)} with "
-                "the host back-end only, so far"
-            )
     for what, given, from_spec in (
         ("transport", opts.transport, spec_transport),
         ("backend", opts.backend, spec.backend if spec else None),
@@ -327,7 +326,6 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
     # Until the images exist nothing has booted: a failure then is the host's build.
     phase = "host build"
     try:
-        placement.prepare(reporter, result)
         target = Target(
             board,
             DeployOptions(
@@ -344,6 +342,8 @@ def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
         machine = target.machine
         if machine is None:
             raise ConfigError(f"{board.path}: `up` needs a QEMU board")
+        placement.frontend(machine)
+        placement.prepare(reporter, result)
         target.prepare()
         if machine.guest_image is not None:
             gi = machine.guest_image
@@ -414,7 +414,7 @@ def _frontend(
     for dtype, smoke in machine.smokes.items():
         reporter.step(f"{dtype} smoke checks")
         t = time.monotonic()
-        result.checks += smoke.run(console, pre)
+        result.checks += smoke.checks(console, pre)
         result.timings[f"frontend_{dtype}"] = time.monotonic() - t
     if result.transport == "msg":
         count = len(spec.devices) if spec else len(DEVICES)

@@ -142,7 +142,7 @@ def test_net_guest_pings_and_moves_data_through_tap_in_netns(tmp_path, netns):
         assert r.status == 0, r.output
         sent_sha = r.output.split()[0]
         out, err = srv.communicate(timeout=60)
-        n, got_sha = out.split()
+        _, n, got_sha = out.split()  # got N SHA256 (edgevirt.devpeer)
         assert int(n) == size and got_sha == sent_sha, (out, err)
         t1 = time.monotonic()
         # namespace → guest
@@ -152,7 +152,7 @@ def test_net_guest_pings_and_moves_data_through_tap_in_netns(tmp_path, netns):
         r = console.run("nc -l -p 5001 > /tmp/in; sha256sum /tmp/in", 240)
         out, err = snd.communicate(timeout=60)
         assert snd.returncode == 0, err
-        n, want = out.split()
+        _, n, want = out.split()  # sent N SHA256
         assert r.status == 0 and sha(r.output) == want, r.output
         t2 = time.monotonic()
         stats = be.stats()["devices"][0]
@@ -295,12 +295,12 @@ def test_net_vsock_console_over_virtio_msg(tmp_path, netns):
                         f"sha256sum /tmp/out && nc {PEER_IP} 5000 < /tmp/out", 240)  # fmt: skip
         assert r.status == 0, r.output
         out, err = srv.communicate(timeout=60)
-        assert out.split() == [str(size), sha(r.output)], (out, err)
+        assert out.split() == ["got", str(size), sha(r.output)], (out, err)
         snd = ns_peer(netns, "send", GUEST_IP, "5001", str(size))
         r = console.run("rm /tmp/out; nc -l -p 5001 > /tmp/in; sha256sum /tmp/in; rm /tmp/in",
                         240)  # fmt: skip
         out, err = snd.communicate(timeout=60)
-        assert snd.returncode == 0 and sha(r.output) == out.split()[1], (r.output, out, err)
+        assert snd.returncode == 0 and sha(r.output) == out.split()[2], (r.output, out, err)
         # -- vsock: the guest's stream to a host unix socket, 8 MiB there and back
         got: dict[str, str] = {}
 

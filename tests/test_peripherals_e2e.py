@@ -184,16 +184,18 @@ def test_gpio_edges_and_i2c_over_virtio_msg(tmp_path):
 
 # -- the service VM owns the peripherals: gpio-sim and i2c-stub, lent over virtio-msg ------
 
-SIM_LINES = ["led", "button"]
-
 
 def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
-    """Two VMs: the service VM's kernel has a gpio-sim chip and an i2c-stub adapter (at
-    0x50 and 0x48); its back-end lends both lines and only 0x50 to the front-end. Each
-    side is checked from the other's console."""
+    """Two VMs: the service VM's kernel has a gpio-sim chip, an i2c-stub adapter (at 0x48,
+    0x50, 0x51) and ev_i2c_mem (0x52); its back-end lends both lines, 0x48 + 0x50 of the
+    stub and 0x52 of the memory. The far side is driven through the same devsmoke peers
+    `edgevirt up` uses (their service-VM side); beyond `up`'s checks this test moves a
+    multi-message I2C_RDWR to ev_i2c_mem and takes the back-end's edge latency."""
     from edgevirt.board import load_board
     from edgevirt.console.expect import Console
     from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
+    from edgevirt.devsmoke.gpio import GpioSmoke
+    from edgevirt.devsmoke.i2c import ALLOWED, HIDDEN, I2cSmoke
     from edgevirt.msgup import prepare_guest
     from edgevirt.report import Reporter
     from edgevirt.servicevm.image import build_service_image
@@ -205,11 +207,10 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
     svm = ServiceVmBackend(board, tmp_path, UpOptions(tmp_path, transport="msg",
                                                       backend="service-vm"))  # fmt: skip
     svm.svc_dir.mkdir(parents=True)
-    cfg = peer_config(board, ["gpio:lines=led+button,chip=ev-gpio",
-                              "i2c:bus=SMBus stub driver,allow=0x50",
-                              "i2c:bus=edgevirt i2c memory,allow=0x52"])  # fmt: skip
-    cfg.peripherals = {"gpio_sim": {"label": "ev-gpio", "lines": SIM_LINES},
-                       "i2c_stub": {"addresses": [0x50, 0x48]}}  # fmt: skip
+    gpio, i2c = GpioSmoke(tmp_path), I2cSmoke(tmp_path)
+    svm.smokes = {"gpio": gpio, "i2c": i2c}  # boot_service attaches them to its console
+    cfg = peer_config(board, ["gpio", "i2c", "i2c:bus=edgevirt i2c memory,allow=0x52"],
+                      svm.smokes)  # fmt: skip
     svm.image = build_service_image(cfg)
     with open(svm.disk, "wb") as f:
         f.truncate(1 << 20)
@@ -223,14 +224,9 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
         figures["service_vm_ready_s"] = time.monotonic() - t0
         assert svm.svc is not None
         sc = svm.svc.console
-        r = sc.run("cat /sys/kernel/config/gpio-sim/ev-gpio/dev_name "
-                   "/sys/kernel/config/gpio-sim/ev-gpio/bank0/chip_name; "
-                   "for a in /sys/class/i2c-dev/*; do echo $(basename $a) $(cat $a/name); done",
+        assert gpio.sim and i2c.stub_bus, (gpio.sim, i2c.stub_bus)
+        r = sc.run("for a in /sys/class/i2c-dev/*; do echo $(basename $a) $(cat $a/name); done",
                    20)  # fmt: skip
-        words = r.output.split()
-        assert r.status == 0 and "SMBus" in words, r.output
-        sim = f"/sys/devices/platform/{words[0]}/{words[1]}"
-        stub_bus = next(ln.split()[0] for ln in r.output.splitlines() if "stub" in ln)
         mem_bus = next(ln.split()[0] for ln in r.output.splitlines() if "memory" in ln)
         fe_dir = tmp_path / "frontend"
         fe_dir.mkdir()
@@ -250,30 +246,28 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
         # the guest drives led: the service VM's gpio-sim line shows it
         console.sendline(f"ev-gpio drive {chip} 0 1 4000; echo rc=$?")
         console.expect(rb"driving\r?\n", 20)
-        r = sc.run(f"cat {sim}/sim_gpio0/value", 10)
-        assert r.output.split() == ["1"], r.output
+        assert gpio.driven(0) == 1
         console.expect(rb"rc=0\r?\n", 20)
         # the service VM pulls button up: the guest's edge arrives
-        sc.run(f"echo pull-down > {sim}/sim_gpio1/pull", 10)
+        gpio.pull(1, 0)
         console.sendline(f"ev-gpio wait {chip} 1 rising 10000; echo rc=$?")
         console.expect(rb"waiting\r?\n", 20)
         t0 = time.monotonic()
-        r = sc.run(f"echo pull-up > {sim}/sim_gpio1/pull", 10)
-        assert r.status == 0, r.output
+        gpio.pull(1, 1)
         console.expect(rb"event rising\r?\n", 10)
         figures["sim_pull_to_guest_console_s"] = time.monotonic() - t0
         console.expect(rb"rc=0\r?\n", 10)
         r = console.run(f"ev-gpio get {chip} 1", 10)
         assert r.output.split() == ["1"], r.output
         # -- i2c: two adapters (the SMBus-only stub, the plain-I2C memory); only the lent
-        # address is on each; writes reach the service VM's devices
+        # addresses are on each; writes reach the service VM's devices
         found = {}
         for bus in (0, 1):
             r = console.run(f"i2cdetect -y {bus}", 30)
             assert r.status == 0, r.output
             found[bus] = detected(r.output)
-        assert sorted(found.values()) == [[0x50], [0x52]], found
-        stub = 0 if found[0] == [0x50] else 1
+        assert sorted(found.values()) == [list(ALLOWED), [0x52]], found
+        stub = 0 if found[0] == list(ALLOWED) else 1
         mem = 1 - stub
         r = console.run(f"i2cset -y {stub} 0x50 0x10 0xab && i2cget -y {stub} 0x50 0x10", 20)
         assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
@@ -284,18 +278,18 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
             r.output  # fmt: skip
         r = sc.run(f"i2ctransfer -y {mem_bus.split('-')[1]} w1@0x52 0x22 r2", 10)
         assert r.status == 0 and r.output.split()[-2:] == ["0x03", "0x04"], r.output
-        r = sc.run(f"i2cget -y {stub_bus.split('-')[1]} 0x50 0x10", 10)
-        assert r.status == 0 and r.output.split()[-1] == "0xab", r.output
-        r = console.run(f"i2cget -y {stub} 0x48 0x00", 20)  # the stub answers there, not us
+        assert i2c.backend_byte(0x10) == 0xAB
+        r = console.run(f"i2cget -y {stub} {HIDDEN:#x} 0x00", 20)  # the stub answers, not us
         assert r.status != 0 and "Input/output error" in r.output, r.output
         console.sendline("poweroff -f")
         qemu.wait(30)
         r = sc.run("cat /run/edgevirt/stats.json", 10)
         st = json.loads(r.output[r.output.index("{") :])
-        gpio, stub_dev, mem_dev = st["devices"]
+        gpio_dev, stub_dev, mem_dev = st["devices"]
         # the back-end's part: gpio-sim's edge (kernel timestamp) to the eventq completion
-        figures["backend_edge_to_used_us_max"] = int(gpio["state"]["irq_latency_us"].split()[3])
-        assert gpio["by_type"]["irqs"] >= 1 and gpio["broken"] == [], gpio
+        figures["backend_edge_to_used_us_max"] = int(
+            gpio_dev["state"]["irq_latency_us"].split()[3])  # fmt: skip
+        assert gpio_dev["by_type"]["irqs"] >= 1 and gpio_dev["broken"] == [], gpio_dev
         assert stub_dev["by_type"]["address_not_allowed"] >= 1, stub_dev
         assert stub_dev["state"]["bus"].endswith("(smbus)"), stub_dev
         assert mem_dev["state"]["bus"].endswith("(i2c)") and mem_dev["broken"] == [], mem_dev

@@ -1,19 +1,28 @@
-"""`edgevirt up --spec` with devices beyond blk and rng: which specs it accepts, and how
-the QEMU machine wires each device's smoke checks (no VM boots here)."""
+"""`edgevirt up --spec` with devices beyond blk and rng: which specs it accepts, how the
+QEMU machine wires each device's smoke checks, what the service VM's back-end gets for
+them, and the far-end programs (edgevirt.devpeer) on real sockets (no VM boots here)."""
 
+import hashlib
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
+from edgevirt import devpeer
 from edgevirt.board import load_board
 from edgevirt.deploy.machine import QemuMachine
-from edgevirt.devsmoke import SMOKES, device_smoke
-from edgevirt.errors import SetupError
+from edgevirt.devsmoke import SMOKES, FarEnd, device_smoke
+from edgevirt.devsmoke.console import port_devices
+from edgevirt.errors import ConfigError, SetupError
 from edgevirt.spec import load_spec
 from tests.helpers import ROOT, edgevirt
 
 DEVICES_SPEC = ROOT / "devicetree/specs/qemu-virt-devices.toml"
 DEVICES_MSG_SPEC = ROOT / "devicetree/specs/qemu-virt-devices-msg.toml"
+DEVICES_SVM_SPEC = ROOT / "devicetree/specs/qemu-virt-devices-svm.toml"
+#: QEMU 7.2 has no vhost-user console front-end: the vhost-user spec has the others.
+VHOST_USER_SMOKES = sorted(set(SMOKES) - {"console"})
 
 
 def spec_file(tmp_path: Path, devices: str, extra: str = "") -> Path:
@@ -42,7 +51,8 @@ def test_unknown_device_option_is_exit_4_naming_it(tmp_path):
 def test_device_up_cannot_check_is_exit_4(tmp_path):
     spec = spec_file(tmp_path, '[[device]]\ntype = "sound"\ntransport = "mmio"\n')
     r = up(tmp_path, spec)
-    assert r.returncode == 4 and "sound" in r.stderr and "net, vsock, gpio, i2c" in r.stderr
+    assert r.returncode == 4 and "sound" in r.stderr, r.stderr
+    assert "net, vsock, console, gpio, i2c" in r.stderr, r.stderr
 
 
 def test_smoke_device_twice_is_exit_4(tmp_path):
@@ -51,12 +61,64 @@ def test_smoke_device_twice_is_exit_4(tmp_path):
     assert r.returncode == 4 and "one gpio device" in r.stderr, r.stderr
 
 
-def test_smoke_devices_in_the_service_vm_are_refused_for_now(tmp_path):
-    spec = spec_file(tmp_path, '[[device]]\ntype = "vsock"\ntransport = "msg"\n',
-                     '[msg]\ndoorbell = "ivshmem-pci"\n')  # fmt: skip
-    spec.write_text(spec.read_text().replace('"mmio"', '"msg"'))
-    r = up(tmp_path, spec, "--backend", "service-vm")
-    assert r.returncode == 4 and "vsock" in r.stderr and "host back-end" in r.stderr, r.stderr
+def test_console_over_vhost_user_is_exit_4_naming_qemu(tmp_path):
+    spec = spec_file(tmp_path, '[[device]]\ntype = "console"\ntransport = "mmio"\n')
+    r = up(tmp_path, spec)
+    assert r.returncode == 4, r.stderr
+    assert "QEMU 7.2 has no vhost-user console front-end" in r.stderr, r.stderr
+
+
+def test_service_vm_spec_resolves_to_msg_with_every_device(tmp_path):
+    from edgevirt.up import UpOptions, resolve
+
+    transport, backend, spec = resolve(UpOptions(tmp_path, spec=DEVICES_SVM_SPEC),
+                                       load_board("qemu-virt"))  # fmt: skip
+    assert (transport, backend) == ("msg", "service-vm")
+    assert spec is not None
+    assert [d.type for d in spec.devices] == ["blk", "rng", *SMOKES]
+    with pytest.raises(ConfigError, match="contradicts the spec's backend service-vm"):
+        resolve(UpOptions(tmp_path, spec=DEVICES_SVM_SPEC, backend="host"),
+                load_board("qemu-virt"))  # fmt: skip
+
+
+def test_service_vm_back_end_gets_each_smokes_device_and_peripherals(tmp_path):
+    """The service VM's peer configuration, from the front-end machine's smokes: devices in
+    bus order (the front-end's DT numbers them the same), the far side inside the VM."""
+    from edgevirt.servicevm.up import ServiceVmBackend, peer_config
+    from edgevirt.up import UpOptions
+
+    board = load_board("qemu-virt")
+    spec = load_spec(DEVICES_SVM_SPEC)
+    m = QemuMachine(board, tmp_path / "fe", transport="msg", spec=spec)
+    svm = ServiceVmBackend(board, tmp_path, UpOptions(tmp_path, spec=DEVICES_SVM_SPEC))
+    svm.frontend(m)
+    assert svm.devices == ("blk", "rng", "net", "vsock", "console", "gpio", "i2c")
+    cfg = peer_config(board, svm.devices, svm.smokes)
+    assert cfg.devices == [
+        "blk:path=/dev/vda", "rng", "net:tap=ev0", "vsock:cid=3,dir=/run/edgevirt/vsock",
+        "console:ports=log!+ctl,dir=/run/edgevirt/console",
+        "gpio:lines=led+button,chip=ev-gpio",
+        "i2c:bus=SMBus stub driver,allow=0x48+0x50",
+    ]  # fmt: skip
+    assert cfg.peripherals == {"gpio_sim": {"label": "ev-gpio", "lines": ["led", "button"]},
+                               "i2c_stub": {"addresses": [0x48, 0x50, 0x51]}}  # fmt: skip
+    # every string is one the service VM's back-end accepts, and the config round-trips
+    from edgevirt.backend.devices import parse_device
+    from edgevirt.servicevm import peripherals
+    from edgevirt.servicevm.peer import parse_config
+
+    assert parse_config(cfg.to_json()).devices == cfg.devices
+    peripherals.check(cfg.peripherals, "t")
+    d = parse_device(cfg.devices[3].replace("/run/edgevirt", str(tmp_path / "run")))
+    d.close()
+    # until a service VM runs, a smoke has no far side: one failed check, nothing driven
+    assert all(sm.in_service_vm and sm.service is None for sm in svm.smokes.values())
+    [c] = svm.smokes["net"].checks(None, "front-end: ")  # type: ignore[arg-type]
+    assert (c.name, c.ok) == ("front-end: net checks", False) and "no service VM" in c.detail
+    # without smokes (no spec) the service VM serves blk and rng, no peripherals
+    assert peer_config(board).devices == ["blk:path=/dev/vda", "rng"]
+    assert peer_config(board).peripherals == {}
+    m.close()
 
 
 def test_machine_wires_each_device_to_its_smoke(tmp_path):
@@ -66,7 +128,7 @@ def test_machine_wires_each_device_to_its_smoke(tmp_path):
     assert kinds == ["vhost-user-blk", "vhost-user-rng", "virtio-net-device",
                      "vhost-user-vsock-device", "vhost-user-gpio-device",
                      "vhost-user-i2c-device"]  # fmt: skip
-    assert sorted(m.smokes) == sorted(SMOKES)
+    assert sorted(m.smokes) == VHOST_USER_SMOKES
     args = [m._backend_arg(n) for n in m.device_names]
     assert args[0].startswith("blk:path=") and args[1] == "rng"
     assert args[2].startswith("net:tap=evtap0,netns=evup")
@@ -92,3 +154,187 @@ def test_net_smoke_without_root_is_a_setup_error(tmp_path, monkeypatch):
     with pytest.raises(SetupError, match="need root"):
         smoke.before_backend()
     smoke.close()  # created nothing, removes nothing
+
+
+def test_console_port_names_from_sysfs_listing():
+    listing = "vport1p0 log\nvport1p1 ctl\nnot a port\n"
+    assert port_devices(listing) == {"log": "vport1p0", "ctl": "vport1p1"}
+    assert port_devices("") == {}
+
+
+def test_devpeer_result_lines():
+    sha = "a" * 64
+    assert devpeer.parse(f"listening\ngot 5 {sha}\n", "got") == (5, sha)
+    assert devpeer.parse(f"got 5 {sha}", "sent") is None
+    assert devpeer.parse("got five " + sha, "got") is None
+    assert devpeer.parse("got 5 abc", "got") is None
+
+
+def test_far_end_tcp_both_ways_on_loopback(tmp_path):
+    """recv and send as host processes (what the net smoke runs in its namespace)."""
+    smoke = device_smoke("vsock", tmp_path)  # any smoke: FarEnd only asks where it runs
+    assert smoke is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    far = FarEnd(smoke, "recv", "127.0.0.1", port, 300_000, timeout=30)
+    data = bytes(range(256)) * 1200
+    for _ in range(100):
+        try:
+            c = socket.create_connection(("127.0.0.1", port), timeout=1)
+            break
+        except OSError:
+            threading.Event().wait(0.1)
+    with c:
+        c.sendall(data[:300_000])
+    assert devpeer.parse(far.output(), "got") == (300_000,
+                                                  hashlib.sha256(data[:300_000]).hexdigest())
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    with lsn:
+        far = FarEnd(smoke, "send", "127.0.0.1", lsn.getsockname()[1], 70_000, timeout=30)
+        c, _ = lsn.accept()
+        got = b""
+        with c:
+            while b := c.recv(65536):
+                got += b
+    assert devpeer.parse(far.output(), "sent") == (70_000, hashlib.sha256(got).hexdigest())
+
+
+def test_far_end_unix_serve_and_talk(tmp_path):
+    """serve (a vsock port's host side) and talk (a console port's) on real unix sockets."""
+    smoke = device_smoke("console", tmp_path)
+    assert smoke is not None
+    path = tmp_path / "vsock_5000"
+    far = FarEnd(smoke, "serve", path, 4096, timeout=30)
+    for _ in range(100):
+        if path.exists():
+            break
+        threading.Event().wait(0.05)
+    with socket.socket(socket.AF_UNIX) as c:
+        for _ in range(100):
+            try:
+                c.connect(str(path))
+                break
+            except OSError:
+                threading.Event().wait(0.05)
+        c.sendall(b"x" * 1000)
+        c.shutdown(socket.SHUT_WR)
+        back = b""
+        while b := c.recv(65536):
+            back += b
+    out = far.output()
+    assert devpeer.parse(out, "got") == (1000, hashlib.sha256(b"x" * 1000).hexdigest())
+    assert devpeer.parse(out, "sent") == (4096, hashlib.sha256(back).hexdigest())
+    # talk: connects, sends its text, takes SIZE bytes
+    sock = tmp_path / "ctl.sock"
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(sock))
+        srv.listen(1)
+        far = FarEnd(smoke, "talk", sock, "hello-port", 3000, timeout=30)
+        c, _ = srv.accept()
+        with c:
+            got = b""
+            while len(got) < len("hello-port"):
+                got += c.recv(64)
+            c.sendall(b"y" * 3000)
+    assert got == b"hello-port"
+    assert devpeer.parse(far.output(), "got") == (3000, hashlib.sha256(b"y" * 3000).hexdigest())
+    # a far end that cannot connect ends with exit 1 and says why
+    far = FarEnd(smoke, "talk", tmp_path / "nobody.sock", "x", 1, timeout=5)
+    assert "devpeer talk:" in far.output() and far.proc is not None and far.proc.returncode == 1
+
+
+class FakeServiceConsole:
+    """Answers the service VM commands a smoke sends, and records them."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers, self.commands = answers, []
+
+    def run(self, command, timeout=30.0, abort=None):
+        from edgevirt.console.expect import CommandResult
+
+        self.commands.append(command)
+        for key, out in self.answers.items():
+            if key in command:
+                return CommandResult(command, 0, out, 0.0)
+        return CommandResult(command, 1, "", 0.0)
+
+
+def test_gpio_and_i2c_far_side_in_the_service_vm(tmp_path):
+    """The bank's side is gpio-sim's sysfs, the EEPROM's is i2c-stub's /dev/i2c-N."""
+    gpio, i2c = device_smoke("gpio", tmp_path), device_smoke("i2c", tmp_path)
+    con = FakeServiceConsole({
+        "dev_name": "gpio-sim.0\ngpiochip1",
+        "i2c-dev": "i2c-0 edgevirt i2c memory\ni2c-1 SMBus stub driver",
+        "sim_gpio0/value": "1",
+        "i2cget -y 1 0x50 0x10": "0xab",
+        "pull-up": "",
+    })  # fmt: skip
+    gpio.attach_service(con)
+    i2c.attach_service(con)
+    assert gpio.sim == "/sys/devices/platform/gpio-sim.0/gpiochip1"
+    assert gpio.driven(0) == 1
+    gpio.pull(1, 1)
+    assert con.commands[-1] == f"echo pull-up > {gpio.sim}/sim_gpio1/pull"
+    assert i2c.stub_bus == "1" and i2c.backend_byte(0x10) == 0xAB
+    from edgevirt.errors import DeployError
+
+    with pytest.raises(DeployError, match="gpio-sim pull of line 0"):
+        gpio.pull(0, 0)  # "pull-down" has no answer here: the command failed
+    with pytest.raises(DeployError, match="no gpio-sim chip ev-gpio"):
+        gpio.attach_service(FakeServiceConsole({}))
+
+
+def test_net_service_side_addresses_the_tap_in_the_service_vm(tmp_path):
+    net = device_smoke("net", tmp_path)
+    con = FakeServiceConsole({"ip ": ""})
+    net.attach_service(con)
+    assert "ip addr add 10.0.2.1/24 dev ev0" in con.commands[0]
+    assert net.service_arg() == "net:tap=ev0"
+    net.close()  # no namespace was made on the host
+
+
+class BlockingServiceConsole:
+    """A service VM console whose command runs until the shell gets Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.interrupted = threading.Event()
+        self.commands: list[str] = []
+
+    def run(self, command, timeout=30.0, abort=None):
+        from edgevirt.console.expect import CommandResult
+
+        self.commands.append(command)
+        self.interrupted.wait(timeout)
+        return CommandResult(command, 130, "", 0.0)
+
+    def send(self, text):
+        assert text == "\x03"
+        self.interrupted.set()
+
+
+def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path):
+    """A far end in the service VM is a devpeer command on its console; a check that gives
+    up early interrupts it (Ctrl-C) so the console is free for the next device."""
+    from edgevirt.devsmoke import Background
+    from edgevirt.errors import DeployError
+
+    smoke = device_smoke("vsock", tmp_path)
+    con = BlockingServiceConsole()
+    smoke.service = con
+    far = FarEnd(smoke, "serve", "/run/edgevirt/vsock/vsock_5000", 1024, timeout=60)
+    for _ in range(100):
+        if con.commands:
+            break
+        threading.Event().wait(0.01)
+    assert con.commands == ["python3 -m edgevirt.devpeer --timeout 60 serve "
+                            "/run/edgevirt/vsock/vsock_5000 1024"]  # fmt: skip
+    far.close()
+    assert con.interrupted.is_set() and far.bg is not None and far.bg.result is not None
+    assert far.bg.result.status == 130
+    slow = Background(BlockingServiceConsole(), "sleep", 60)
+    with pytest.raises(DeployError, match="still running"):
+        slow.wait(0.05)
+    slow.console.send("\x03")

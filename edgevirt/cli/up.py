@@ -154,9 +154,9 @@ def up(
     Steps: build (or reuse) kernel, modules and initramfs, compose the device tree,
     start the back-end (on the host: vhost-user-blk + vhost-user-rng, or the virtio-msg
     bus; or a service VM behind the host's ivshmem server), boot QEMU, run the smoke
-    suite over the serial console (and, when --spec has net, vsock, gpio or i2c, each
-    one's in-guest checks: edgevirt/devsmoke/), power off and print a summary. Logs
-    stay in the build dir.
+    suite over the serial console (and, when --spec has net, vsock, console, gpio or
+    i2c, each one's in-guest checks against its far side on the host or in the service
+    VM: edgevirt/devsmoke/), power off and print a summary. Logs stay in the build dir.
 
     \b
     Examples:
@@ -165,10 +165,18 @@ def up(
       edgevirt up --platform xen --json                 # Xen 4.17 dom0less, two domUs
       edgevirt up --platform xen --boot uboot           # same, loaded by a U-Boot script
       edgevirt up --spec devicetree/specs/qemu-virt-devices.toml  # + net, vsock, gpio, i2c
+      edgevirt up --spec devicetree/specs/qemu-virt-devices-svm.toml  # all in a service VM
     """
+    from edgevirt.spec import load_spec
     from edgevirt.up import UpOptions
 
-    service = backend == "service-vm" or platform == "xen"
+    in_spec = None
+    if spec is not None and backend is None:  # the spec may place the back-end
+        try:
+            in_spec = load_spec(spec).backend
+        except EdgevirtError as e:
+            fail(e)
+    service = (backend or in_spec) == "service-vm" or platform == "xen"
     default_dir = f"{board}-xen" if platform == "xen" else (
         f"{board}-servicevm" if service else board)  # fmt: skip
     opts = UpOptions(

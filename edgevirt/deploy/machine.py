@@ -154,6 +154,11 @@ class QemuMachine(Power):
             if smoke is not None:
                 if name in self.smokes:
                     raise ConfigError(f"device {name!r}: `up` serves one {name} device")
+                if transport == "vhost-user" and smoke.qemu_kind is None:
+                    raise ConfigError(
+                        f"device {name!r}: QEMU 7.2 has no vhost-user {name} front-end; "
+                        "serve it over virtio-msg (transport msg)"
+                    )
                 self.smokes[name] = smoke
         self.shm = (
             external.carveout_file
@@ -202,7 +207,9 @@ class QemuMachine(Power):
         self.boots = 0
 
     def _qemu_kind(self, name: str) -> str:
-        return self.smokes[name].qemu_kind if name in self.smokes else VHOST_USER_KINDS[name]
+        kind = self.smokes[name].qemu_kind if name in self.smokes else VHOST_USER_KINDS[name]
+        assert kind is not None  # refused in __init__ for vhost-user
+        return kind
 
     def _backend_arg(self, name: str) -> str:
         if name in self.smokes:

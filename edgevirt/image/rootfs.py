@@ -52,6 +52,7 @@ EXTENSION = "edgevirt.backend.virtq._ring"
 PACKAGE_PARTS: tuple[str, ...] = (
     "edgevirt/__init__.py",
     "edgevirt/errors.py",
+    "edgevirt/devpeer.py",
     "edgevirt/backend",
     "edgevirt/servicevm/__init__.py",
     "edgevirt/servicevm/peer.py",

@@ -36,7 +36,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ from edgevirt.deploy.backend_process import WatchedProcess
 from edgevirt.deploy.machine import ExternalBus, QemuMachine
 from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
 from edgevirt.deploy.strategy import SHELL_READY
+from edgevirt.devsmoke import DeviceSmoke
 from edgevirt.errors import ConfigError, DeployError
 from edgevirt.isolation import bounce_plant, isolation_check
 from edgevirt.report import Reporter
@@ -71,12 +72,24 @@ FAULTS = ("late-service", "backend-crash", "service-restart")
 __all__ = ["FAULTS", "ServiceVmBackend", "peer_config", "up_service_vm"]
 
 
-def peer_config(board: Board, devices: list[str] | tuple[str, ...] = DEVICES) -> PeerConfig:
-    """The service VM's back-end configuration (baked into its rootfs)."""
+def peer_config(
+    board: Board,
+    devices: list[str] | tuple[str, ...] = DEVICES,
+    smokes: Mapping[str, DeviceSmoke] | None = None,
+) -> PeerConfig:
+    """The service VM's back-end configuration (baked into its rootfs): ``devices`` in bus
+    order, each a type (blk: the service VM's own disk) or a full device string; a type
+    with a smoke check in ``smokes`` gets that smoke's device string and peripherals."""
     s = board.qemu
-    devs = ["blk:path=/dev/vda" if d == "blk" else d for d in devices]
+    smokes = smokes or {}
+    devs = ["blk:path=/dev/vda" if d == "blk" else smokes[d].service_arg() if d in smokes
+            else d for d in devices]  # fmt: skip
+    made: dict = {}
+    for smoke in smokes.values():
+        made |= smoke.service_peripherals()
     return PeerConfig(CARVEOUT_PCI, s.carveout_base, MSG_PCI, FRONTEND_ID,
-                      carveout_size=s.carveout, devices=devs, stats=STATS)  # fmt: skip
+                      carveout_size=s.carveout, devices=devs, stats=STATS,
+                      peripherals=made)  # fmt: skip
 
 
 class ServiceQemuConfig(QemuConfig):
@@ -216,6 +229,10 @@ class ServiceVmBackend(Placement):
         self.disk = self.svc_dir / "disk.img"
         self.sockets = {"service": build / "service.sock", "front-end": build / "frontend.sock"}
         self.restart = ServiceRestart(self) if opts.fault == "service-restart" else None
+        #: The front-end's devices in bus order, and the smoke checks whose far side the
+        #: service VM serves (its TAP, unix sockets, gpio-sim, i2c-stub).
+        self.devices: tuple[str, ...] = DEVICES
+        self.smokes: dict[str, DeviceSmoke] = {}
 
     def frontend_dir(self, build: Path) -> Path:
         return build / "frontend"
@@ -223,10 +240,16 @@ class ServiceVmBackend(Placement):
     def deploy_options(self) -> dict[str, Any]:
         return {"external": ExternalBus(self.carveout, self.sockets["front-end"])}
 
+    def frontend(self, machine: QemuMachine) -> None:
+        self.devices, self.smokes = tuple(machine.device_names), machine.smokes
+        for smoke in self.smokes.values():
+            smoke.in_service_vm = True
+
     def prepare(self, reporter: Reporter, result: UpResult) -> None:
         self.svc_dir.mkdir(parents=True, exist_ok=True)
         reporter.step("service-VM image: Debian arm64 Python 3.11 + edgevirt + ev_ivshmem")
-        self.image = build_service_image(peer_config(self.board), reporter)
+        cfg = peer_config(self.board, self.devices, self.smokes)
+        self.image = build_service_image(cfg, reporter)
         result.image = {"rootfs": str(self.image.rootfs.path), **self.image.rootfs.manifest}
         result.image.pop("config", None)
         with open(self.disk, "wb") as f:
@@ -264,16 +287,23 @@ class ServiceVmBackend(Placement):
         scfg.console_socket.unlink(missing_ok=True)
         self.svc = svc = _boot("service", scfg, svc_dir, self.opts.boot_timeout)
         booted = time.monotonic()
-        svc.console.run(
+        r = svc.console.run(
             f"i=0; while [ ! -s {STATS} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;"
             f" test -s {STATS}", 90, svc.alive,
         )  # fmt: skip
+        if self.smokes and r.status != 0:  # nothing to drive their far side
+            tail = svc.console.run("tail -n 5 /run/edgevirt/backend.log", 20).output
+            raise DeployError(f"service VM: its back-end did not report running: {tail[-400:]}")
+        for smoke in self.smokes.values():  # their far side is this VM now
+            smoke.attach_service(svc.console)
         return booted
 
     def kill_service(self) -> None:
         """SIGKILL the service VM's QEMU (a crash, no shutdown); the host side stays."""
         svc = self.svc
         assert svc is not None
+        for smoke in self.smokes.values():
+            smoke.service = None
         os.killpg(svc.qemu.pid, signal.SIGKILL)
         svc.qemu.wait(20)
         svc.console.close()
