@@ -17,6 +17,7 @@ Schema (keys not listed are refused, so a typo is an error, not a silent default
     [console]    uart kernel url baudrate
     [bootloader] kind="u-boot" prompt kernel_addr_r ramdisk_addr_r fdt_addr_r fit_addr_r
                  kernel_comp_addr_r (compressed loads, decompressed from there)
+                 loady_baudrate (ymodem loads switch the line to this rate and back)
                  kernel_size ramdisk_size fdt_size fit_size kernel_comp_size  (extent kept free)
     [boot]       chain = "direct" | "u-boot" | "fastboot" | "uefi"   (see BOOT_CHAINS)
                  stages = ["BootROM", "TF-A BL2", …]   (the board's real chain, for people)
@@ -356,7 +357,7 @@ def _bootloader(b: dict[str, Any], where: str) -> Bootloader:
     names = ("kernel", "ramdisk", "fdt", "fit", "kernel_comp")
     allowed = {"kind", "prompt"} | {f"{n}_addr_r" for n in names} | {f"{n}_size" for n in names}
     # How to stop autoboot belongs to the U-Boot driver (edgevirt.deploy.target parses it).
-    allowed |= {"autoboot", "interrupt", "retries"}
+    allowed |= {"autoboot", "interrupt", "retries", "loady_baudrate"}
     check_keys(b, allowed, where)
     kind = get_key(b, "kind", str, where)
     if kind != "u-boot":

@@ -181,3 +181,26 @@ def test_bootloader_autoboot_keys_reach_the_uboot_driver(tmp_path):
     )
     s = _uboot_settings(load_board(str(p)))
     assert (s.autoboot, s.interrupt, s.retries) == ("Press SPACE to abort autoboot", " ", 4)
+
+
+@pytest.mark.parametrize(
+    "line, expect",
+    [("", None), ("loady_baudrate = 921600\n", 921600),
+     ("loady_baudrate = 92160\n", "loady_baudrate: 92160 is not a UART rate"),
+     ("loady_baudrate = \"fast\"\n", "loady_baudrate")],
+)  # fmt: skip
+def test_loady_baudrate_is_read_and_checked(tmp_path, line, expect):
+    from edgevirt.deploy.target import _uboot_settings
+
+    p = tmp_path / "b.toml"
+    p.write_text(
+        'name = "x"\n[qemu]\nmachine = "virt"\nram = "448M"\ncarveout = "64M"\n'
+        '[console]\nkernel = "ttyAMA0"\n'
+        '[bootloader]\nkind = "u-boot"\nkernel_addr_r = 0x40400000\n' + line
+    )
+    if isinstance(expect, str):
+        with pytest.raises(ConfigError, match=expect) as e:
+            _uboot_settings(load_board(str(p)))
+        assert "b.toml" in str(e.value)
+    else:
+        assert _uboot_settings(load_board(str(p))).loady_baudrate == expect

@@ -82,6 +82,11 @@ def test_compressed_loady_arrives_whole(tmp_path):
         assert u.loady_lzma(bl.kernel_addr_r, packed, len(data), comp) == len(data)
         out = u.check(f"crc32 {bl.kernel_addr_r:#x} {len(data):#x}")
     assert out.strip().endswith(f"{zlib.crc32(data):08x}")
+    # the profile's loady_baudrate: U-Boot switched for the transfer and back (the prompt
+    # answered the crc32 above at the console's rate again)
+    log = (tmp_path / "console.log").read_text(errors="replace")
+    assert "Switch baudrate to 921600 bps and press ENTER" in log
+    assert "Switch baudrate to 115200 bps and press ESC" in log
     assert not leftovers(str(tmp_path))
 
 

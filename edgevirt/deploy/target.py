@@ -108,7 +108,24 @@ def _uboot_settings(board: Board) -> UBootSettings:
         autoboot=get_key(bl, "autoboot", str, w, d.autoboot),
         interrupt=get_key(bl, "interrupt", str, w, d.interrupt),
         retries=get_key(bl, "retries", int, w, d.retries),
+        loady_baudrate=loady_baudrate(bl, w),
     )
+
+
+#: Rates a UART and U-Boot's ``loady ADDR BAUD`` are commonly good for (the host's adapter
+#: must do the same): anything else in a profile is most likely a typo.
+LOADY_BAUDRATES = (115200, 230400, 460800, 500000, 576000, 921600, 1000000, 1500000,
+                   2000000, 3000000, 4000000)  # fmt: skip
+
+
+def loady_baudrate(bl: dict[str, Any], where: str) -> int | None:
+    rate = get_key(bl, "loady_baudrate", int, where, 0)
+    if rate and rate not in LOADY_BAUDRATES:
+        raise ConfigError(
+            f"{where}.loady_baudrate: {rate} is not a UART rate edgevirt knows; expected one "
+            f"of {', '.join(map(str, LOADY_BAUDRATES))}"
+        )
+    return rate or None
 
 
 def qemu_firmware(board: Board) -> tuple[Path | None, int]:

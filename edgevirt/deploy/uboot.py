@@ -49,6 +49,9 @@ class UBootSettings:
     banner_timeout: float = 30.0
     #: Power cycles after a missed autoboot window before giving up.
     retries: int = 2
+    #: ``loady ADDR BAUD``: the line runs at this rate for the transfer (U-Boot and the host
+    #: switch together, then back), None to stay at the console's rate.
+    loady_baudrate: int | None = None
 
 
 class UBoot:
@@ -161,16 +164,39 @@ class UBoot:
         total)`` after each block: at a UART's pace a kernel takes minutes."""
         self._n += 1
         c = self.console
-        c.log.note(f"u-boot loady {path} -> {addr:#x}")
-        c.sendline(f"loady {addr:#x}")
+        line = c.port.baudrate
+        rate = self.settings.loady_baudrate or line
+        switch = rate != line
+        c.log.note(f"u-boot loady {path} -> {addr:#x}" + (f" at {rate} bps" if switch else ""))
+        if switch:
+            # U-Boot announces the switch at the old rate, changes, then waits for a CR at
+            # the new one; after the transfer it announces going back and waits for ESC.
+            c.sendline(f"loady {addr:#x} {rate}")
+            c.expect(rb"## Switch baudrate to \d+ bps and press ENTER", 10, abort)
+            self._set_rate(rate)
+            c.send(b"\r")
+        else:
+            c.sendline(f"loady {addr:#x}")
         c.expect(rb"Ready for binary \(ymodem\) download[^\n]*\n", 10, abort)
-        sent = ymodem.send(c.getc, c.send, path, progress=progress)
-        m = c.expect(rb"## Total Size\s+= 0x([0-9a-fA-F]+) = \d+ Bytes", 30, abort)
+        try:
+            sent = ymodem.send(c.getc, c.send, path, progress=progress)
+            m = c.expect(rb"## Total Size\s+= 0x([0-9a-fA-F]+) = \d+ Bytes", 30, abort)
+        finally:
+            if switch:
+                c.expect(rb"## Switch baudrate to \d+ bps and press ESC", 10, abort)
+                self._set_rate(line)
+                c.send(b"\x1b")
         c.expect(re.escape(self.settings.prompt.encode()), 10, abort)
         got = int(m.group(1), 16)
         if got != sent:
             raise DeployError(f"U-Boot: loady received {got} bytes of {path} ({sent} sent)")
         return got
+
+    def _set_rate(self, rate: int) -> None:
+        """The host's side of a baud switch; U-Boot waits 50 ms around its own."""
+        time.sleep(0.1)
+        self.console.port.baudrate = rate
+        self.console.log.note(f"line now at {rate} bps")
 
     def has_command(self, name: str) -> bool:
         """Whether this U-Boot was built with ``name``. ``help <cmd>`` returns 1 for known
