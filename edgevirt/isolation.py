@@ -18,7 +18,6 @@ never holds them itself.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,11 @@ _RAM = re.compile(r"ram pages=(\d+) skipped=(\d+) hits=(\d+),(\d+)")
 _SHARED = re.compile(r"^(passthrough|ivshmem) (\S+) (0x[0-9a-f]+)-(0x[0-9a-f]+) hits=(\d+),(\d+)",
                      re.M)  # fmt: skip
 
-#: Writes the shared secret into the carve-out from the front-end's console; returns where
-#: it went (for the check's detail) and a shell command that wipes it again.
-Plant = Callable[[Console, bytes], tuple[str, str]]
+#: Puts the secret file ``SHARED_FILE`` (already written by the front-end) into the
+#: carve-out from the front-end's console; returns where it went (for the check's detail)
+#: and a shell command that wipes it again ("" when nothing needs wiping).
+Plant = Callable[[Console], tuple[str, str]]
+PRIVATE_FILE, SHARED_FILE = "/tmp/private-secret", "/tmp/shared-secret"
 
 
 def scanner_module() -> Path:
@@ -62,14 +63,13 @@ def parse_scan(out: str) -> Scan | None:
 
 
 def devmem_plant(at: int) -> Plant:
-    """The carve-out is device memory in the front-end (Xen): 8 bytes at a time at ``at``."""
+    """The carve-out is device memory in the front-end (Xen): 8 bytes at a time at ``at``
+    (``od -tx8`` prints little-endian words as devmem writes them)."""
+    loop = f"i=0; for w in $(od -An -v -tx8 {SHARED_FILE}); do devmem $(({at:#x}+i)) 64 "
 
-    def plant(fe: Console, shared: bytes) -> tuple[str, str]:
-        words = [int.from_bytes(shared[i : i + 8], "little") for i in range(0, len(shared), 8)]
-        cmd = "; ".join(f"devmem {at + 8 * i:#x} 64 {w:#x}" for i, w in enumerate(words))
-        fe.run(cmd, 30)
-        wipe = "; ".join(f"devmem {at + 8 * i:#x} 64 0" for i in range(len(words)))
-        return f"guest {at:#x}", wipe
+    def plant(fe: Console) -> tuple[str, str]:
+        fe.run(loop + "0x$w; i=$((i+8)); done", 30)
+        return f"guest {at:#x}", loop + "0; i=$((i+8)); done"
 
     return plant
 
@@ -78,33 +78,41 @@ def bounce_plant(disk: str, offset: int) -> Plant:
     """The carve-out is the front-end's restricted DMA pool: the secret is written to the
     virtio disk at ``offset`` (synchronously), so it passes through a bounce slot."""
 
-    def plant(fe: Console, shared: bytes) -> tuple[str, str]:
-        esc = "".join(f"\\{b:03o}" for b in shared)
-        fe.run(f"printf '{esc}' > /tmp/shared-secret; dd if=/tmp/shared-secret of={disk} "
-               f"bs={len(shared)} seek={offset // len(shared)} conv=fsync 2>/dev/null; "
-               "rm -f /tmp/shared-secret", 30)  # fmt: skip
-        return f"a {len(shared)}-byte write to {disk} at {offset:#x} (bounce buffer)", ""
+    def plant(fe: Console) -> tuple[str, str]:
+        fe.run(f"dd if={SHARED_FILE} of={disk} bs={SECRET_BYTES} "
+               f"seek={offset // SECRET_BYTES} conv=fsync 2>/dev/null", 30)  # fmt: skip
+        return f"a {SECRET_BYTES}-byte write to {disk} at {offset:#x} (bounce buffer)", ""
 
     return plant
+
+
+def _guest_secret(fe: Console, path: str) -> bytes | None:
+    """A random secret the front-end makes itself (only its hex crosses its console, which
+    the service side never sees; typing it in would take seconds per command on Xen's
+    32-character input FIFO)."""
+    r = fe.run(f"head -c {SECRET_BYTES} /dev/urandom > {path}; od -An -v -tx1 {path} "
+               "| tr -d ' \\n'", 30)  # fmt: skip
+    text = r.output.strip()
+    ok = r.status == 0 and len(text) == 2 * SECRET_BYTES
+    return bytes.fromhex(text) if ok and all(c in "0123456789abcdef" for c in text) else None
 
 
 def isolation_check(fe: Console, svc: Console, plant: Plant, side: str) -> list[Check]:
     """Plant both secrets, scan on ``svc``; ``side`` names the scanning side in the checks
     ("service domain", "service VM")."""
-    private = secrets.token_bytes(SECRET_BYTES)
-    shared = secrets.token_bytes(SECRET_BYTES)
-    esc = "".join(f"\\{b:03o}" for b in private)
-    r = fe.run(f"printf '{esc}' > /tmp/private-secret; od -An -tx1 /tmp/private-secret "
-               "| tr -d ' \\n'", 30)  # fmt: skip
-    if r.output.strip() != private.hex():
-        return [Check("isolation: secrets written", False, f"front-end wrote {r.output[:80]!r}")]
-    where, wipe = plant(fe, shared)
+    private = _guest_secret(fe, PRIVATE_FILE)
+    shared = _guest_secret(fe, SHARED_FILE)
+    if private is None or shared is None or private == shared:
+        fe.run(f"rm -f {PRIVATE_FILE} {SHARED_FILE}", 30)
+        return [Check("isolation: secrets written", False, "the front-end could not make two "
+                      "random 64-byte secrets (head -c / od)")]  # fmt: skip
+    where, wipe = plant(fe)
     try:
         inverted = " ".join(bytes(b ^ 0xFF for b in x).hex() for x in (private, shared))
         svc.run(f"echo {inverted} > /proc/ev-scan", 20)
         out = svc.run("cat /proc/ev-scan", 180).output
     finally:
-        fe.run("rm -f /tmp/private-secret" + (f"; {wipe}" if wipe else ""), 30)
+        fe.run(f"rm -f {PRIVATE_FILE} {SHARED_FILE}" + (f"; {wipe}" if wipe else ""), 30)
     scan = parse_scan(out)
     if scan is None:
         return [Check("isolation: scan", False, f"scanner output: {out[-300:]!r}")]

@@ -35,21 +35,34 @@ def test_a_scan_without_shared_regions_or_ram_is_refused():
 
 
 class _Fe:
-    def __init__(self):
+    """A front-end shell that runs the plant's commands for real, with devmem recorded."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
         self.cmds: list[str] = []
 
     def run(self, cmd: str, timeout: float):
+        import subprocess
+
         self.cmds.append(cmd)
+        cmd = cmd.replace("/tmp/", f"{self.tmp}/")
+        subprocess.run(["sh", "-c", "devmem() { echo \"$1 $2 $3\" >> devmem.log; }; " + cmd],
+                       cwd=self.tmp, check=True, timeout=10)  # fmt: skip
 
 
-def test_devmem_plant_writes_and_wipes_every_word():
-    fe = _Fe()
+def test_devmem_plant_writes_the_guests_file_word_by_word_and_wipes_it(tmp_path):
+    fe = _Fe(tmp_path)
     secret = bytes(range(64))
-    where, wipe = devmem_plant(0x3DFFF000)(fe, secret)  # type: ignore[arg-type]
+    (tmp_path / "shared-secret").write_bytes(secret)
+    where, wipe = devmem_plant(0x3DFFF000)(fe)  # type: ignore[arg-type]
     assert where == "guest 0x3dfff000"
-    assert fe.cmds[0].count("devmem") == 8
-    assert "devmem 0x3dfff000 64 0x706050403020100" in fe.cmds[0]
-    assert wipe.count(" 64 0") == 8 and "0x3dfff038" in wipe
+    writes = (tmp_path / "devmem.log").read_text().split("\n")[:8]
+    # the shell's $((…)) prints decimal; devmem takes it; each word little-endian as od -tx8
+    assert writes[0] == f"{0x3DFFF000} 64 0x0706050403020100"
+    assert writes[7] == f"{0x3DFFF038} 64 0x3f3e3d3c3b3a3938"
+    fe.run(wipe, 10)
+    wiped = (tmp_path / "devmem.log").read_text().split("\n")[8:16]
+    assert [w.split()[2] for w in wiped] == ["0"] * 8
 
 
 def test_the_scanner_module_source_ships():
