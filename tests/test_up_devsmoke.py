@@ -3,7 +3,10 @@ QEMU machine wires each device's smoke checks, what the service VM's back-end ge
 them, and the far-end programs (edgevirt.devpeer) on real sockets (no VM boots here)."""
 
 import hashlib
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -244,6 +247,83 @@ def test_far_end_unix_serve_and_talk(tmp_path):
     # a far end that cannot connect ends with exit 1 and says why
     far = FarEnd(smoke, "talk", tmp_path / "nobody.sock", "x", 1, timeout=5)
     assert "devpeer talk:" in far.output() and far.proc is not None and far.proc.returncode == 1
+
+
+def test_far_end_connect_opens_a_stream_through_the_hybrid_handshake(tmp_path):
+    """connect (the host-opened vsock stream): against a fake back-end on a real unix socket
+    that refuses the first CONNECT (no guest listener yet: closed without a line), then
+    answers OK, sends the guest's data right behind the OK line and reads the answer."""
+    smoke = device_smoke("vsock", tmp_path)
+    assert smoke is not None
+    path = tmp_path / "vsock"
+    guest = bytes(range(256)) * 400
+    seen: dict[str, object] = {"lines": []}
+
+    def line(c: socket.socket) -> bytes:
+        got = b""
+        while not got.endswith(b"\n"):
+            got += c.recv(1)
+        return got
+
+    def fake_backend(srv: socket.socket) -> None:
+        c, _ = srv.accept()
+        seen["lines"].append(line(c))
+        c.close()  # refused: the far end must retry
+        c, _ = srv.accept()
+        with c:
+            seen["lines"].append(line(c))
+            c.sendall(b"OK 1073741824\n" + guest)  # data may follow the OK line at once
+            c.shutdown(socket.SHUT_WR)
+            back = b""
+            while b := c.recv(65536):
+                back += b
+            seen["back"] = back
+
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        t = threading.Thread(target=fake_backend, args=(srv,), daemon=True)
+        t.start()
+        far = FarEnd(smoke, "connect", path, 6000, 5000, timeout=30)
+        out = far.output()
+        t.join(10)
+    assert seen["lines"] == [b"CONNECT 6000\n", b"CONNECT 6000\n"]
+    assert "connected 1073741824" in out.splitlines()
+    assert devpeer.parse(out, "got") == (len(guest), hashlib.sha256(guest).hexdigest())
+    back = seen["back"]
+    assert isinstance(back, bytes) and len(back) == 5000
+    assert devpeer.parse(out, "sent") == (5000, hashlib.sha256(back).hexdigest())
+    # a back-end that rejects the line: exit 1 at once, quoting its answer
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        far = FarEnd(smoke, "connect", path, 6000, 1, timeout=30)
+        c, _ = srv.accept()
+        with c:
+            line(c)
+            c.sendall(b"ERR expected 'CONNECT <port>\\n'\n")
+        out = far.output()
+    assert far.proc is not None and far.proc.returncode == 1
+    assert "devpeer connect:" in out and "refused the handshake" in out and "ERR" in out
+    # nobody listens on the socket at all: it gives up after its timeout, exit 1
+    path.unlink()
+    far = FarEnd(smoke, "connect", path, 6000, 1, timeout=1)
+    out = far.output()
+    assert far.proc is not None and far.proc.returncode == 1
+    assert "no guest accepted port 6000" in out
+
+
+def test_far_end_ctrl_c_is_a_normal_exit_130(tmp_path):
+    """SIGINT (Ctrl-C on the service VM's shell) ends a far end with exit status 130, not by
+    the signal: a shell whose job died of SIGINT drops the rest of the command line."""
+    path = tmp_path / "probe"
+    p = subprocess.Popen([sys.executable, "-m", "edgevirt.devpeer", "serve", str(path), "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == "listening\n"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 130 and "devpeer serve: interrupted" in err, (p.returncode, err)
 
 
 class FakeServiceConsole:
