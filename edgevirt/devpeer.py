@@ -95,12 +95,17 @@ def serve(path: str, size: int, timeout: float) -> str:
         s.bind(path)
         _listen(s)
         c, _ = s.accept()
-        with c:
-            c.settimeout(timeout)
-            n, sha = _drain(c, None)
-            print(f"got {n} {sha}", flush=True)
-            data = os.urandom(size)
-            c.sendall(data)
+        return _answer(c, size, timeout)
+
+
+def _answer(c: socket.socket, size: int, timeout: float) -> str:
+    """Take the peer's data to EOF ("got N SHA256"), then answer ``size`` random bytes."""
+    with c:
+        c.settimeout(timeout)
+        n, sha = _drain(c, None)
+        print(f"got {n} {sha}", flush=True)
+        data = os.urandom(size)
+        c.sendall(data)
     return f"sent {size} {hashlib.sha256(data).hexdigest()}"
 
 
@@ -135,13 +140,7 @@ def connect(path: str, port: int, size: int, timeout: float) -> str:
             raise OSError(f"no guest accepted port {port} through {path} in {timeout:.0f}s")
         time.sleep(0.2)
     print(f"connected {line.split()[1].decode(errors='replace')}", flush=True)
-    with c:
-        c.settimeout(timeout)
-        n, sha = _drain(c, None)
-        print(f"got {n} {sha}", flush=True)
-        data = os.urandom(size)
-        c.sendall(data)
-    return f"sent {size} {hashlib.sha256(data).hexdigest()}"
+    return _answer(c, size, timeout)
 
 
 def talk(path: str, text: str, size: int, timeout: float) -> str:

@@ -3,6 +3,8 @@ QEMU machine wires each device's smoke checks, what the service VM's back-end ge
 them, and the far-end programs (edgevirt.devpeer) on real sockets (no VM boots here)."""
 
 import hashlib
+import json
+import re
 import signal
 import socket
 import subprocess
@@ -122,6 +124,21 @@ def test_service_vm_back_end_gets_each_smokes_device_and_peripherals(tmp_path):
     assert peer_config(board).devices == ["blk:path=/dev/vda", "rng"]
     assert peer_config(board).peripherals == {}
     m.close()
+
+
+def test_readme_gpio_i2c_snippet_is_what_up_writes(tmp_path):
+    """The README's service-VM JSON (lending a GPIO line and an I2C device) is the devices and
+    peripherals `up` gives the service VM's back-end for gpio + i2c."""
+    from edgevirt.servicevm.up import peer_config
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Lending a GPIO line and an I2C device") :]
+    snippet = re.search(r"```json\n(.*?)```", section, re.S)
+    assert snippet is not None
+    shown = json.loads("{" + snippet.group(1) + "}")
+    smokes = {t: device_smoke(t, tmp_path) for t in ("gpio", "i2c")}
+    cfg = peer_config(load_board("qemu-virt"), ["gpio", "i2c"], smokes).to_json()
+    assert shown == {"devices": cfg["devices"], "peripherals": cfg["peripherals"]}
 
 
 def test_machine_wires_each_device_to_its_smoke(tmp_path):

@@ -18,6 +18,7 @@ there, said in the detail.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from edgevirt import devpeer
 from edgevirt.console.expect import Console
@@ -34,6 +35,18 @@ VSOCK_MIB = 8
 SERVICE_MIB = 4
 SERVICE_DIR = f"{SERVICE_RUN}/vsock"
 RETRY = 60
+
+
+class Exchange(NamedTuple):
+    """One stream's data both ways: each direction's verdict and sha256s, the far end's
+    output, and the detail of a failure."""
+
+    up: bool  # guest → far end
+    down: bool  # far end → guest
+    sent: str
+    back: str
+    out: str
+    fail: str
 
 
 class VsockSmoke(DeviceSmoke):
@@ -75,86 +88,61 @@ class VsockSmoke(DeviceSmoke):
     def _guest_opened(self, console: Console, prefix: str, path: str, mib: int, where: str,
                       note: str) -> list[Check]:  # fmt: skip
         """The guest connects to CID 2 port :data:`PORT`: the far end listens on ``path``."""
-        size = mib << 20
-        far = FarEnd(self, "serve", path, size)
-        try:
-            r = console.run(f"dd if=/dev/urandom of=/tmp/vout bs=1M count={mib} 2>/dev/null && "
-                            f"sha256sum /tmp/vout && for i in $(seq {RETRY}); do ev-vsock "
-                            f"connect 2 {PORT} < /tmp/vout > /tmp/vin 2>/dev/null && break; "
-                            "sleep 1; done && sha256sum /tmp/vin; rm -f /tmp/vout /tmp/vin",
-                            RETRY + 180)  # fmt: skip
-            out = far.output()
-        finally:
-            far.close()
-        sums = r.output.split()
-        sent = sums[0] if sums else "?"
-        ok = r.status == 0 and devpeer.parse(out, "got") == (size, sent)
+        tool = (f"for i in $(seq {RETRY}); do ev-vsock connect 2 {PORT} < /tmp/vout > /tmp/vin "
+                "2>/dev/null && break; sleep 1; done")  # fmt: skip
+        x = self._exchange(console, mib, ("serve", path, mib << 20), tool, RETRY + 180)
         name = path.rsplit("/", 1)[-1]
-        checks = [
-            Check(
-                f"{prefix}vsock guest → host",
-                ok,
-                f"{mib} MiB to unix socket {name} in {where}, sha256 {sent[:16]}… equal{note}"
-                if ok
-                else f"guest {r.output.strip()[-160:]!r}, far end {out.strip()[-160:]!r}",
-            )
-        ]
-        answer = devpeer.parse(out, "sent")
-        ok = r.status == 0 and answer is not None and len(sums) >= 3 and sums[2] == answer[1]
-        checks.append(
-            Check(
-                f"{prefix}vsock host → guest",
-                ok,
-                f"{mib} MiB back on the same stream, sha256 {sums[2][:16]}… equal{note}"
-                if ok
-                else f"guest {r.output.strip()[-160:]!r}, far end {out.strip()[-160:]!r}",
-            )
-        )
-        return checks
+        return [
+            Check(f"{prefix}vsock guest → host", x.up,
+                  f"{mib} MiB to unix socket {name} in {where}, sha256 {x.sent[:16]}… "
+                  f"equal{note}" if x.up else x.fail),
+            Check(f"{prefix}vsock host → guest", x.down,
+                  f"{mib} MiB back on the same stream, sha256 {x.back[:16]}… equal{note}"
+                  if x.down else x.fail),
+        ]  # fmt: skip
 
     def _host_opened(self, console: Console, prefix: str, path: str, mib: int, where: str,
                      note: str) -> list[Check]:  # fmt: skip
         """The far end opens the stream (hybrid mode: ``CONNECT`` on ``path``) to the guest's
-        listener on :data:`LISTEN_PORT`; the guest sends first, then reads the answer."""
+        listener on :data:`LISTEN_PORT`; the guest sends first, then reads the answer. The far
+        end retries CONNECT until the guest listens; ``timeout`` ends the listener if the far
+        end never comes."""
+        x = self._exchange(console, mib, ("connect", path, LISTEN_PORT, mib << 20),
+                           f"timeout {LISTEN_S} ev-vsock listen {LISTEN_PORT} < /tmp/vout > "
+                           "/tmp/vin", LISTEN_S + 60)  # fmt: skip
+        hostport = next((ln.split()[1] for ln in x.out.splitlines()
+                         if ln.startswith("connected ") and len(ln.split()) == 2), "?")  # fmt: skip
+        name = path.rsplit("/", 1)[-1]
+        return [
+            Check(f"{prefix}vsock host-opened, guest → host", x.up,
+                  f"CONNECT {LISTEN_PORT} on unix socket {name} in {where} (OK {hostport}), "
+                  f"the guest's listener sends {mib} MiB, sha256 {x.sent[:16]}… equal{note}"
+                  if x.up else x.fail),
+            Check(f"{prefix}vsock host-opened, host → guest", x.down,
+                  f"{mib} MiB back on the stream the host side opened, sha256 "
+                  f"{x.back[:16]}… equal{note}" if x.down else x.fail),
+        ]  # fmt: skip
+
+    def _exchange(self, console: Console, mib: int, far_args: tuple[object, ...], tool: str,
+                  timeout: float) -> Exchange:  # fmt: skip
+        """The guest's ``tool`` sends ``/tmp/vout`` (``mib`` MiB of random data) to the far
+        end (devpeer ``far_args``) and writes the far end's answer to ``/tmp/vin``. In the
+        foreground: busybox ash as PID 1 exits when a background job ends (see net)."""
         size = mib << 20
-        far = FarEnd(self, "connect", path, LISTEN_PORT, size)
+        far = FarEnd(self, *far_args)
         try:
-            # In the foreground (see net); the far end retries CONNECT until the guest listens,
-            # `timeout` ends the listener if the far end never comes.
             r = console.run(f"dd if=/dev/urandom of=/tmp/vout bs=1M count={mib} 2>/dev/null && "
-                            f"sha256sum /tmp/vout && timeout {LISTEN_S} ev-vsock listen "
-                            f"{LISTEN_PORT} < /tmp/vout > /tmp/vin && sha256sum /tmp/vin; "
-                            "rm -f /tmp/vout /tmp/vin", LISTEN_S + 60)  # fmt: skip
+                            f"sha256sum /tmp/vout && {tool} && sha256sum /tmp/vin; "
+                            "rm -f /tmp/vout /tmp/vin", timeout)  # fmt: skip
             out = far.output()
         finally:
             far.close()
         sums = r.output.split()
         sent = sums[0] if sums else "?"
-        hostport = next((ln.split()[1] for ln in out.splitlines()
-                         if ln.startswith("connected ") and len(ln.split()) == 2), "?")  # fmt: skip
-        fail = f"guest {r.output.strip()[-160:]!r}, far end {out.strip()[-160:]!r}"
-        ok = r.status == 0 and devpeer.parse(out, "got") == (size, sent)
-        name = path.rsplit("/", 1)[-1]
-        checks = [
-            Check(
-                f"{prefix}vsock host-opened, guest → host",
-                ok,
-                f"CONNECT {LISTEN_PORT} on unix socket {name} in {where} (OK {hostport}), "
-                f"the guest's listener sends {mib} MiB, sha256 {sent[:16]}… equal{note}"
-                if ok
-                else fail,
-            )
-        ]
-        answer = devpeer.parse(out, "sent")
-        ok = r.status == 0 and answer is not None and len(sums) >= 3 and sums[2] == answer[1]
-        checks.append(
-            Check(
-                f"{prefix}vsock host-opened, host → guest",
-                ok,
-                f"{mib} MiB back on the stream the host side opened, sha256 {sums[2][:16]}… "
-                f"equal{note}"
-                if ok
-                else fail,
-            )
-        )
-        return checks
+        back = sums[2] if len(sums) >= 3 else "?"
+        return Exchange(
+            up=r.status == 0 and devpeer.parse(out, "got") == (size, sent),
+            down=r.status == 0 and devpeer.parse(out, "sent") == (size, back),
+            sent=sent, back=back, out=out,
+            fail=f"guest {r.output.strip()[-160:]!r}, far end {out.strip()[-160:]!r}",
+        )  # fmt: skip
