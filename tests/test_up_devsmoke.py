@@ -394,11 +394,13 @@ def test_net_service_side_addresses_the_tap_in_the_service_vm(tmp_path):
 
 
 class BlockingServiceConsole:
-    """A service VM console whose command runs until the shell gets Ctrl-C."""
+    """A service VM console whose command runs until the shell gets Ctrl-C (the first
+    ``lost`` ones only arm the subshell's trap: they came before Python started)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lost: int = 0) -> None:
         self.interrupted = threading.Event()
         self.commands: list[str] = []
+        self.lost, self.sent = lost, 0
 
     def run(self, command, timeout=30.0, abort=None):
         from edgevirt.console.expect import CommandResult
@@ -409,12 +411,16 @@ class BlockingServiceConsole:
 
     def send(self, text):
         assert text == "\x03"
-        self.interrupted.set()
+        self.sent += 1
+        if self.sent > self.lost:
+            self.interrupted.set()
 
 
-def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path):
+def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path,
+                                                                          monkeypatch):
     """A far end in the service VM is a devpeer command on its console; a check that gives
     up early interrupts it (Ctrl-C) so the console is free for the next device."""
+    from edgevirt import devsmoke
     from edgevirt.devsmoke import Background
     from edgevirt.errors import DeployError
 
@@ -426,11 +432,17 @@ def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_pa
         if con.commands:
             break
         threading.Event().wait(0.01)
-    assert con.commands == ["python3 -m edgevirt.devpeer --timeout 60 serve "
-                            "/run/edgevirt/vsock/vsock_5000 1024"]  # fmt: skip
+    assert con.commands == ["( trap 'exit 130' INT; python3 -m edgevirt.devpeer --timeout 60 "
+                            "serve /run/edgevirt/vsock/vsock_5000 1024 )"]  # fmt: skip
     far.close()
     assert con.interrupted.is_set() and far.bg is not None and far.bg.result is not None
     assert far.bg.result.status == 130
+    # a Ctrl-C that came too early: close() interrupts again until the command ends
+    monkeypatch.setattr(devsmoke, "INTERRUPT_WAIT", 0.05)
+    smoke.service = con = BlockingServiceConsole(lost=2)
+    far = FarEnd(smoke, "serve", "/run/edgevirt/vsock/vsock_5000", 1024, timeout=60)
+    far.close()
+    assert far.bg is not None and far.bg.result is not None and con.sent >= 3
     slow = Background(BlockingServiceConsole(), "sleep", 60)
     with pytest.raises(DeployError, match="still running"):
         slow.wait(0.05)
