@@ -14,8 +14,17 @@ edgevirt's host dependencies). Each program prints one result line the smoke par
                               answer SIZE random bytes on it ("sent N SHA256")
     talk PATH TEXT SIZE       unix socket (a console port's host side): connect, send TEXT,
                               then read SIZE bytes: "got N SHA256"
+    connect PATH PORT SIZE    a stream the host side opens to a guest's vsock listener
+                              (hybrid mode): connect to PATH (``<dir>/vsock``), write
+                              "CONNECT PORT", wait for "OK <host port>" (retrying until the
+                              guest listens: a refused CONNECT is closed), print
+                              "connected HOSTPORT", read to EOF ("got N SHA256"), answer
+                              SIZE random bytes ("sent N SHA256")
 
 Every program ends by itself within its ``--timeout`` (default 300 s) and then exits 1.
+Ctrl-C (a check that gave up early) ends it with exit 130 *as a normal exit*: a program
+killed by SIGINT makes the service VM's interactive shell abandon the rest of the command
+line, and with it the end marker the console waits for.
 """
 
 from __future__ import annotations
@@ -86,13 +95,52 @@ def serve(path: str, size: int, timeout: float) -> str:
         s.bind(path)
         _listen(s)
         c, _ = s.accept()
-        with c:
-            c.settimeout(timeout)
-            n, sha = _drain(c, None)
-            print(f"got {n} {sha}", flush=True)
-            data = os.urandom(size)
-            c.sendall(data)
+        return _answer(c, size, timeout)
+
+
+def _answer(c: socket.socket, size: int, timeout: float) -> str:
+    """Take the peer's data to EOF ("got N SHA256"), then answer ``size`` random bytes."""
+    with c:
+        c.settimeout(timeout)
+        n, sha = _drain(c, None)
+        print(f"got {n} {sha}", flush=True)
+        data = os.urandom(size)
+        c.sendall(data)
     return f"sent {size} {hashlib.sha256(data).hexdigest()}"
+
+
+def _line(c: socket.socket) -> bytes:
+    """One handshake line, byte by byte: the stream's data follows it on the socket."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 64:
+        b = c.recv(1)
+        if not b:
+            break
+        line += b
+    return line
+
+
+def connect(path: str, port: int, size: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(max(1.0, deadline - time.monotonic()))
+        try:
+            c.connect(path)
+            c.sendall(f"CONNECT {port}\n".encode())
+            line = _line(c)
+        except OSError:
+            line = b""
+        if line.startswith(b"OK ") and line.endswith(b"\n"):
+            break
+        c.close()
+        if line.startswith(b"ERR"):
+            raise OSError(f"{path} refused the handshake: {line.decode(errors='replace')!r}")
+        if time.monotonic() > deadline:
+            raise OSError(f"no guest accepted port {port} through {path} in {timeout:.0f}s")
+        time.sleep(0.2)
+    print(f"connected {line.split()[1].decode(errors='replace')}", flush=True)
+    return _answer(c, size, timeout)
 
 
 def talk(path: str, text: str, size: int, timeout: float) -> str:
@@ -129,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("path")
     p.add_argument("text")
     p.add_argument("size", type=int)
+    p = sub.add_parser("connect")
+    p.add_argument("path")
+    p.add_argument("port", type=int)
+    p.add_argument("size", type=int)
     a = ap.parse_args(argv)
     try:
         if a.program == "recv":
@@ -137,11 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = send(a.host, a.port, a.size, a.timeout)
         elif a.program == "serve":
             out = serve(a.path, a.size, a.timeout)
+        elif a.program == "connect":
+            out = connect(a.path, a.port, a.size, a.timeout)
         else:
             out = talk(a.path, a.text, a.size, a.timeout)
     except OSError as e:
         print(f"devpeer {a.program}: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print(f"devpeer {a.program}: interrupted", file=sys.stderr, flush=True)
+        return 130
     print(out, flush=True)
     return 0
 

@@ -190,10 +190,12 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
     0x50, 0x51) and ev_i2c_mem (0x52); its back-end lends both lines, 0x48 + 0x50 of the
     stub and 0x52 of the memory. The far side is driven through the same devsmoke peers
     `edgevirt up` uses (their service-VM side); beyond `up`'s checks this test moves a
-    multi-message I2C_RDWR to ev_i2c_mem and takes the back-end's edge latency."""
+    multi-message I2C_RDWR to ev_i2c_mem and takes the back-end's edge latency. Last, a far
+    end that a check abandons is interrupted on the service VM's real shell (Ctrl-C)."""
     from edgevirt.board import load_board
     from edgevirt.console.expect import Console
     from edgevirt.deploy.qemu import QemuConfig, QemuProcess, wait_for_path
+    from edgevirt.devsmoke import FarEnd
     from edgevirt.devsmoke.gpio import GpioSmoke
     from edgevirt.devsmoke.i2c import ALLOWED, HIDDEN, I2cSmoke
     from edgevirt.msgup import prepare_guest
@@ -293,6 +295,40 @@ def test_service_vm_lends_a_gpio_sim_chip_and_an_i2c_stub_device(tmp_path):
         assert stub_dev["by_type"]["address_not_allowed"] >= 1, stub_dev
         assert stub_dev["state"]["bus"].endswith("(smbus)"), stub_dev
         assert mem_dev["state"]["bus"].endswith("(i2c)") and mem_dev["broken"] == [], mem_dev
+        # -- a check that gives up early: its far end on the service VM's shell gets Ctrl-C,
+        # ends, and the console serves the next command (no end marker lost)
+        far = FarEnd(gpio, "serve", "/run/edgevirt/give-up-probe", 1, timeout=120)
+        assert sc.log.path is not None
+        t0 = time.monotonic()
+        while "listening" not in sc.log.path.read_text().rsplit("give-up-probe", 1)[-1]:
+            assert time.monotonic() - t0 < 60, "the far end never listened"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        far.close()
+        figures["far_end_interrupt_s"] = time.monotonic() - t0
+        assert far.bg is not None and far.bg.result is not None, "no end marker after Ctrl-C"
+        assert far.bg.result.status == 130, far.bg.result
+        assert "devpeer serve: interrupted" in far.bg.result.output, far.bg.result
+        r = sc.run("echo still-here", 10)
+        assert (r.status, r.output) == (0, "still-here"), r
+        # the same as soon as the command line starts, Ctrl-C landing before or while
+        # Python starts (no handler yet): the subshell's trap keeps the command line and
+        # close() interrupts again until the command ends
+        for delay in (0.0, 0.2, 0.5):
+            started = sc.log.path.read_text().count("EVB")
+            far = FarEnd(gpio, "serve", "/run/edgevirt/give-up-probe", 1, timeout=120)
+            t0 = time.monotonic()
+            while sc.log.path.read_text().count("EVB") == started:
+                assert time.monotonic() - t0 < 10, "the command never started"
+                time.sleep(0.005)
+            time.sleep(delay)
+            t0 = time.monotonic()
+            far.close()
+            figures[f"far_end_interrupt_at_{delay}s_s"] = time.monotonic() - t0
+            assert far.bg is not None and far.bg.result is not None, "no end marker"
+            assert far.bg.result.status == 130, far.bg.result
+            r = sc.run("echo still-here", 10)
+            assert (r.status, r.output) == (0, "still-here"), r
     finally:
         if console is not None:
             console.close()

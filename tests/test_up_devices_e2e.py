@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 CHECKS = (
     "net ping", "net TCP guest → peer", "net TCP peer → guest",
     "vsock guest → host", "vsock host → guest", "vsock closed port",
+    "vsock host-opened, guest → host", "vsock host-opened, host → guest",
     "gpio line names", "gpio output to back-end", "gpio input from back-end",
     "i2c allow-list", "i2c EEPROM write/read", "i2c address not allowed",
     "back-end net", "back-end vsock", "back-end gpio", "back-end i2c",
@@ -57,6 +58,7 @@ def test_up_runs_each_devices_smoke_checks(tmp_path, transport):
 SVM_CHECKS = (
     "net ping", "net TCP guest → peer", "net TCP peer → guest",
     "vsock guest → host", "vsock host → guest", "vsock closed port",
+    "vsock host-opened, guest → host", "vsock host-opened, host → guest",
     "console ports", "console input to guest", "console output to service VM",
     "console port log",
     "gpio line names", "gpio output to back-end", "gpio input from back-end",
@@ -86,6 +88,8 @@ def test_up_service_vm_serves_every_device(tmp_path):
         assert checks[name]["ok"], checks.get(name)
     # the sizes moved in the service VM (TCG) are said in the output
     assert "service VM under TCG" in checks["front-end: net TCP guest → peer"]["detail"]
+    assert "service VM under TCG" in checks["front-end: vsock host-opened, host → guest"][
+        "detail"]  # fmt: skip
     assert "gpio-sim" in checks["front-end: gpio line names"]["detail"]
     assert "i2c-stub" in checks["front-end: i2c EEPROM write/read"]["detail"]
     assert netns() == before

@@ -3,7 +3,12 @@ QEMU machine wires each device's smoke checks, what the service VM's back-end ge
 them, and the far-end programs (edgevirt.devpeer) on real sockets (no VM boots here)."""
 
 import hashlib
+import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -119,6 +124,21 @@ def test_service_vm_back_end_gets_each_smokes_device_and_peripherals(tmp_path):
     assert peer_config(board).devices == ["blk:path=/dev/vda", "rng"]
     assert peer_config(board).peripherals == {}
     m.close()
+
+
+def test_readme_gpio_i2c_snippet_is_what_up_writes(tmp_path):
+    """The README's service-VM JSON (lending a GPIO line and an I2C device) is the devices and
+    peripherals `up` gives the service VM's back-end for gpio + i2c."""
+    from edgevirt.servicevm.up import peer_config
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Lending a GPIO line and an I2C device") :]
+    snippet = re.search(r"```json\n(.*?)```", section, re.S)
+    assert snippet is not None
+    shown = json.loads("{" + snippet.group(1) + "}")
+    smokes = {t: device_smoke(t, tmp_path) for t in ("gpio", "i2c")}
+    cfg = peer_config(load_board("qemu-virt"), ["gpio", "i2c"], smokes).to_json()
+    assert shown == {"devices": cfg["devices"], "peripherals": cfg["peripherals"]}
 
 
 def test_machine_wires_each_device_to_its_smoke(tmp_path):
@@ -246,6 +266,83 @@ def test_far_end_unix_serve_and_talk(tmp_path):
     assert "devpeer talk:" in far.output() and far.proc is not None and far.proc.returncode == 1
 
 
+def test_far_end_connect_opens_a_stream_through_the_hybrid_handshake(tmp_path):
+    """connect (the host-opened vsock stream): against a fake back-end on a real unix socket
+    that refuses the first CONNECT (no guest listener yet: closed without a line), then
+    answers OK, sends the guest's data right behind the OK line and reads the answer."""
+    smoke = device_smoke("vsock", tmp_path)
+    assert smoke is not None
+    path = tmp_path / "vsock"
+    guest = bytes(range(256)) * 400
+    seen: dict[str, object] = {"lines": []}
+
+    def line(c: socket.socket) -> bytes:
+        got = b""
+        while not got.endswith(b"\n"):
+            got += c.recv(1)
+        return got
+
+    def fake_backend(srv: socket.socket) -> None:
+        c, _ = srv.accept()
+        seen["lines"].append(line(c))
+        c.close()  # refused: the far end must retry
+        c, _ = srv.accept()
+        with c:
+            seen["lines"].append(line(c))
+            c.sendall(b"OK 1073741824\n" + guest)  # data may follow the OK line at once
+            c.shutdown(socket.SHUT_WR)
+            back = b""
+            while b := c.recv(65536):
+                back += b
+            seen["back"] = back
+
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        t = threading.Thread(target=fake_backend, args=(srv,), daemon=True)
+        t.start()
+        far = FarEnd(smoke, "connect", path, 6000, 5000, timeout=30)
+        out = far.output()
+        t.join(10)
+    assert seen["lines"] == [b"CONNECT 6000\n", b"CONNECT 6000\n"]
+    assert "connected 1073741824" in out.splitlines()
+    assert devpeer.parse(out, "got") == (len(guest), hashlib.sha256(guest).hexdigest())
+    back = seen["back"]
+    assert isinstance(back, bytes) and len(back) == 5000
+    assert devpeer.parse(out, "sent") == (5000, hashlib.sha256(back).hexdigest())
+    # a back-end that rejects the line: exit 1 at once, quoting its answer
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        far = FarEnd(smoke, "connect", path, 6000, 1, timeout=30)
+        c, _ = srv.accept()
+        with c:
+            line(c)
+            c.sendall(b"ERR expected 'CONNECT <port>\\n'\n")
+        out = far.output()
+    assert far.proc is not None and far.proc.returncode == 1
+    assert "devpeer connect:" in out and "refused the handshake" in out and "ERR" in out
+    # nobody listens on the socket at all: it gives up after its timeout, exit 1
+    path.unlink()
+    far = FarEnd(smoke, "connect", path, 6000, 1, timeout=1)
+    out = far.output()
+    assert far.proc is not None and far.proc.returncode == 1
+    assert "no guest accepted port 6000" in out
+
+
+def test_far_end_ctrl_c_is_a_normal_exit_130(tmp_path):
+    """SIGINT (Ctrl-C on the service VM's shell) ends a far end with exit status 130, not by
+    the signal: a shell whose job died of SIGINT drops the rest of the command line."""
+    path = tmp_path / "probe"
+    p = subprocess.Popen([sys.executable, "-m", "edgevirt.devpeer", "serve", str(path), "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == "listening\n"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 130 and "devpeer serve: interrupted" in err, (p.returncode, err)
+
+
 class FakeServiceConsole:
     """Answers the service VM commands a smoke sends, and records them."""
 
@@ -297,11 +394,13 @@ def test_net_service_side_addresses_the_tap_in_the_service_vm(tmp_path):
 
 
 class BlockingServiceConsole:
-    """A service VM console whose command runs until the shell gets Ctrl-C."""
+    """A service VM console whose command runs until the shell gets Ctrl-C (the first
+    ``lost`` ones only arm the subshell's trap: they came before Python started)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lost: int = 0) -> None:
         self.interrupted = threading.Event()
         self.commands: list[str] = []
+        self.lost, self.sent = lost, 0
 
     def run(self, command, timeout=30.0, abort=None):
         from edgevirt.console.expect import CommandResult
@@ -312,12 +411,16 @@ class BlockingServiceConsole:
 
     def send(self, text):
         assert text == "\x03"
-        self.interrupted.set()
+        self.sent += 1
+        if self.sent > self.lost:
+            self.interrupted.set()
 
 
-def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path):
+def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path,
+                                                                          monkeypatch):
     """A far end in the service VM is a devpeer command on its console; a check that gives
     up early interrupts it (Ctrl-C) so the console is free for the next device."""
+    from edgevirt import devsmoke
     from edgevirt.devsmoke import Background
     from edgevirt.errors import DeployError
 
@@ -329,11 +432,17 @@ def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_pa
         if con.commands:
             break
         threading.Event().wait(0.01)
-    assert con.commands == ["python3 -m edgevirt.devpeer --timeout 60 serve "
-                            "/run/edgevirt/vsock/vsock_5000 1024"]  # fmt: skip
+    assert con.commands == ["( trap 'exit 130' INT; python3 -m edgevirt.devpeer --timeout 60 "
+                            "serve /run/edgevirt/vsock/vsock_5000 1024 )"]  # fmt: skip
     far.close()
     assert con.interrupted.is_set() and far.bg is not None and far.bg.result is not None
     assert far.bg.result.status == 130
+    # a Ctrl-C that came too early: close() interrupts again until the command ends
+    monkeypatch.setattr(devsmoke, "INTERRUPT_WAIT", 0.05)
+    smoke.service = con = BlockingServiceConsole(lost=2)
+    far = FarEnd(smoke, "serve", "/run/edgevirt/vsock/vsock_5000", 1024, timeout=60)
+    far.close()
+    assert far.bg is not None and far.bg.result is not None and con.sent >= 3
     slow = Background(BlockingServiceConsole(), "sleep", 60)
     with pytest.raises(DeployError, match="still running"):
         slow.wait(0.05)

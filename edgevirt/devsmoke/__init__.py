@@ -39,6 +39,8 @@ SMOKES = {
 }
 #: Where the service VM's back-end keeps the unix sockets of its devices.
 SERVICE_RUN = "/run/edgevirt"
+#: Ctrl-Cs that stop a far end on the service VM's shell, and the seconds between them.
+INTERRUPTS, INTERRUPT_WAIT = 10, 2.0
 
 
 class DeviceSmoke:
@@ -158,6 +160,11 @@ class FarEnd:
 
     The program may not listen yet when the guest connects (Python starts slowly in a
     service VM under TCG): the guest's side retries.
+
+    On the service VM's shell the program runs in a subshell that turns Ctrl-C into a
+    normal ``exit 130``: an interactive ash whose job dies of SIGINT drops the rest of the
+    command line, with it the end marker the console waits for (this happens when Ctrl-C
+    lands before Python has its handler; :mod:`edgevirt.devpeer` itself exits 130).
     """
 
     def __init__(self, smoke: DeviceSmoke, *args: object, timeout: float = 240.0,
@@ -168,7 +175,7 @@ class FarEnd:
         self.bg: Background | None = None
         if smoke.service is not None:
             cmd = " ".join(shlex.quote(a) for a in ["python3", *argv])
-            self.bg = Background(smoke.service, cmd, timeout + 30)
+            self.bg = Background(smoke.service, f"( trap 'exit 130' INT; {cmd} )", timeout + 30)
         else:
             self.proc = subprocess.Popen(
                 [*wrap, sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -192,6 +199,10 @@ class FarEnd:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.bg is not None and self.bg.result is None and self.bg.error is None:
-            self.bg.console.send("\x03")  # the service VM's shell interrupts it
-            self.bg.join(20)
+        # Ctrl-C again until the command ends: one that lands before Python starts only
+        # arms the subshell's trap.
+        for _ in range(INTERRUPTS):
+            if self.bg is None or self.bg.result is not None or self.bg.error is not None:
+                break
+            self.bg.console.send("\x03")
+            self.bg.join(INTERRUPT_WAIT)
