@@ -16,6 +16,7 @@ from edgevirt.backend.devices.vsock import (
     OP_RST,
     OP_RW,
     OP_SHUTDOWN,
+    SHUTDOWN_SEND,
     VsockDevice,
 )
 from edgevirt.backend.loop import Loop
@@ -293,3 +294,31 @@ def test_unix_peer_hanging_up_mid_stream_resets_that_stream(vsock):
     assert {h[6] for h in pkts} & {OP_RST, OP_SHUTDOWN}, pkts
     assert wait_until(lambda: (5000, 1000) not in dev.conns)
     assert be.vrings[1].broken is None
+
+
+def test_unix_peer_half_close_still_takes_the_guests_data(vsock):
+    """A host program that shuts down only its writing half (EOF to the guest) still reads:
+    the guest is told SHUTDOWN(SEND) only, its later data arrives, and its own
+    SHUTDOWN(SEND) ends the connection with EOF on the host side and RST to the guest."""
+    dev, g, d, _ = vsock
+    srv = listen(d / "vsock_5000")
+    g.post(16)
+    g.send(OP_REQUEST, 1000, 5000)
+    c, _ = srv.accept()
+    c.settimeout(5)
+    [(hdr, _)] = g.packets()
+    assert hdr[6] == OP_RESPONSE
+    c.shutdown(socket.SHUT_WR)
+    [(hdr, _)] = g.packets()
+    assert hdr[6] == OP_SHUTDOWN and hdr[7] == SHUTDOWN_SEND, hdr
+    data = os.urandom(3000)
+    g.send(OP_RW, 1000, 5000, data)
+    got = b""
+    while len(got) < len(data):
+        got += c.recv(65536)
+    assert got == data
+    g.send(OP_SHUTDOWN, 1000, 5000, flags=SHUTDOWN_SEND)
+    assert c.recv(1) == b""  # the guest's EOF reached the host program
+    assert wait_until(lambda: not dev.conns)
+    assert any(h[6] == OP_RST for h, _ in g.packets(1, 2))
+    c.close()

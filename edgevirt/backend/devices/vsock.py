@@ -390,6 +390,7 @@ class VsockDevice(VirtioDevice):
         if flags & SHUTDOWN_RCV and flags & SHUTDOWN_SEND:
             self._close(conn, "shut down by the guest")
 
+
     def _from_guest(self, conn: Conn, bufs: list[memoryview], length: int) -> None:
         if not conn.established:
             self._close(conn, "data before the connection was established")
@@ -425,6 +426,9 @@ class VsockDevice(VirtioDevice):
                 conn.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+            if conn.eof_from_host:  # both directions ended and delivered
+                self._close(conn, "both sides done sending")
+                return
         # Announce freed credit once a quarter of the window is free again.
         if conn.fwd_cnt - conn.fwd_announced >= self.buf_alloc // 4:
             self._send_control(self._packet(conn, OP_CREDIT_UPDATE))
@@ -486,10 +490,13 @@ class VsockDevice(VirtioDevice):
                 self.rx.appendleft(chain)
                 self._host_hung_up(conn, e.strerror or str(e))
                 continue
-            if n == 0:  # the unix peer closed: tell the guest, it answers with RST
+            if n == 0:
+                # EOF: the unix peer will send no more. It may only have shut down its
+                # writing half and still read, so the guest may go on sending (a peer that
+                # closed altogether makes the next send fail: then RST).
                 conn.eof_from_host = True
                 conn.readable = False
-                pkt = self._packet(conn, OP_SHUTDOWN, flags=SHUTDOWN_RCV | SHUTDOWN_SEND)
+                pkt = self._packet(conn, OP_SHUTDOWN, flags=SHUTDOWN_SEND)
             else:
                 pkt = self._packet(conn, OP_RW, n)
                 conn.tx_cnt += n
