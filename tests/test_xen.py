@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgevirt.backend.transport.virtio_msg.xenlink import find_bus_node
-from edgevirt.console.xen import XEN, XenConsoleMux, XenDomainConsole
+from edgevirt.console.xen import INPUT_PAUSE, XEN, XenConsoleMux, XenDomainConsole
 from edgevirt.devicetree.fdt import Fdt, Node, Property
 from edgevirt.devicetree.xen import (
     PassthroughNode,
@@ -280,6 +280,20 @@ def test_domain_console_resends_a_command_that_lost_characters() -> None:
     r = con.run("true", 5)
     assert r.status == 0 and not replies
     assert b"\x03" in uart.written  # the half line was dropped before the second try
+    # the loss slowed the input down; the intact second try brought the pace back
+    assert mux.pause == INPUT_PAUSE
+
+
+def test_input_pace_backs_off_on_loss_and_recovers() -> None:
+    mux = XenConsoleMux(FakeUart([]))  # type: ignore[arg-type]
+    for _ in range(5):
+        mux.slow_down()
+    assert mux.pause == 0.2  # bounded
+    mux.speed_up()
+    assert mux.pause == 0.1
+    for _ in range(5):
+        mux.speed_up()
+    assert mux.pause == INPUT_PAUSE
 
 
 # -- the service domU's bus node --------------------------------------------------------------

@@ -192,8 +192,13 @@ class XenConsoleMux:
         return len(data)
 
     def slow_down(self) -> None:
-        """Input was lost: give the guests more time per piece from now on."""
+        """Input was lost: give the guests more time per piece."""
         self.pause = min(self.pause * 2, 0.2)
+
+    def speed_up(self) -> None:
+        """A command arrived intact: back towards the normal pace. (A loss under a load
+        burst at boot once kept every later command at 4x the time.)"""
+        self.pause = max(self.pause / 2, INPUT_PAUSE)
 
     def close(self) -> None:
         try:
@@ -284,6 +289,8 @@ class XenDomainConsole(Console):
                 if isinstance(port, DomainPort):
                     port.mux.slow_down()
                 continue
+            if isinstance(port, DomainPort):
+                port.mux.speed_up()
             start = self.pos
             m = self.expect(rf"EVE{n} (\d+)\r?\n".encode(), timeout, abort)
             out = self.text(start, m.start()).decode("utf-8", "replace").replace("\r\n", "\n")
