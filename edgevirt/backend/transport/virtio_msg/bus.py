@@ -194,7 +194,7 @@ class MsgBus:
             self.shm_fd = -1
             self._open = False
         for dev in self.devices.values():
-            dev.device.close()
+            dev.close()
 
     # -- the work loop --------------------------------------------------------------------
 
