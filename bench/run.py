@@ -5,11 +5,15 @@ run (qemu-storage-daemon for blk, the pure-Python ring for the C ring).
 the cached kernel); ``--guest-msg`` the in-guest benchmark with the virtio-msg transport
 side by side with vhost-user and qemu-storage-daemon (bench/msg.py; also builds the guest
 module); ``--guest-keep DIR`` keeps either one's logs in DIR, ``--repeat N`` sets the
-repetitions per disk (default 9). ``--storage`` runs only the O_DIRECT comparison
-(bench/storage.py: edgevirt cache=none against qemu-storage-daemon cache.direct=on)."""
+repetitions per disk (default 9). Without those, the sections below run (all of them when
+none is named): ``--ring`` (bench/ring.py), ``--page-cache`` (bench/blk.py),
+``--storage`` (bench/storage.py: edgevirt cache=none against qemu-storage-daemon
+cache.direct=on), ``--mq`` (two queues on the disk), ``--mq-ram`` (two queues on a
+RAM-backed image). Each table is followed by the load average before and after it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,18 +38,20 @@ def main() -> None:
     if "--guest" in sys.argv or keep:
         print(table(guest.run(Path(keep) if keep else None)))
         return
-    if "--storage" in sys.argv:
-        print(table(storage.run()))
+    sections = {
+        "--ring": ring.run,
+        "--page-cache": blk.run,
+        "--storage": storage.run,
+        "--mq": storage.measure_mq,
+        "--mq-ram": lambda: storage.measure_mq(ram=True),
+    }
+    chosen = [f for flag, f in sections.items() if flag in sys.argv] or list(sections.values())
+    for f in chosen:
+        before = os.getloadavg()
+        rows = f()
+        print(table(rows))
+        print(f"load average before/after: {before[0]:.2f} / {os.getloadavg()[0]:.2f}")
         print()
-        print(table(storage.measure_mq()))
-        return
-    print(table(ring.run()))
-    print()
-    print(table(blk.run()))
-    print()
-    print(table(storage.run()))
-    print()
-    print(table(storage.measure_mq()))
 
 
 if __name__ == "__main__":

@@ -466,8 +466,12 @@ class MsgDevice:
                         vq.served += res.pushed
                         budget -= res.pushed
                         notify |= q.should_notify(self.mem)
-                        continue
-                    done, chains = list(res.done), res.rest
+                        if res.pushed < min(BATCH, budget + res.pushed) and not res.rest:
+                            chains = []  # a short batch took all there was: re-check below
+                        else:
+                            continue
+                    else:
+                        done, chains = list(res.done), res.rest
                 else:
                     chains = q.pop(self.mem, min(BATCH, budget))
                 if not chains and not done:
