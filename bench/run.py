@@ -9,7 +9,9 @@ repetitions per disk (default 9). Without those, the sections below run (all of 
 none is named): ``--ring`` (bench/ring.py), ``--page-cache`` (bench/blk.py),
 ``--storage`` (bench/storage.py: edgevirt cache=none against qemu-storage-daemon
 cache.direct=on), ``--mq`` (two queues on the disk), ``--mq-ram`` (two queues on a
-RAM-backed image). Each table is followed by the load average before and after it."""
+RAM-backed image), ``--msg-cpu`` (bench/msgrt.py: back-end CPU per request over
+virtio-msg and vhost-user, no guest). Each table is followed by the load average before and
+after it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import blk, guest, msg, ring, storage  # noqa: E402
+from bench import blk, guest, msg, msgrt, ring, storage  # noqa: E402
 
 
 def table(rows: list[dict]) -> str:
@@ -44,6 +46,7 @@ def main() -> None:
         "--storage": storage.run,
         "--mq": storage.measure_mq,
         "--mq-ram": lambda: storage.measure_mq(ram=True),
+        "--msg-cpu": msgrt.run,
     }
     chosen = [f for flag, f in sections.items() if flag in sys.argv] or list(sections.values())
     for f in chosen:
