@@ -764,8 +764,10 @@ static PyMethodDef Queue_methods[] = {
      METH_VARARGS | METH_KEYWORDS, "set_notification(mem, enable): ask for kicks or not"},
     {"pending", (PyCFunction)Queue_pending, METH_O, "pending(mem) -> int: chains available"},
     {"serve_blk", (PyCFunction)(void (*)(void))Queue_serve_blk, METH_VARARGS | METH_KEYWORDS,
-     "serve_blk(mem, fd, capacity, seg_max, readonly, max_chains=0, inflight=None, counter=0)"
-     " -> BlkResult: the virtio-blk request path of up to max_chains chains"},
+     "serve_blk(mem, fd, capacity, seg_max, readonly, max_chains=0, inflight=None, counter=0,"
+     " fd_fallback=-1, *, notify=False) -> BlkResult: the virtio-blk request path of up to "
+     "max_chains chains; with notify, also should_notify() and the re-check of the avail ring "
+     "(notified, pending)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -37,6 +37,8 @@ class BlkResult(tuple[object, ...]):
     def notified(self) -> int: ...
     @property
     def kicks(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
 
 class SplitQueue:
     def __init__(
@@ -73,6 +75,8 @@ class SplitQueue:
         inflight: memoryview | bytearray | None = None,
         counter: int = 0,
         fd_fallback: int = -1,
+        *,
+        notify: bool = False,
     ) -> BlkResult: ...
 
 class BlkAio:

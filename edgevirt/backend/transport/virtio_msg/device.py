@@ -459,19 +459,19 @@ class MsgDevice:
                     if popped and not chains:
                         continue
                 elif fast is not None and blk is not None and serve_blk is not None:
+                    # notify: the call also decides the notification and re-reads the avail
+                    # idx after a full fence (res.pending), as set_notification + pending do.
                     res = serve_blk(self.mem, *fast, min(BATCH, budget), None, 0,
-                                    blk.fallback_fd)  # fmt: skip
+                                    blk.fallback_fd, notify=True)  # fmt: skip
                     blk.account(res)
-                    if res.pushed:
-                        vq.served += res.pushed
-                        budget -= res.pushed
-                        notify |= q.should_notify(self.mem)
-                        if res.pushed < min(BATCH, budget + res.pushed) and not res.rest:
-                            chains = []  # a short batch took all there was: re-check below
-                        else:
+                    vq.served += res.pushed
+                    budget -= res.pushed
+                    notify |= bool(res.notified)
+                    if not res.rest:
+                        if res.pending:
                             continue
-                    else:
-                        done, chains = list(res.done), res.rest
+                        break
+                    done, chains = list(res.done), res.rest
                 else:
                     chains = q.pop(self.mem, min(BATCH, budget))
                 if not chains and not done:
