@@ -12,11 +12,13 @@ import random
 import select
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edgevirt.backend.devices import blk as b
@@ -28,31 +30,98 @@ DISK = 256 << 20
 QSIZE = 256
 
 
-def start_edgevirt(disk: Path, d: Path, fastpath: bool = True) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, EDGEVIRT_BLK_FASTPATH="1" if fastpath else "0")
-    sock_dir = d / ("ev" if fastpath else "ev-py")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgevirt", "backend", "run", "--log-level", "warning",
-         "--device", f"blk:path={disk}", "--socket-dir", str(sock_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-    )  # fmt: skip
-    return proc, str(sock_dir / "0-blk.sock")
+#: (image, scratch dir) -> (back-end process, its vhost-user socket)
+Starter = Callable[[Path, Path], tuple[subprocess.Popen, str]]
+#: name, queue depth, block, sequential, write, requests per round
+Workload = tuple[str, int, int, bool, bool, int]
 
 
-def start_edgevirt_python(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
-    return start_edgevirt(disk, d, fastpath=False)
+def edgevirt(opts: str, fastpath: bool = True) -> Starter:
+    """``edgevirt backend run --device blk:path=IMAGE{opts}``; ``fastpath`` False: the
+    Python request path (EDGEVIRT_BLK_FASTPATH=0)."""
+
+    def start(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
+        env = dict(os.environ, EDGEVIRT_BLK_FASTPATH="1" if fastpath else "0")
+        sock_dir = d / f"ev{abs(hash((opts, fastpath)))}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgevirt", "backend", "run", "--log-level", "warning",
+             "--device", f"blk:path={disk}{opts}", "--socket-dir", str(sock_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env,
+        )  # fmt: skip
+        return proc, str(sock_dir / "0-blk.sock")
+
+    return start
 
 
-def start_qsd(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
-    sock = str(d / "qsd.sock")
-    proc = subprocess.Popen(
-        ["qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=f,filename={disk},cache.direct=off",
-         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
-         "writable=on,num-queues=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    return proc, sock
+def qsd(blockdev: str, queues: int = 1) -> Starter:
+    """qemu-storage-daemon exporting ``driver=file,filename=IMAGE,{blockdev}``."""
+
+    def start(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
+        sock = str(d / f"qsd{abs(hash((blockdev, queues)))}.sock")
+        proc = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", f"driver=file,node-name=f,filename={disk},{blockdev}",
+             "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
+             f"addr.path={sock},writable=on,num-queues={queues}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        return proc, sock
+
+    return start
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (/proc/PID/stat utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    backends: list[tuple[str, Starter]],
+    workloads: list[Workload],
+    image: Path,
+    d: Path,
+    rounds: int = 3,
+    **drive_kw: int,
+) -> dict[str, dict[str, dict]]:
+    """Every back-end runs at once (idle unless driven); each workload is driven ``rounds``
+    times on every back-end in turn, the order rotated per round, so load from elsewhere on
+    the machine spreads over all sides; each figure is the median of its rounds. Adds each
+    back-end's own CPU per request ("be us/req", all its threads)."""
+    procs: list[subprocess.Popen] = []
+    raw: dict[str, dict[str, list[dict]]] = {}
+    try:
+        socks = []
+        for name, start in backends:
+            proc, sock = start(image, d)
+            procs.append(proc)
+            socks.append((name, sock, proc))
+        for _name, sock, proc in socks:
+            wait_socket(sock, proc)
+        for wl, qd, block, seq, write, total in workloads:
+            for r in range(rounds):
+                for name, sock, proc in socks[r % len(socks) :] + socks[: r % len(socks)]:
+                    if r == 0:
+                        drive(sock, qd, block, seq, min(total, 300), write=write, **drive_kw)
+                    c0 = cpu_seconds(proc.pid)
+                    try:
+                        res = drive(sock, qd, block, seq, total, write=write, **drive_kw)
+                    except RuntimeError as e:
+                        raise RuntimeError(f"{name}, {wl}, round {r}: {e}") from e
+                    res["be us/req"] = (cpu_seconds(proc.pid) - c0) / total * 1e6
+                    raw.setdefault(wl, {}).setdefault(name, []).append(res)
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(10)
+    return {
+        wl: {name: {k: statistics.median(m[k] for m in runs) for k in runs[0]}
+             for name, runs in per.items()}
+        for wl, per in raw.items()
+    }  # fmt: skip
 
 
 def wait_socket(path: str, proc: subprocess.Popen) -> None:
@@ -179,46 +248,46 @@ def drive(
     }
 
 
-WORKLOADS = [
-    ("4 KiB random read QD1", 1, 4096, False, 10000),
-    ("4 KiB random read QD32", 32, 4096, False, 50000),
-    ("64 KiB sequential read QD32", 32, 65536, True, 10000),
+WORKLOADS: list[Workload] = [
+    ("4 KiB random read QD1", 1, 4096, False, False, 10000),
+    ("4 KiB random read QD32", 32, 4096, False, False, 50000),
+    ("64 KiB sequential read QD32", 32, 65536, True, False, 10000),
+]
+#: qsd with its defaults (aio=threads) on the page cache; edgevirt's default synchronous C
+#: path (cache=writeback), the Python request path, and the io_uring engine on its own
+#: thread over the page cache (cache=writeback,aio=io_uring).
+BACKENDS: list[tuple[str, Starter]] = [
+    ("qsd", qsd("cache.direct=off")),
+    ("edgevirt", edgevirt("")),
+    ("edgevirt Python path", edgevirt("", fastpath=False)),
+    ("edgevirt io_uring", edgevirt(",aio=io_uring")),
 ]
 
 
-def run() -> list[dict]:
+def run(rounds: int = 3) -> list[dict]:
+    """The page-cache case: a warm 256 MiB file, all back-ends at once, interleaved rounds."""
     if not shutil.which("qemu-storage-daemon"):
         raise RuntimeError("qemu-storage-daemon not found (apt-get install qemu-system-common)")
-    rows = []
     with tempfile.TemporaryDirectory(prefix="edgevirt-bench-") as tmp:
         d = Path(tmp)
         disk = d / "disk.img"
         with open(disk, "wb") as f:
             for _ in range(DISK // (1 << 20)):
                 f.write(os.urandom(1 << 20))  # allocated, in the page cache: warm
-        results: dict[str, dict[str, dict]] = {}
-        backends = (("qemu-storage-daemon", start_qsd), ("edgevirt", start_edgevirt),
-                    ("edgevirt-python", start_edgevirt_python))  # fmt: skip
-        for name, start in backends:
-            proc, sock = start(disk, d)
-            try:
-                wait_socket(sock, proc)
-                for wl, qd, block, seq, total in WORKLOADS:
-                    drive(sock, qd, block, seq, min(total, 500))  # warm-up
-                    results.setdefault(wl, {})[name] = drive(sock, qd, block, seq, total)
-            finally:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(10)
-        for wl, per in results.items():
-            q, e, py = per["qemu-storage-daemon"], per["edgevirt"], per["edgevirt-python"]
-            rows.append({
-                "bench": wl,
-                "qsd IOPS": round(q["iops"]), "edgevirt IOPS": round(e["iops"]),
-                "edgevirt (Python path) IOPS": round(py["iops"]),
-                "qsd MB/s": round(q["MB/s"], 1), "edgevirt MB/s": round(e["MB/s"], 1),
-                "qsd p50/p99 us": f"{q['p50 us']:.0f}/{q['p99 us']:.0f}",
-                "edgevirt p50/p99 us": f"{e['p50 us']:.0f}/{e['p99 us']:.0f}",
-                "edgevirt/qsd": round(e["iops"] / q["iops"], 2),
-                "Python path/qsd": round(py["iops"] / q["iops"], 2),
-            })  # fmt: skip
+        results = measure(BACKENDS, WORKLOADS, disk, d, rounds)
+    rows = []
+    for wl, per in results.items():
+        q = per["qsd"]
+        row: dict = {"bench": wl}
+        for name, m in per.items():
+            row[f"{name} IOPS"] = round(m["iops"])
+        for name in ("qsd", "edgevirt"):
+            row[f"{name} p50/p99 us"] = f"{per[name]['p50 us']:.0f}/{per[name]['p99 us']:.0f}"
+        for name, m in per.items():
+            row[f"{name} CPU us/req"] = round(m["be us/req"], 1)
+        for name, m in per.items():
+            if name != "qsd":
+                row[f"{name}/qsd"] = round(m["iops"] / q["iops"], 2)
+        row["front-end CPU (edgevirt)"] = f"{per['edgevirt']['fe cpu']:.0%}"
+        rows.append(row)
     return rows

@@ -5,17 +5,23 @@ run (qemu-storage-daemon for blk, the pure-Python ring for the C ring).
 the cached kernel); ``--guest-msg`` the in-guest benchmark with the virtio-msg transport
 side by side with vhost-user and qemu-storage-daemon (bench/msg.py; also builds the guest
 module); ``--guest-keep DIR`` keeps either one's logs in DIR, ``--repeat N`` sets the
-repetitions per disk (default 9). ``--storage`` runs only the O_DIRECT comparison
-(bench/storage.py: edgevirt cache=none against qemu-storage-daemon cache.direct=on)."""
+repetitions per disk (default 9). Without those, the sections below run (all of them when
+none is named): ``--ring`` (bench/ring.py), ``--page-cache`` (bench/blk.py),
+``--storage`` (bench/storage.py: edgevirt cache=none against qemu-storage-daemon
+cache.direct=on), ``--mq`` (two queues on the disk), ``--mq-ram`` (two queues on a
+RAM-backed image), ``--msg-cpu`` (bench/msgrt.py: back-end CPU per request over
+virtio-msg and vhost-user, no guest). Each table is followed by the load average before and
+after it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import blk, guest, msg, ring, storage  # noqa: E402
+from bench import blk, guest, msg, msgrt, ring, storage  # noqa: E402
 
 
 def table(rows: list[dict]) -> str:
@@ -34,18 +40,21 @@ def main() -> None:
     if "--guest" in sys.argv or keep:
         print(table(guest.run(Path(keep) if keep else None)))
         return
-    if "--storage" in sys.argv:
-        print(table(storage.run()))
+    sections = {
+        "--ring": ring.run,
+        "--page-cache": blk.run,
+        "--storage": storage.run,
+        "--mq": storage.measure_mq,
+        "--mq-ram": lambda: storage.measure_mq(ram=True),
+        "--msg-cpu": msgrt.run,
+    }
+    chosen = [f for flag, f in sections.items() if flag in sys.argv] or list(sections.values())
+    for f in chosen:
+        before = os.getloadavg()
+        rows = f()
+        print(table(rows))
+        print(f"load average before/after: {before[0]:.2f} / {os.getloadavg()[0]:.2f}")
         print()
-        print(table(storage.measure_mq()))
-        return
-    print(table(ring.run()))
-    print()
-    print(table(blk.run()))
-    print()
-    print(table(storage.run()))
-    print()
-    print(table(storage.measure_mq()))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import statistics
-import subprocess
-import sys
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
 
-from bench.blk import drive, wait_socket
+from bench.blk import Starter, edgevirt, qsd
+from bench.blk import measure as blk_measure
 
 DISK = 1 << 30
 QSIZE = 512
@@ -36,44 +33,13 @@ WORKLOADS = [
     ("128 KiB seq write QD32", 32, 131072, True, True, 3000),
 ]
 
-Starter = Callable[[Path, Path], tuple[subprocess.Popen, str]]
-
-
-def edgevirt(opts: str) -> Starter:
-    def start(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
-        sock_dir = d / f"ev{abs(hash(opts))}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgevirt", "backend", "run", "--log-level", "warning",
-             "--device", f"blk:path={disk},cache=none{opts}", "--socket-dir", str(sock_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        return proc, str(sock_dir / "0-blk.sock")
-
-    return start
-
-
-def qsd(aio: str, queues: int = 1) -> Starter:
-    def start(disk: Path, d: Path) -> tuple[subprocess.Popen, str]:
-        sock = str(d / f"qsd-{aio}-{queues}.sock")
-        proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--blockdev", f"driver=file,node-name=f,filename={disk},cache.direct=on,aio={aio}",
-             "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-             f"addr.path={sock},writable=on,num-queues={queues}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        return proc, sock
-
-    return start
-
-
 BACKENDS: list[tuple[str, Starter]] = [
-    ("qsd io_uring", qsd("io_uring")),
-    ("ev io_uring", edgevirt("")),
-    ("qsd native", qsd("native")),
-    ("qsd threads", qsd("threads")),
-    ("ev threads", edgevirt(",aio=threads")),
-    ("ev sync", edgevirt(",aio=sync")),
+    ("qsd io_uring", qsd("cache.direct=on,aio=io_uring")),
+    ("ev io_uring", edgevirt(",cache=none")),
+    ("qsd native", qsd("cache.direct=on,aio=native")),
+    ("qsd threads", qsd("cache.direct=on,aio=threads")),
+    ("ev threads", edgevirt(",cache=none,aio=threads")),
+    ("ev sync", edgevirt(",cache=none,aio=sync")),
 ]
 
 
@@ -103,89 +69,61 @@ def make_image(d: Path) -> Path:
 def measure(
     backends: list[tuple[str, Starter]] = BACKENDS, rounds: int = 3
 ) -> dict[str, dict[str, dict]]:
-    """Every back-end runs at once (idle unless driven); each workload is driven ``rounds``
-    times on every back-end in turn, the order rotated per round, so load from elsewhere on
-    the machine spreads over all sides; each figure is the median of its rounds."""
+    """All back-ends on the O_DIRECT image, interleaved rounds (bench.blk.measure)."""
     if not shutil.which("qemu-storage-daemon"):
         raise RuntimeError("qemu-storage-daemon not found (apt-get install qemu-system-common)")
     d = image_dir()
-    disk = make_image(d)
-    procs: list[subprocess.Popen] = []
-    raw: dict[str, dict[str, list[dict]]] = {}
-    try:
-        socks = []
-        for name, start in backends:
-            proc, sock = start(disk, d)
-            procs.append(proc)
-            socks.append((name, sock))
-        for (_name, sock), proc in zip(socks, procs, strict=True):
-            wait_socket(sock, proc)
-        for wl, qd, block, seq, write, total in WORKLOADS:
-            kw = {"write": write, "qsize": QSIZE, "disk": DISK}
-            for r in range(rounds):
-                for name, sock in socks[r % len(socks) :] + socks[: r % len(socks)]:
-                    if r == 0:
-                        drive(sock, qd, block, seq, min(total, 300), **kw)  # warm-up
-                    try:
-                        res = drive(sock, qd, block, seq, total, **kw)
-                    except RuntimeError as e:
-                        raise RuntimeError(f"{name}, {wl}, round {r}: {e}") from e
-                    raw.setdefault(wl, {}).setdefault(name, []).append(res)
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(10)
-    return {
-        wl: {name: {k: statistics.median(m[k] for m in runs) for k in runs[0]}
-             for name, runs in per.items()}
-        for wl, per in raw.items()
-    }  # fmt: skip
+    return blk_measure(backends, WORKLOADS, make_image(d), d, rounds, qsize=QSIZE, disk=DISK)
 
 
 #: name, queues, depth per queue (4 KiB random reads)
 MQ_WORKLOADS = [("1 queue QD128", 1, 128), ("2 queues QD128 each", 2, 128),
                 ("2 queues QD64 each", 2, 64)]  # fmt: skip
-MQ_BACKENDS: list[tuple[str, Starter]] = [
-    ("qsd io_uring", qsd("io_uring", 2)),
-    ("ev io_uring", edgevirt(",queues=2")),
+#: the disk: O_DIRECT on the real file system, as above
+MQ_DISK: list[tuple[str, Starter]] = [
+    ("qsd io_uring", qsd("cache.direct=on,aio=io_uring", 2)),
+    ("ev io_uring", edgevirt(",cache=none,queues=2")),
 ]
+#: no disk: the image in /dev/shm (RAM), read through the page cache with io_uring on both
+#: sides, so only CPU (back-end, front-end, the kernel's copy) can limit the rate
+MQ_RAM: list[tuple[str, Starter]] = [
+    ("qsd io_uring", qsd("cache.direct=off,aio=io_uring", 2)),
+    ("ev io_uring", edgevirt(",queues=2,aio=io_uring")),
+]
+RAM_DISK = 256 << 20
 
 
-def measure_mq(rounds: int = 3, total: int = 20000) -> list[dict]:
+def measure_mq(ram: bool = False, rounds: int = 3, total: int = 20000) -> list[dict]:
     """Multiqueue: the same back-ends with two queues, driven on one or both (interleaved
-    rounds, medians as in :func:`measure`)."""
-    d = image_dir()
-    disk = make_image(d)
-    procs, socks = [], []
-    raw: dict[str, dict[str, list[float]]] = {}
+    rounds, medians, as :func:`measure`); ``ram``: on a RAM-backed image instead of the disk."""
+    backends = MQ_RAM if ram else MQ_DISK
+    if ram:
+        d = Path(tempfile.mkdtemp(prefix="edgevirt-bench-", dir="/dev/shm"))
+        image, size = d / "disk.img", RAM_DISK
+        with open(image, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(os.urandom(1 << 20))
+    else:
+        d = image_dir()
+        image, size = make_image(d), DISK
+    per: dict[str, dict[str, dict]] = {}
     try:
-        for name, start in MQ_BACKENDS:
-            proc, sock = start(disk, d)
-            procs.append(proc)
-            socks.append((name, sock))
-        for (_n, sock), proc in zip(socks, procs, strict=True):
-            wait_socket(sock, proc)
         for wl, nq, qd in MQ_WORKLOADS:
-            for r in range(rounds):
-                for name, sock in socks[r % 2 :] + socks[: r % 2]:
-                    res = drive(sock, qd, 4096, False, total, qsize=QSIZE, disk=DISK, queues=nq)
-                    raw.setdefault(wl, {}).setdefault(name, []).append(res["iops"])
-                    raw[wl].setdefault(f"{name} fe", []).append(res["fe cpu"])
+            res = blk_measure(backends, [(wl, qd, 4096, False, False, total)], image, d,
+                              rounds, qsize=QSIZE, disk=size, queues=nq)  # fmt: skip
+            per.update(res)
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(10)
-    one = {name: statistics.median(raw[MQ_WORKLOADS[0][0]][name]) for name, _ in MQ_BACKENDS}
+        if ram:
+            shutil.rmtree(d)
+    one = per[MQ_WORKLOADS[0][0]]
     out = []
-    for wl, per in raw.items():
-        row: dict = {"bench (4 KiB rand read)": wl}
-        for name, _ in MQ_BACKENDS:
-            iops = statistics.median(per[name])
-            row[f"{name} IOPS"] = round(iops)
-            row[f"{name} / 1 queue"] = round(iops / one[name], 2)
-            row[f"front-end CPU ({name})"] = f"{statistics.median(per[name + ' fe']):.0%}"
+    for wl, res in per.items():
+        row: dict = {f"bench (4 KiB rand read, {'RAM' if ram else 'disk'})": wl}
+        for name, _ in backends:
+            row[f"{name} IOPS"] = round(res[name]["iops"])
+            row[f"{name} / 1 queue"] = round(res[name]["iops"] / one[name]["iops"], 2)
+            row[f"{name} CPU us/req"] = round(res[name]["be us/req"], 1)
+            row[f"front-end CPU ({name})"] = f"{res[name]['fe cpu']:.0%}"
         out.append(row)
     return out
 
@@ -201,6 +139,7 @@ def rows(results: dict[str, dict[str, dict]]) -> list[dict]:
         row["ev io_uring MB/s"] = round(e["MB/s"], 1)
         row["qsd io_uring p50/p99 us"] = f"{q['p50 us']:.0f}/{q['p99 us']:.0f}"
         row["ev io_uring p50/p99 us"] = f"{e['p50 us']:.0f}/{e['p99 us']:.0f}"
+        row["qsd/ev io_uring CPU us/req"] = f"{q['be us/req']:.1f}/{e['be us/req']:.1f}"
         row["ev/qsd io_uring"] = round(e["iops"] / q["iops"], 2)
         row["front-end CPU (ev io_uring)"] = f"{e['fe cpu']:.0%}"
         if "ev sync" in per:

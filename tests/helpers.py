@@ -54,3 +54,20 @@ def leftovers(marker: str) -> list[str]:
     """Processes (other than the test runner) whose command line mentions ``marker``."""
     out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if marker in ln and not _is_pytest(ln)]
+
+
+def odirect_dir(tmp: Path) -> Path | None:
+    """``tmp`` if its file system has O_DIRECT (tmpfs has none), else a directory in the
+    repository's build tree that has, else None."""
+    for d in (tmp, ROOT / "build" / "odirect-tests"):
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f"probe-{os.getpid()}"
+        probe.write_bytes(bytes(4096))
+        try:
+            os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+            return d
+        except OSError:
+            continue
+        finally:
+            probe.unlink()
+    return None

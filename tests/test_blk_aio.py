@@ -1,8 +1,9 @@
 """The asynchronous blk request path (``BlkAio``: io_uring and the thread pool, O_DIRECT)
 against the Python BlockDevice path.
 
-The production serve loop (``Vring.serve`` + ``Vring.reap``) runs on identical guests and
-disks, once through BlkAio on an ``O_DIRECT`` image (``cache=none``) and once through
+The production serve loop (``Vring.serve`` + ``Vring.reap``; for ``+msg`` the virtio-msg
+transport's ``MsgDevice.serve`` and its engine reaping) runs on identical guests and disks,
+once through BlkAio on an ``O_DIRECT`` image (``cache=none``) and once through
 ``BlockDevice.handle`` on the page cache. Requests of one round touch disjoint sectors (the
 async path completes in any order, as the spec allows), so the disk, the guest memory (data,
 status bytes), the set of used entries, ring indices, statistics and the inflight region must
@@ -27,10 +28,13 @@ from edgevirt.backend.devices import blk as b
 from edgevirt.backend.memory import GuestMemory, Region
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
 from edgevirt.backend.transport.vhost_user.vring import Vring
+from edgevirt.backend.transport.virtio_msg import protocol as mp
+from edgevirt.backend.transport.virtio_msg.device import MsgDevice
+from edgevirt.backend.transport.virtio_msg.protocol import MsgId
 from edgevirt.backend.virtq import IMPLEMENTATIONS, BlkAio
 from edgevirt.backend.virtq.driver import DriverQueue
 from edgevirt.errors import BackendError, ConfigError, RingError
-from tests.helpers import no_uring
+from tests.helpers import no_uring, odirect_dir
 
 pytestmark = pytest.mark.skipif(BlkAio is None, reason="C extension not built")
 
@@ -46,23 +50,59 @@ _uring = pytest.mark.skipif(NO_URING is not None, reason=f"no io_uring here: {NO
 ENGINES = [pytest.param("io_uring", marks=_uring), "threads"]
 #: the engine's own serving thread (what the back-end runs), on either engine
 THREADED = [pytest.param("io_uring+thread", marks=_uring), "threads+thread"]
+#: the virtio-msg transport's device side, submitting on EVENT_AVAIL, reaping on the eventfd
+MSG = [pytest.param("io_uring+msg", marks=_uring), "threads+msg"]
+
+
+class Readers:
+    """The part of the event loop MsgDevice uses: fds and their callbacks, run by hand."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, Any] = {}
+
+    def add_reader(self, fd: int, callback: Any) -> None:
+        self.fds[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        self.fds.pop(fd, None)
+
+
+def msg_device(dev: BlockDevice, mem: GuestMemory, drv: DriverQueue, loop: Readers) -> MsgDevice:
+    """A virtio-msg device with its queue 0 set up on ``drv``'s rings and DRIVER_OK."""
+    mdev = MsgDevice(0, dev, mem, loop)  # type: ignore[arg-type]
+    mdev.driver_features = 1 << 32 | (1 << 29 if drv.event_idx else 0)
+    mdev.status = mp.STATUS_FEATURES_OK | mp.STATUS_DRIVER_OK
+    vq = {
+        "index": 0,
+        "reserved0": 0,
+        "size": drv.size,
+        "reserved1": 0,
+        "desc": drv.desc,
+        "driver": drv.avail,
+        "device": drv.used,
+    }
+    mdev.handle(mp.request(MsgId.SET_VQUEUE, 0, 1, **vq))
+    return mdev
+
+
+def serve_msg(mdev: MsgDevice, loop: Readers, drv: DriverQueue) -> None:
+    """EVENT_AVAIL until the device has taken everything, then reap as the loop would."""
+    while mdev.serve(0)[1]:
+        pass
+    deadline = time.monotonic() + 10
+    while mdev.vqs[0].aio is not None and mdev.vqs[0].aio.in_flight:
+        assert time.monotonic() < deadline, "the engine did not complete the requests"
+        for fd in select.select(list(loop.fds), [], [], 0.01)[0]:
+            loop.fds[fd]()
 
 
 @pytest.fixture
 def ddir(tmp_path: Path) -> Path:
     """A directory on a file system with O_DIRECT (tmpfs has none): tmp, else the repo."""
-    for d in (tmp_path, Path(__file__).resolve().parent.parent / "build" / "odirect-tests"):
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / "probe"
-        probe.write_bytes(bytes(4096))
-        try:
-            os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
-            return d
-        except OSError:
-            continue
-        finally:
-            probe.unlink()
-    pytest.skip("no file system with O_DIRECT here")
+    d = odirect_dir(tmp_path)
+    if d is None:
+        pytest.skip("no file system with O_DIRECT here")
+    return d
 
 
 def split(rng: random.Random, total: int) -> list[int]:
@@ -116,13 +156,14 @@ def add_round(rng: random.Random, drv: DriverQueue, readonly_ok: bool) -> None:
     drv.publish()
 
 
-def run(seed: int, engine: str | None, d: Path) -> list[Any]:
-    """``engine`` None: the Python path on the page cache; else BlkAio with O_DIRECT."""
+def run(seed: int, engine: str | None, d: Path, tracked: bool = True) -> list[Any]:
+    """``engine`` None: the Python path on the page cache; else BlkAio with O_DIRECT.
+    ``tracked`` False: no inflight region (virtio-msg has none)."""
     rng = random.Random(seed)
     disk = d / f"disk-{engine}.img"
     disk.write_bytes(random.Random(seed ^ 1).randbytes(DISK))
     readonly = rng.random() < 0.15
-    aio = (engine or "sync").removesuffix("+thread")
+    aio = (engine or "sync").removesuffix("+thread").removesuffix("+msg")
     dev = BlockDevice(str(disk), readonly=readonly, cache="none" if engine else "writeback",
                       aio=aio, seg_max=rng.choice([2, 126]))  # fmt: skip
     if rng.random() < 0.5:  # as on a host whose DIO buffers must be 512-aligned: bounces
@@ -132,7 +173,13 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
     drv = DriverQueue(mem, QSIZE, event_idx=rng.random() < 0.3)
     vr = Vring(0, num=QSIZE)
     vr.queue = drv.queue(IMPLEMENTATIONS["c"])
-    if engine not in (None, "sync"):
+    msg = engine is not None and engine.endswith("+msg")
+    if msg:
+        loop = Readers()
+        mdev = msg_device(dev, mem, drv, loop)
+        vr.queue = mdev.vqs[0].queue
+        assert mdev.vqs[0].aio.engine == aio
+    elif engine not in (None, "sync"):
         vr.aio, vr.blk = dev.open_aio(QSIZE, BlkAio), dev
         assert vr.aio.engine == engine.removesuffix("+thread")
         if engine.endswith("+thread"):
@@ -141,14 +188,17 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
             vr.call = os.eventfd(0, os.EFD_NONBLOCK)
     inflight = InflightQueue(memoryview(bytearray(16 + 16 * QSIZE)), QSIZE)
     inflight.init(0)
-    vr.inflight = inflight if rng.random() < 0.7 else None
+    vr.inflight = inflight if rng.random() < 0.7 and tracked else None
     trace: list[Any] = []
     used_lo, used_hi = drv.used - GPA + 4, drv.used - GPA + 4 + 8 * QSIZE
     try:
         for _round in range(rng.randrange(1, 4)):
             drv.reset_data()
             add_round(rng, drv, readonly)
-            if vr.threaded:
+            if msg:
+                serve_msg(mdev, loop, drv)
+                vr.stats.served = mdev.vqs[0].served
+            elif vr.threaded:
                 serve_threaded(vr, dev, mem, drv)
             else:
                 vr.serve(dev, mem, fastpath=engine is not None)
@@ -172,6 +222,10 @@ def run(seed: int, engine: str | None, d: Path) -> list[Any]:
         if engine is not None:
             trace.append(("bounced", s.by_type.get("bounced", 0)))
     finally:
+        if msg:
+            mdev.reset()
+            assert mdev.vqs[0].aio is None and not loop.fds
+            vr.queue = None
         vr.stop(mem)
         dev.close()
         vr.close_fds()
@@ -198,14 +252,15 @@ FIELDS = ["last_avail_idx", "used_idx", "broken", "served", "stats", "guest memo
           "used entries", "inflight region", "inflight counter", "disk"]  # fmt: skip
 
 
-@pytest.mark.parametrize("engine", [*ENGINES, *THREADED, "sync"])
+@pytest.mark.parametrize("engine", [*ENGINES, *THREADED, *MSG, "sync"])
 def test_differential_async_odirect_and_python(ddir: Path, engine: str) -> None:
     """``sync``: cache=none served by serve_blk on the O_DIRECT fd, the page-cache fd taking
-    what O_DIRECT refuses."""
+    what O_DIRECT refuses. ``+msg``: the virtio-msg transport (no inflight region)."""
     bounced = 0
+    tracked = not engine.endswith("+msg")
     for seed in range(40):
-        ref = run(seed, None, ddir)
-        got = run(seed, engine, ddir)
+        ref = run(seed, None, ddir, tracked)
+        got = run(seed, engine, ddir, tracked)
         bounced += got.pop()[1]
         assert len(ref) == len(got)
         for k, (x, y) in enumerate(zip(ref, got, strict=True)):
@@ -246,29 +301,62 @@ def setup(
     return mem, drv, q, dev, dev.open_aio(QSIZE, BlkAio)
 
 
+def flush_round(drv: DriverQueue, rnd: int, serve: Any) -> None:
+    """6 writes, a flush, 4 reads in one publish; ``serve()`` completes them all; the
+    flush's used entry must follow every write."""
+    writes = [drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 8 * i), bytes([rnd + i]) * 4096], [1],
+                      publish=False) for i in range(6)]  # fmt: skip
+    flush = drv.add([b.REQ_HEADER.pack(b.T_FLUSH, 0, 0)], [1], publish=False)
+    reads = [drv.add([b.REQ_HEADER.pack(b.T_IN, 0, 8 * i)], [4096, 1], publish=False)
+             for i in range(4)]  # fmt: skip
+    drv.publish()
+    serve()
+    order = [h for h, _ in drv.get_used()]
+    assert order.index(flush) > max(order.index(w) for w in writes)
+    assert sorted(order) == sorted([*writes, flush, *reads])
+    drv.reset_data()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_flush_completes_after_every_earlier_write(ddir: Path, engine: str) -> None:
     """A flush is a barrier: its used entry follows every write submitted before it."""
     mem, drv, q, dev, aio = setup(ddir, engine)
-    for rnd in range(5):
-        writes = [drv.add([b.REQ_HEADER.pack(b.T_OUT, 0, 8 * i), bytes([rnd + i]) * 4096], [1],
-                          publish=False) for i in range(6)]  # fmt: skip
-        flush = drv.add([b.REQ_HEADER.pack(b.T_FLUSH, 0, 0)], [1], publish=False)
-        reads = [drv.add([b.REQ_HEADER.pack(b.T_IN, 0, 8 * i)], [4096, 1], publish=False)
-                 for i in range(4)]  # fmt: skip
-        drv.publish()
+
+    def serve() -> None:
         res = aio.submit(q, mem, 0)
         assert (res.writes, res.flushes, res.reads, res.pushed, res.rest) == (6, 1, 4, 0, [])
         assert aio.in_flight == 11
         aio.reap(q, None, True)
-        order = [h for h, _ in drv.get_used()]
-        assert order.index(flush) > max(order.index(w) for w in writes)
-        assert sorted(order) == sorted([*writes, flush, *reads])
-        drv.reset_data()
+
+    for rnd in range(5):
+        flush_round(drv, rnd, serve)
     data = Path(dev.path).read_bytes()
     assert all(data[4096 * i : 4096 * (i + 1)] == bytes([4 + i]) * 4096 for i in range(6))
     aio.close()
     dev.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_flush_ordering_over_virtio_msg(ddir: Path, engine: str) -> None:
+    """The same barrier through the virtio-msg transport's engine: one EVENT_AVAIL submits
+    writes, a flush and reads; completions come back through the engine's eventfd."""
+    mem, drv, q, dev, aio = setup(ddir, engine)
+    aio.close()
+    loop = Readers()
+    mdev = msg_device(dev, mem, drv, loop)
+    assert mdev.snapshot()["queues"][0]["io"] == engine
+
+    def serve() -> None:
+        assert mdev.serve(0) == (False, False)  # all in flight: nothing to notify yet
+        assert mdev.vqs[0].aio.in_flight == 11
+        serve_msg(mdev, loop, drv)
+
+    for rnd in range(3):
+        flush_round(drv, rnd, serve)
+    by_type = {k: v for k, v in dev.stats.by_type.items() if k != "bounced"}
+    assert by_type == {"write": 18, "flush": 3, "read": 12}
+    mdev.close()
+    assert not loop.fds and Path(dev.path).read_bytes()[:4096] == bytes([2]) * 4096
 
 
 def test_unaligned_buffers_are_bounced_and_counted(

@@ -262,6 +262,51 @@ def test_serve_blk_serves_a_batch_in_c(tmp_path: Path) -> None:
     dev.close()
 
 
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_serve_blk_notify_is_should_notify_and_pending(tmp_path: Path, event_idx: bool) -> None:
+    """serve_blk(notify=True) answers what should_notify() and pending() would after the
+    same batch (twin queues, one driven each way), with used_event and NO_INTERRUPT varied."""
+    rng = random.Random(7)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(DISK))
+    twins = []
+    for _ in range(2):
+        mem = GuestMemory()
+        mem.add(Region(GPA, MEM, bytearray(MEM)))
+        drv = DriverQueue(mem, QSIZE, event_idx=event_idx)
+        dev = BlockDevice(str(disk))
+        twins.append((mem, drv, drv.queue(IMPLEMENTATIONS["c"]), dev))
+    seen = set()
+    for rnd in range(40):
+        n, batch = rng.randrange(0, 6), rng.choice([0, 1, 2, 4])
+        flags, used_event = rng.choice([0, 0, 1]), rng.randrange(3 * rnd + 1)
+        got = []
+        for k, (mem, drv, q, dev) in enumerate(twins):
+            drv.reset_data()
+            for i in range(n):
+                drv.add([b.REQ_HEADER.pack(b.T_IN, 0, 8 * i)], [512, 1], publish=False)
+            drv.publish()
+            drv.set_avail_flags(flags)
+            drv.set_used_event(used_event & 0xFFFF)
+            if k == 0:
+                res = q.serve_blk(mem, *fast(dev), batch, notify=True)
+                got.append((res.pushed, bool(res.notified), res.pending))
+            else:
+                res = q.serve_blk(mem, *fast(dev), batch)
+                notified = bool(res.pushed) and q.should_notify(mem)
+                q.set_notification(mem, True)
+                got.append((res.pushed, notified, q.pending(mem)))
+            assert res.rest == []
+            q.serve_blk(mem, *fast(dev), 0)  # the rest, so the next round starts empty
+            drv.get_used()
+        assert got[0] == got[1], f"round {rnd}"
+        assert got[0][2] == n - got[0][0]
+        seen.add((got[0][1], got[0][2] > 0))
+    assert seen == {(a, b) for a in (True, False) for b in (True, False)}, seen
+    for _mem, _drv, _q, dev in twins:
+        dev.close()
+
+
 def test_serve_blk_hands_back_what_it_does_not_serve(tmp_path: Path) -> None:
     mem, drv, q, dev = setup_queue(tmp_path)
     h0 = drv.add([b.REQ_HEADER.pack(b.T_IN, 0, 0)], [512, 1], publish=False)

@@ -32,6 +32,7 @@ from edgevirt.backend.transport.virtio_msg.driver import MsgDriver
 from edgevirt.backend.transport.virtio_msg.protocol import BusMsgId, MsgId, VirtioMsgError
 from edgevirt.backend.transport.virtio_msg.service import map_carveout
 from edgevirt.backend.virtq.driver import DriverQueue
+from tests.helpers import no_uring, odirect_dir
 
 BASE = 0x5C00_0000
 CARVEOUT = 2 << 20
@@ -439,16 +440,21 @@ def test_rule_slot_rewritten_after_publication_cannot_hurt(env: Env) -> None:
 # -- the back-end process ---------------------------------------------------------------------
 
 
-def test_service_process_serves_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_service_process_serves_and_stops_cleanly(tmp_path: Path, cache: str) -> None:
+    """cache=none: the blk queue runs on the asynchronous engine (io_uring or threads)."""
     carve = tmp_path / "carveout"
     with open(carve, "wb") as f:
         f.truncate(CARVEOUT)
-    disk = tmp_path / "disk.img"
+    ddir = odirect_dir(tmp_path) if cache == "none" else tmp_path
+    if ddir is None:
+        pytest.skip("no file system with O_DIRECT here")
+    disk = ddir / f"disk-{os.getpid()}.img"
     disk.write_bytes(bytes(1 << 20))
     sock, stats = tmp_path / "msg.sock", tmp_path / "stats.json"
     cmd = [sys.executable, "-m", "edgevirt.backend.transport.virtio_msg", "--socket", str(sock),
            "--carveout-file", str(carve), "--carveout-base", hex(BASE), "--device",
-           f"blk:path={disk}", "--device", "rng", "--stats", str(stats)]  # fmt: skip
+           f"blk:path={disk},cache={cache}", "--device", "rng", "--stats", str(stats)]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -460,6 +466,7 @@ def test_service_process_serves_and_stops_cleanly(tmp_path: Path) -> None:
             q = blk_ready(drv, mem)
             data = os.urandom(8192)
             assert blk_io(drv, q, T_OUT, 0, data)[0] == 0
+            assert blk_io(drv, q, T_IN, 0, n=8192) == (0, data)
         mem.close()
         assert hashlib.sha256(disk.read_bytes()[:8192]).digest() == hashlib.sha256(data).digest()
     finally:
@@ -470,5 +477,8 @@ def test_service_process_serves_and_stops_cleanly(tmp_path: Path) -> None:
     import json
 
     snap = json.loads(stats.read_text())
-    assert snap["transport"] == "virtio-msg" and snap["devices"][0]["requests"] == 1
+    assert snap["transport"] == "virtio-msg" and snap["devices"][0]["requests"] == 2
     assert snap["devices"][0]["mapped_bytes"] == CARVEOUT
+    want = "io_uring" if no_uring() is None else "threads"
+    assert snap["devices"][0]["queues"][0]["io"] == (want if cache == "none" else None)
+    disk.unlink()

@@ -317,3 +317,29 @@ def test_encode_refuses_what_decode_refuses() -> None:
         p.encode(Message(MsgId.EVENT_USED, 0, 3, False, False, {"index": 0}))
     with pytest.raises(VirtioMsgError, match="dev_num 2, must be 0"):
         p.encode(Message(BusMsgId.PING, 2, 1, False, True, {"data": 0}))
+
+
+def test_event_avail_fast_path_agrees_with_decode() -> None:
+    """The data path's reader of EVENT_AVAIL takes exactly what decode() reads as one; every
+    variant it declines is left to decode (which may still accept it, e.g. slot padding, or
+    refuse it with the rule's message)."""
+    good = p.encode(p.event(MsgId.EVENT_AVAIL, 3, index=1, next=0))
+    assert p.event_avail(good) == (3, 1) and p.event_avail(good + bytes(40)) == (3, 1)
+    variants = [
+        good[:15],
+        bytes([1]) + good[1:],  # a response
+        good[:1] + bytes([MsgId.EVENT_USED]) + good[2:],
+        good[:4] + struct.pack("<H", 9) + good[6:],  # token
+        good[:6] + struct.pack("<H", 20) + good[8:] + bytes(4),  # msg_size
+        bytes([2]) + good[1:],  # a bus message
+    ]
+    for raw in variants:
+        assert p.event_avail(raw) is None
+        try:
+            msg = p.decode(raw)
+        except VirtioMsgError:
+            continue
+        assert (msg.bus, msg.response, msg.msg_id) != (False, False, MsgId.EVENT_AVAIL)
+    for raw in (good, good + bytes(40)):
+        msg = p.decode(raw)
+        assert (msg.dev_num, msg["index"]) == p.event_avail(raw)

@@ -23,11 +23,14 @@ from edgevirt.backend.memory import GuestMemory, Region, anonymous, memfd_region
 from edgevirt.backend.virtq import IMPLEMENTATIONS, SplitQueue
 from edgevirt.backend.virtq.driver import DriverQueue
 from edgevirt.backend.virtq.pyring import (
+    BATCH_CHAIN,
+    BATCH_SEGMENT,
     DESC,
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
     POP_SEGMENT_BUDGET,
+    USED_ELEM,
 )
 from edgevirt.errors import GuestMemoryError, RingError
 
@@ -196,6 +199,57 @@ def test_push_publishes_used(impl: Any) -> None:
     q.push(mem, iter([(heads[2], 0xFFFFFFFF)]))
     assert q.used_idx == drv.used_idx == 3
     assert drv.get_used() == [(heads[1], 10), (heads[0], 0), (heads[2], 0xFFFFFFFF)]
+
+
+def unbatch(chains: bytes, segs: bytes) -> list[tuple[int, list, list]]:
+    """pop_batch()'s records back into pop()'s chains."""
+    flat = [tuple(s) for s in BATCH_SEGMENT.iter_unpack(segs)]
+    out = []
+    for head, nread, nwrite, first in BATCH_CHAIN.iter_unpack(chains):
+        out.append((head, flat[first : first + nread],
+                    flat[first + nread : first + nread + nwrite]))  # fmt: skip
+    assert sum(len(r) + len(w) for _, r, w in out) == len(flat)
+    return out
+
+
+def test_pop_batch_is_pop_in_records(impl: Any) -> None:
+    mem, drv, q = setup(impl, size=16)
+    mem2, drv2, q2 = setup(impl, size=16)
+    for d in (drv, drv2):
+        d.add([b"hello", b"world!"], [16, 32])
+        d.add([b"req"], [8, 8], indirect=True)
+        d.add([b"x"])
+        d.add([], [7])
+    assert unbatch(*q.pop_batch(mem, 3)) == q2.pop(mem2, 3)
+    assert unbatch(*q.pop_batch(mem)) == q2.pop(mem2)
+    assert q.pop_batch(mem) == (b"", b"") and q.last_avail_idx == q2.last_avail_idx == 4
+    with pytest.raises(ValueError):
+        q.pop_batch(mem, -1)
+    assert q.broken is None
+
+
+def test_push_batch_publishes_used(impl: Any) -> None:
+    import array
+
+    mem, drv, q = setup(impl)
+    heads = [drv.add([b"x"], [64]) for _ in range(3)]
+    q.pop_batch(mem)
+    q.push_batch(mem, b"")
+    assert q.used_idx == 0 and drv.used_idx == 0
+    q.push_batch(mem, USED_ELEM.pack(heads[1], 10) + USED_ELEM.pack(heads[0], 0))
+    q.push_batch(mem, memoryview(array.array("I", [heads[2], 0xFFFFFFFF])))
+    assert q.used_idx == drv.used_idx == 3
+    assert drv.get_used() == [(heads[1], 10), (heads[0], 0), (heads[2], 0xFFFFFFFF)]
+
+
+def test_push_batch_arguments_do_not_break(impl: Any) -> None:
+    mem, drv, q = setup(impl, size=4)
+    for used in (USED_ELEM.pack(4, 0), USED_ELEM.pack(0, 0) * 5, b"\0" * 7, "text", 5):
+        with pytest.raises((ValueError, TypeError)):
+            q.push_batch(mem, used)
+    with pytest.raises(ValueError, match="completion 1: head out of range 0..3"):
+        q.push_batch(mem, USED_ELEM.pack(0, 0) + USED_ELEM.pack(9, 0))
+    assert q.broken is None and q.used_idx == 0 and drv.used_idx == 0
 
 
 def test_index_wraparound(impl: Any) -> None:
@@ -586,10 +640,15 @@ def rand_desc(rng: random.Random, size: int) -> tuple[int, int, int, int]:
     return addr, length, flags, nxt
 
 
-POP = st.tuples(st.just("pop"), st.integers(0, 3))
+POP = st.one_of(st.tuples(st.just("pop"), st.integers(0, 3)),
+                st.tuples(st.just("pop_batch"), st.integers(0, 3)))  # fmt: skip
 OPS = st.one_of(
     POP,
     POP,
+    # push_batch: a buffer of (head, len) entries, heads taken modulo the queue size;
+    # push_batch_raw: any bytes (bad lengths, heads out of range)
+    st.tuples(st.just("push_batch"), st.lists(st.tuples(st.integers(0, 15), st.integers(0, 9)))),
+    st.tuples(st.just("push_batch_raw"), st.binary(max_size=36)),
     # push: heads are taken modulo the queue size; push_raw may also pass invalid ones
     st.tuples(st.just("push"), st.lists(st.tuples(st.integers(0, 15), st.integers(0, 9)))),
     st.tuples(
@@ -664,8 +723,10 @@ def run_op(q: Any, mem: GuestMemory, op: tuple[Any, ...]) -> tuple[Any, ...]:
         if name in ("last_avail_idx", "used_idx", "event_idx"):
             setattr(q, name, args[0])
             return ("ok",)
-        if name == "push":
+        if name in ("push", "push_batch"):
             args = [[(h & (q.size - 1), n) for h, n in args[0][: q.size]]]
+        if name == "push_batch":
+            args = [b"".join(USED_ELEM.pack(*e) for e in args[0])]
         return ("ok", getattr(q, name.removesuffix("_raw"))(mem, *args))
     except (RingError, GuestMemoryError) as exc:
         return ("error", type(exc).__name__, getattr(exc, "rule", None), str(exc))

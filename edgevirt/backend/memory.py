@@ -41,10 +41,15 @@ class GuestMemory:
 
     regions: list[Region] = field(default_factory=list)
     refused: int = 0
+    #: ``table``, built once per change of ``regions`` (every ring call reads it); change
+    #: ``regions`` only through add/remove/close, which drop it.
+    _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def table(self) -> tuple[tuple[int, mmap.mmap | bytearray], ...]:
-        return tuple((r.gpa, r.buf) for r in self.regions)
+        if self._table is None:
+            self._table = tuple((r.gpa, r.buf) for r in self.regions)
+        return self._table
 
     @property
     def mapped_bytes(self) -> int:
@@ -61,6 +66,7 @@ class GuestMemory:
                 )
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
+        self._table = None
 
     def add_file(self, fd: int, gpa: int, size: int, offset: int = 0, uva: int = 0) -> Region:
         """Map ``size`` bytes of ``fd`` at ``offset`` as guest-physical ``gpa``."""
@@ -95,6 +101,7 @@ class GuestMemory:
         for r in self.regions:
             if r.gpa == gpa:
                 self.regions.remove(r)
+                self._table = None
                 if isinstance(r.buf, mmap.mmap):
                     r.buf.close()
                 return
@@ -105,6 +112,7 @@ class GuestMemory:
             if isinstance(r.buf, mmap.mmap):
                 r.buf.close()
         self.regions.clear()
+        self._table = None
 
     def _find(self, gpa: int, length: int) -> Region | None:
         if gpa < 0 or length < 0:

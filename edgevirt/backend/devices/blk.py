@@ -279,8 +279,8 @@ class BlockDevice(VirtioDevice):
         return self.sync_args() if self.aio == "sync" else None
 
     def sync_args(self) -> tuple[int, int, int, bool] | None:
-        """As :meth:`fast_path_args` whatever the ``aio`` mode, for a transport that serves
-        its queues on the loop thread only (virtio-msg)."""
+        """As :meth:`fast_path_args` whatever the ``aio`` mode: virtio-msg serves a queue
+        that has no engine (``aio=sync``, or none could be opened) with it."""
         if self.fd < 0:
             return None
         fd = self.fd_direct if self.direct else self.fd

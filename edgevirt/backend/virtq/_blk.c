@@ -283,14 +283,16 @@ static PyStructSequence_Field result_fields[] = {
     {"bytes_written", "bytes read from the disk into the guest (device to guest)"},
     {"error", "None, or what went wrong with the first failed request"},
     {"bounced", "requests moved through an aligned bounce buffer (O_DIRECT)"},
-    {"notified", "times the driver was signalled on its call eventfd (BlkAio)"},
+    {"notified", "BlkAio: times the driver was signalled on its call eventfd; "
+                 "serve_blk(notify=True): 1 if the caller must signal the driver now"},
     {"kicks", "kicks the engine thread took from the driver (BlkAio.take_stats)"},
+    {"pending", "serve_blk(notify=True): chains available after the batch (serve again)"},
     {NULL, NULL},
 };
 
 static PyStructSequence_Desc result_desc = {
     "edgevirt.backend.virtq._ring.BlkResult", "What SplitQueue.serve_blk() did.",
-    result_fields, 14,
+    result_fields, 15,
 };
 
 PyObject *blk_result_type_new(void)
@@ -320,7 +322,8 @@ PyObject *blk_result(PyTypeObject *tp, size_t pushed, PyObject *done, PyObject *
     PyStructSequence_SET_ITEM(res, 11, PyLong_FromUnsignedLongLong(st->bounced));
     PyStructSequence_SET_ITEM(res, 12, PyLong_FromUnsignedLongLong(st->notified));
     PyStructSequence_SET_ITEM(res, 13, PyLong_FromUnsignedLongLong(st->kicks));
-    for (int i = 0; i < 14; i++)
+    PyStructSequence_SET_ITEM(res, 14, PyLong_FromUnsignedLongLong(st->pending));
+    for (int i = 0; i < 15; i++)
         if (PyStructSequence_GET_ITEM(res, i) == NULL)
             return Py_DECREF(res), NULL;
     return res;
@@ -356,11 +359,11 @@ static PyObject *build_result(Queue *q, blkjob *b)
 PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mem", "fd", "capacity", "seg_max", "readonly", "max_chains",
-                             "inflight", "counter", "fd_fallback", NULL};
+                             "inflight", "counter", "fd_fallback", "notify", NULL};
     PyObject *mem, *inflight = Py_None, *out = NULL;
     unsigned long long capacity, counter = 0;
     Py_ssize_t max_chains = 0;
-    int fd, readonly, fd_fallback = -1;
+    int fd, readonly, fd_fallback = -1, notify = 0;
     unsigned int seg_max;
     Py_buffer ib = {0};
     guestmem m;
@@ -368,9 +371,9 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     blkjob *b = NULL;
 
     memset(&m, 0, sizeof m);
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiKIp|nOKi:serve_blk", kwlist, &mem, &fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiKIp|nOKi$p:serve_blk", kwlist, &mem, &fd,
                                      &capacity, &seg_max, &readonly, &max_chains, &inflight,
-                                     &counter, &fd_fallback))
+                                     &counter, &fd_fallback, &notify))
         return NULL;
     /* capacity bound: every byte offset sector * 512 below it fits an off_t */
     if (fd < 0 || seg_max < 1 || seg_max > MAX_SEG_MAX || max_chains < 0 ||
@@ -409,6 +412,16 @@ PyObject *Queue_serve_blk(Queue *q, PyObject *args, PyObject *kw)
     q->last_avail_idx = (uint16_t)(c.last_avail_idx + b->j.nchains);
     if (b->pushed)
         q->used_idx = c.used_idx; /* blk_publish advanced it */
+    if (notify && (b->pushed || b->j.nchains == 0)) {
+        /* What the caller would ask next (should_notify, then pending after
+         * set_notification), in this call: the walk mapped the rings and, with EVENT_IDX,
+         * already wrote avail_event for the new last_avail_idx. */
+        b->st.notified = b->pushed && should_notify(q, &c);
+        /* Full barrier: our used idx / avail_event stores before the avail idx re-read, or
+         * a chain the driver adds meanwhile waits for a kick it will not send. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        b->st.pending = (uint16_t)(ld16(c.avail + 2) - q->last_avail_idx);
+    }
     out = build_result(q, b);
 done: /* the single exit: guest buffers and the inflight buffer released, scratch freed */
     mem_release(&m);

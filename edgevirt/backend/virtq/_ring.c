@@ -340,7 +340,51 @@ PyObject *chain_tuple(const popjob *j, size_t k)
     return t;
 }
 
-static PyObject *Queue_pop(Queue *q, PyObject *args, PyObject *kw)
+/* pop(): a list of (head, readable, writable) tuples. */
+static PyObject *pop_list(const popjob *j)
+{
+    PyObject *out = PyList_New((Py_ssize_t)j->nchains);
+    for (size_t k = 0; out != NULL && k < j->nchains; k++) {
+        PyObject *t = chain_tuple(j, k);
+        if (t == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, (Py_ssize_t)k, t);
+    }
+    return out;
+}
+
+/* pop_batch(): the same chains as two flat little-endian records, no object per chain:
+ * chains = n x {u32 head, u32 readable, u32 writable, u32 first segment},
+ * segments = m x {u64 gpa, u64 len}, readable then writable buffers of each chain. */
+static PyObject *pop_records(const popjob *j)
+{
+    PyObject *chains = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(16 * j->nchains));
+    PyObject *segs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(16 * j->nsegs)), *out = NULL;
+    if (chains != NULL && segs != NULL) {
+        uint8_t *cp = (uint8_t *)PyBytes_AS_STRING(chains);
+        uint8_t *sp = (uint8_t *)PyBytes_AS_STRING(segs);
+        for (size_t k = 0; k < j->nchains; k++, cp += 16) {
+            const chainrec *r = &j->chains[k];
+            put_le(cp, r->head, 4);
+            put_le(cp + 4, r->nread, 4);
+            put_le(cp + 8, r->nwrite, 4);
+            put_le(cp + 12, r->first, 4);
+        }
+        for (size_t i = 0; i < j->nsegs; i++, sp += 16) {
+            put_le(sp, j->segs[i].addr, 8);
+            put_le(sp + 8, j->segs[i].len, 8);
+        }
+        out = PyTuple_Pack(2, chains, segs);
+    }
+    Py_XDECREF(chains);
+    Py_XDECREF(segs);
+    return out;
+}
+
+/* pop() and pop_batch(): the walk without the GIL, then build() makes the result. */
+static PyObject *pop_any(Queue *q, PyObject *args, PyObject *kw, const char *fmt,
+                         PyObject *(*build)(const popjob *))
 {
     static char *kwlist[] = {"mem", "max_chains", NULL};
     PyObject *mem, *out = NULL;
@@ -349,7 +393,7 @@ static PyObject *Queue_pop(Queue *q, PyObject *args, PyObject *kw)
     ctx c;
     popjob j = {&c, 0, 0, 0, 0, NULL, NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|n:pop", kwlist, &mem, &max_chains))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &mem, &max_chains))
         return NULL;
     if (max_chains < 0)
         return PyErr_Format(PyExc_ValueError, "max_chains must be >= 0, not %zd", max_chains);
@@ -363,21 +407,23 @@ static PyObject *Queue_pop(Queue *q, PyObject *args, PyObject *kw)
         raise_err(q, &c.err);
         goto done;
     }
-    out = PyList_New((Py_ssize_t)j.nchains);
-    for (size_t k = 0; out != NULL && k < j.nchains; k++) {
-        PyObject *t = chain_tuple(&j, k);
-        if (t == NULL)
-            Py_CLEAR(out);
-        else
-            PyList_SET_ITEM(out, (Py_ssize_t)k, t);
-    }
-    if (out != NULL)
+    if ((out = build(&j)) != NULL)
         q->last_avail_idx = (uint16_t)(c.last_avail_idx + j.nchains);
 done: /* the single exit: guest buffers released, scratch freed */
     mem_release(&m);
     PyMem_RawFree(j.segs);
     PyMem_RawFree(j.chains);
     return out;
+}
+
+static PyObject *Queue_pop(Queue *q, PyObject *args, PyObject *kw)
+{
+    return pop_any(q, args, kw, "O|n:pop", pop_list);
+}
+
+static PyObject *Queue_pop_batch(Queue *q, PyObject *args, PyObject *kw)
+{
+    return pop_any(q, args, kw, "O|n:pop_batch", pop_records);
 }
 
 void used_write(ctx *c, const uint32_t *ids, size_t n)
@@ -410,20 +456,46 @@ static int completion_field(PyObject *o, long long max, Py_ssize_t k, const char
     return 0;
 }
 
+/* push() and push_batch() check a broken queue before their arguments: RingError("broken"). */
+static int refuse_broken(Queue *q, PyObject *mem)
+{
+    guestmem m;
+    ctx c;
+    return q->broken != NULL ? begin(q, mem, &c, &m) : 0; /* begin() raises, holds nothing */
+}
+
+/* The end of push() and push_batch(): n checked used elements into the ring. */
+static PyObject *publish(Queue *q, PyObject *mem, const uint32_t *ids, size_t n)
+{
+    PyObject *out = NULL;
+    guestmem m;
+    ctx c;
+    if (begin(q, mem, &c, &m) == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (rings_map(&c) == 0)
+            used_write(&c, ids, n);
+        Py_END_ALLOW_THREADS
+        if (c.err.kind != ERR_NONE) {
+            raise_err(q, &c.err);
+        } else {
+            q->used_idx = (uint16_t)(c.used_idx + n);
+            out = Py_NewRef(Py_None);
+        }
+    }
+    mem_release(&m);
+    return out;
+}
+
 static PyObject *Queue_push(Queue *q, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mem", "completions", NULL};
     PyObject *mem, *comps, *seq = NULL, *out = NULL;
     uint32_t *ids = NULL;
     Py_ssize_t n = 0;
-    guestmem m;
-    ctx c;
 
-    memset(&m, 0, sizeof m);
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:push", kwlist, &mem, &comps))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:push", kwlist, &mem, &comps) ||
+        refuse_broken(q, mem) < 0)
         return NULL;
-    if (q->broken != NULL)
-        return begin(q, mem, &c, &m), NULL; /* raises RingError(rule="broken") */
     if (!(seq = PySequence_Tuple(comps))) /* tuples: __index__ calls cannot resize them */
         goto done;
     if ((n = PyTuple_GET_SIZE(seq)) > (Py_ssize_t)q->size) {
@@ -449,22 +521,54 @@ static PyObject *Queue_push(Queue *q, PyObject *args, PyObject *kw)
         if (!ok)
             goto done;
     }
-    if (begin(q, mem, &c, &m) < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    if (rings_map(&c) == 0)
-        used_write(&c, ids, (size_t)n);
-    Py_END_ALLOW_THREADS
-    if (c.err.kind != ERR_NONE) {
-        raise_err(q, &c.err);
-        goto done;
-    }
-    q->used_idx = (uint16_t)(c.used_idx + n);
-    out = Py_NewRef(Py_None);
+    out = publish(q, mem, ids, (size_t)n);
 done:
-    mem_release(&m);
     PyMem_Free(ids);
     Py_XDECREF(seq);
+    return out;
+}
+
+/* push_batch: push() from one buffer of n x {u32 head, u32 written length}, little endian;
+ * every entry is checked before the ring is touched, with push()'s messages. */
+static PyObject *Queue_push_batch(Queue *q, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"mem", "used", NULL};
+    PyObject *mem, *usedobj, *out = NULL;
+    uint32_t *ids = NULL;
+    Py_buffer b = {0};
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:push_batch", kwlist, &mem, &usedobj) ||
+        refuse_broken(q, mem) < 0 || PyObject_GetBuffer(usedobj, &b, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    size_t n = (size_t)b.len / 8;
+    if (b.len % 8) {
+        PyErr_Format(PyExc_ValueError, "push_batch: %zd bytes is not a whole number of 8-byte "
+                     "used entries", b.len);
+        goto done;
+    }
+    if (n > q->size) {
+        PyErr_Format(PyExc_ValueError, "push of %zu completions exceeds queue size %u", n,
+                     q->size);
+        goto done;
+    }
+    if (!(ids = PyMem_Malloc(8 * n + 8))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t k = 0; k < n; k++) { /* one copy: the caller's buffer may change under us */
+        const uint8_t *e = (const uint8_t *)b.buf + 8 * k;
+        ids[2 * k] = (uint32_t)get_le(e, 4);
+        ids[2 * k + 1] = (uint32_t)get_le(e + 4, 4);
+        if (ids[2 * k] >= q->size) {
+            PyErr_Format(PyExc_ValueError, "completion %zu: head out of range 0..%u", k,
+                         q->size - 1);
+            goto done;
+        }
+    }
+    out = publish(q, mem, ids, n);
+done:
+    PyMem_Free(ids);
+    PyBuffer_Release(&b);
     return out;
 }
 
@@ -650,14 +754,20 @@ static PyMethodDef Queue_methods[] = {
      "pop(mem, max_chains=0) -> list of (head, readable, writable)"},
     {"push", (PyCFunction)(void (*)(void))Queue_push, METH_VARARGS | METH_KEYWORDS,
      "push(mem, completions): publish (head, written_len) pairs in the used ring"},
+    {"pop_batch", (PyCFunction)(void (*)(void))Queue_pop_batch, METH_VARARGS | METH_KEYWORDS,
+     "pop_batch(mem, max_chains=0) -> (chains, segments): pop() as two flat records"},
+    {"push_batch", (PyCFunction)(void (*)(void))Queue_push_batch, METH_VARARGS | METH_KEYWORDS,
+     "push_batch(mem, used): push() from a buffer of (u32 head, u32 len) entries"},
     {"should_notify", (PyCFunction)Queue_should_notify, METH_O,
      "should_notify(mem) -> bool: must the driver be signalled now?"},
     {"set_notification", (PyCFunction)(void (*)(void))Queue_set_notification,
      METH_VARARGS | METH_KEYWORDS, "set_notification(mem, enable): ask for kicks or not"},
     {"pending", (PyCFunction)Queue_pending, METH_O, "pending(mem) -> int: chains available"},
     {"serve_blk", (PyCFunction)(void (*)(void))Queue_serve_blk, METH_VARARGS | METH_KEYWORDS,
-     "serve_blk(mem, fd, capacity, seg_max, readonly, max_chains=0, inflight=None, counter=0)"
-     " -> BlkResult: the virtio-blk request path of up to max_chains chains"},
+     "serve_blk(mem, fd, capacity, seg_max, readonly, max_chains=0, inflight=None, counter=0,"
+     " fd_fallback=-1, *, notify=False) -> BlkResult: the virtio-blk request path of up to "
+     "max_chains chains; with notify, also should_notify() and the re-check of the avail ring "
+     "(notified, pending)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -148,6 +148,7 @@ typedef struct {
     unsigned long long reads, writes, flushes, errors, bytes_read, bytes_written, bounced;
     unsigned long long notified; /* times the call eventfd was signalled (BlkAio) */
     unsigned long long kicks;    /* kick eventfd wake-ups the engine thread consumed */
+    unsigned long long pending;  /* serve_blk(notify=True): chains available after the batch */
     char error[256]; /* the first failure, for the log */
 } blkstats;
 

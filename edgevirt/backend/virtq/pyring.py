@@ -54,7 +54,11 @@ _MAX_WINDOWS_SHOWN = 8
 # The binary layouts, in one place (driver.py and the tests use them too).
 U16 = struct.Struct("<H")  # avail/used flags and idx, avail ring entries, used/avail_event
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-USED_ELEM = struct.Struct("<II")  # id, len
+USED_ELEM = struct.Struct("<II")  # id, len; also one entry of push_batch()'s buffer
+#: pop_batch() records: a chain (head, readable count, writable count, index of its first
+#: segment) and a segment (gpa, len); a chain's readable segments come before its writable.
+BATCH_CHAIN = struct.Struct("<IIII")
+BATCH_SEGMENT = struct.Struct("<QQ")
 
 #: A buffer of a chain: (guest-physical address, length).
 Segment = tuple[int, int]
@@ -329,6 +333,34 @@ class SplitQueue:
             # ordering: release, the driver must see the used elements before the idx.
             _st16(used, 2, self._used_idx + len(elems))
             self._used_idx = (self._used_idx + len(elems)) & 0xFFFF
+
+    def pop_batch(self, mem: MemoryTable, max_chains: int = 0) -> tuple[bytes, bytes]:
+        """:meth:`pop` as two flat records, ``(chains, segments)`` (``BATCH_CHAIN`` and
+        ``BATCH_SEGMENT`` entries): a batch costs no Python object per chain or buffer."""
+        chains = self.pop(mem, max_chains)
+        crec = bytearray(BATCH_CHAIN.size * len(chains))
+        flat: list[Segment] = []
+        for k, (head, readable, writable) in enumerate(chains):
+            BATCH_CHAIN.pack_into(crec, BATCH_CHAIN.size * k, head, len(readable),
+                                  len(writable), len(flat))  # fmt: skip
+            flat += readable + writable
+        srec = bytearray(BATCH_SEGMENT.size * len(flat))
+        for i, (gpa, length) in enumerate(flat):
+            BATCH_SEGMENT.pack_into(srec, BATCH_SEGMENT.size * i, gpa, length)
+        return bytes(crec), bytes(srec)
+
+    def push_batch(self, mem: MemoryTable, used: bytes | bytearray | memoryview) -> None:
+        """:meth:`push` from one buffer of ``USED_ELEM`` entries (u32 head, u32 length)."""
+        self._check_broken()
+        view = memoryview(used)
+        if not view.c_contiguous:
+            raise BufferError("push_batch: the used buffer is not C-contiguous")
+        raw = view.tobytes()
+        if len(raw) % USED_ELEM.size:
+            raise ValueError(
+                f"push_batch: {len(raw)} bytes is not a whole number of 8-byte used entries"
+            )
+        self.push(mem, list(USED_ELEM.iter_unpack(raw)))
 
     def should_notify(self, mem: MemoryTable) -> bool:
         """Must the driver be signalled for the used entries pushed since the last call?"""

@@ -282,18 +282,22 @@ class Vring:
             if self.resubmit:  # taken by a predecessor: already marked in the region
                 chains, self.resubmit = self.resubmit, None
             elif blk is not None and fast is not None and serve_blk is not None:
+                # notify: the call also decides the driver's notification and re-reads the
+                # avail idx (res.pending), which saves two ring calls per kick.
                 res = serve_blk(mem, *fast, BATCH,
                                 iq.buf if iq is not None else None,
                                 iq.counter if iq is not None else 0,
-                                blk.fallback_fd)  # fmt: skip
+                                blk.fallback_fd, notify=True)  # fmt: skip
                 if iq is not None:
                     iq.counter = res.counter  # every chain popped is marked taken
                 blk.account(res)
                 if res.pushed:
                     self.stats.served += res.pushed
-                    self._notify(q, mem)
-                    continue
-                if not res.rest:
+                    if res.notified:
+                        self._signal()
+                if not res.rest:  # all served (or nothing there): serve again only if
+                    if res.pending:  # the driver added chains meanwhile
+                        continue
                     return
                 done, chains = list(res.done), res.rest
             else:
@@ -364,7 +368,11 @@ class Vring:
                 self._finish(q, mem, device, rest)
 
     def _notify(self, q: SplitQueue, mem: GuestMemory) -> None:
-        if q.should_notify(mem) and self.call >= 0:
+        if q.should_notify(mem):
+            self._signal()
+
+    def _signal(self) -> None:
+        if self.call >= 0:
             self.stats.notifications += 1  # counted first: observers wake on the call
             os.write(self.call, _ONE)
 

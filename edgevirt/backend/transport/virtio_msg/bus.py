@@ -105,6 +105,7 @@ class MsgBus:
         self.adopted = False
         self._work: dict[tuple[int, int], None] = {}  # queues to serve, in arrival order
         self._used_pos: dict[tuple[int, int], int] = {}  # last EVENT_USED's ring position
+        self._used_raw: dict[tuple[int, int], bytes] = {}  # each queue's EVENT_USED, encoded
         self._kick = False
         if link is not None:  # peer mode: memory and doorbells belong to a PCI device
             self.shm_fd = -1
@@ -194,7 +195,7 @@ class MsgBus:
             self.shm_fd = -1
             self._open = False
         for dev in self.devices.values():
-            dev.device.close()
+            dev.close()
 
     # -- the work loop --------------------------------------------------------------------
 
@@ -271,20 +272,27 @@ class MsgBus:
             except VirtioMsgError as e:
                 self._ring_broken(e)
                 return
-            sent = self._send(p.event(MsgId.EVENT_USED, dev_num, index=index))
+            raw = self._used_raw.get(key)
+            if raw is None:  # the same bytes every time: encoded once per queue
+                raw = p.encode(p.event(MsgId.EVENT_USED, dev_num, index=index))
+                self._used_raw[key] = raw
+            sent = self._send_raw(raw, "EVENT_USED")
             if sent is not None:
                 self._used_pos[key] = sent
 
     def _send(self, msg: Message) -> int | None:
+        return self._send_raw(p.encode(msg), msg.describe())
+
+    def _send_raw(self, raw: bytes, what: str) -> int | None:
         ring = self.msgmem.to_driver
         try:
-            pos = ring.put(p.encode(msg))
+            pos = ring.put(raw)
         except VirtioMsgError as e:
             self._ring_broken(e)
             return None
         if pos is None:
             self.stats.dropped += 1
-            log.warning("to-driver ring full: %s dropped", msg.describe())
+            log.warning("to-driver ring full: %s dropped", what)
             return None
         self.stats.messages_out += 1
         self._kick = True
@@ -297,6 +305,12 @@ class MsgBus:
         log.warning("message discarded: %s", why)
 
     def _dispatch(self, raw: bytes) -> None:
+        avail = p.event_avail(raw)  # the data path's message, without the general decoder
+        if avail is not None:
+            dev = self.devices.get(avail[0])
+            if dev is not None and avail[1] < len(dev.vqs):
+                self._work[avail] = None
+                return
         try:
             msg = p.decode(raw)
         except VirtioMsgError as e:

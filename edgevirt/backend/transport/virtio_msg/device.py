@@ -4,9 +4,11 @@ A :class:`MsgDevice` wraps an unchanged :class:`~edgevirt.backend.devices.Virtio
 (the same classes vhost-user serves) and answers the transport messages for its device
 number: device info, feature blocks, config space with a generation count, device status,
 virtqueues. Chains are served from rings in guest memory (the carve-out) through the same
-``SplitQueue`` as vhost-user, and a file-backed blk device through the same C request path
-(``SplitQueue.serve_blk``: a whole batch per GIL-free call), so the transport costs only its
-messages.
+``SplitQueue`` as vhost-user, and a file-backed blk device through the same C request paths:
+``SplitQueue.serve_blk`` (a whole batch per GIL-free call) for the page cache, and with
+``cache=none`` the same asynchronous engine (``BlkAio``: io_uring or the thread pool, one per
+queue) that vhost-user uses, submitted on EVENT_AVAIL and reaped when its eventfd fires (the
+EVENT_USED then goes out), so the transport costs only its messages.
 
 A well-formed request always gets a response, even when its content is refused: a
 GET_CONFIG outside the config space answers with zero bytes, a SET_CONFIG with a stale
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
@@ -28,7 +31,7 @@ from edgevirt.backend.loop import Loop
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.virtio_msg import protocol as p
 from edgevirt.backend.transport.virtio_msg.protocol import Message, MsgId
-from edgevirt.backend.virtq import SplitQueue
+from edgevirt.backend.virtq import BlkAio, SplitQueue
 from edgevirt.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ class VQueue:
     stale: int = 0
     #: Bumped whenever the queue stops: chains of an earlier start cannot be completed.
     epoch: int = 0
+    #: The blk device's asynchronous engine for this queue (cache=none), else None.
+    aio: Any = None
+    #: The name of the engine the queue last ran on (kept after it stops, for the stats).
+    engine: str | None = None
 
     def clear(self) -> bool:
         """Forget the queue; True if it was set up (its device drops deferred chains)."""
@@ -148,8 +155,75 @@ class MsgDevice:
             self.on_used(self.dev_num, queue)
 
     def _stop(self, vq: VQueue) -> None:
+        self._close_aio(vq)
         if vq.clear():
             self.device.queue_stopped(vq.index)
+
+    def close(self) -> None:
+        """Finish the I/O in flight (it holds guest memory) and close the device."""
+        for vq in self.vqs:
+            self._close_aio(vq)
+        self.device.close()
+
+    # -- the asynchronous blk engine (cache=none) ---------------------------------------------
+
+    def _open_aio(self, vq: VQueue) -> None:
+        blk = self.device
+        if not (isinstance(blk, BlockDevice) and BlkAio is not None and self.loop is not None
+                and vq.queue is not None and hasattr(vq.queue, "serve_blk")):  # fmt: skip
+            return
+        try:
+            vq.aio = blk.open_aio(vq.size, BlkAio)
+        except OSError as e:  # no engine: the synchronous C path serves the queue
+            log.error("%s: queue %d: asynchronous I/O unavailable (%s)", self.name, vq.index, e)
+        if vq.aio is not None:
+            vq.engine = vq.aio.engine
+            self.loop.add_reader(vq.aio.eventfd, lambda: self._reap(vq))
+            log.info("%s: queue %d: %s engine (%s)", self.name, vq.index, vq.aio.engine,
+                     vq.aio.reason)  # fmt: skip
+
+    def _close_aio(self, vq: VQueue) -> None:
+        """Wait for the engine's I/O in flight, publish it while the ring is still ours."""
+        aio, vq.aio = vq.aio, None
+        if aio is None:
+            return
+        if self.loop is not None:
+            self.loop.remove_reader(aio.eventfd)
+        try:
+            if vq.queue is not None and aio.in_flight:
+                self._account(vq, aio.reap(vq.queue, None, True))
+        except BackendError as e:
+            log.error("%s: queue %d: drain: %s", self.name, vq.index, e)
+        finally:
+            aio.close()
+
+    def _account(self, vq: VQueue, res: Any) -> None:
+        assert isinstance(self.device, BlockDevice)
+        self.device.account(res)
+        vq.served += res.pushed
+
+    def _reap(self, vq: VQueue) -> None:
+        """The engine finished I/O: publish it, then EVENT_USED if the driver wants one."""
+        q, aio = vq.queue, vq.aio
+        if q is None or aio is None:
+            return
+        try:
+            res = aio.reap(q)
+            self._account(vq, res)
+            notify = bool(res.pushed) and q.should_notify(self.mem)
+        except BackendError as e:
+            self._break(vq, f"queue {vq.index}: {e}")
+            return
+        if notify and self.on_used is not None:
+            self.on_used(self.dev_num, vq.index)
+
+    def _submit(self, vq: VQueue, q: SplitQueue, budget: int) -> tuple[int, bool, list]:
+        """One batch to the engine: (chains popped, notify, chains for the device)."""
+        before = q.last_avail_idx
+        res = vq.aio.submit(q, self.mem, min(BATCH, budget))
+        self._account(vq, res)
+        notify = bool(res.pushed) and q.should_notify(self.mem)
+        return (q.last_avail_idx - before) & 0xFFFF, notify, res.rest
 
     @property
     def offered_features(self) -> int:
@@ -356,6 +430,7 @@ class MsgDevice:
             self._break(vq, f"{where}: {e}")
             return
         vq.size, vq.desc, vq.driver, vq.device, vq.queue = size, desc, driver, device, queue
+        self._open_aio(vq)
 
     # -- virtqueues -----------------------------------------------------------------------
 
@@ -377,15 +452,25 @@ class MsgDevice:
         try:
             while budget > 0:
                 done: list[tuple[int, int]] = []
-                if fast is not None and blk is not None and serve_blk is not None:
-                    res = serve_blk(self.mem, *fast, min(BATCH, budget), None, 0,
-                                    blk.fallback_fd)  # fmt: skip
-                    blk.account(res)
-                    if res.pushed:
-                        vq.served += res.pushed
-                        budget -= res.pushed
-                        notify |= q.should_notify(self.mem)
+                if vq.aio is not None:  # cache=none: completions come back through _reap
+                    popped, pushed, chains = self._submit(vq, q, budget)
+                    notify |= pushed
+                    budget -= popped - len(chains)
+                    if popped and not chains:
                         continue
+                elif fast is not None and blk is not None and serve_blk is not None:
+                    # notify: the call also decides the notification and re-reads the avail
+                    # idx after a full fence (res.pending), as set_notification + pending do.
+                    res = serve_blk(self.mem, *fast, min(BATCH, budget), None, 0,
+                                    blk.fallback_fd, notify=True)  # fmt: skip
+                    blk.account(res)
+                    vq.served += res.pushed
+                    budget -= res.pushed
+                    notify |= bool(res.notified)
+                    if not res.rest:
+                        if res.pending:
+                            continue
+                        break
                     done, chains = list(res.done), res.rest
                 else:
                     chains = q.pop(self.mem, min(BATCH, budget))
@@ -431,8 +516,16 @@ class MsgDevice:
             "errors": d.stats.errors,
             "by_type": dict(d.stats.by_type),
             "queues": [
-                {"index": v.index, "size": v.size, "served": v.served, "broken": v.broken,
-                 "deferred": v.deferred, "stale": v.stale}
+                {
+                    "index": v.index,
+                    "size": v.size,
+                    "served": v.served,
+                    "broken": v.broken,
+                    "deferred": v.deferred,
+                    "stale": v.stale,
+                    "io": v.engine,
+                    "in_flight_io": v.aio.in_flight if v.aio is not None else 0,
+                }
                 for v in self.vqs
             ],
             **({"state": d.snapshot()} if d.snapshot() else {}),
