@@ -27,19 +27,15 @@ generator's structure, not coverage feedback, is what reaches deep states.
 """
 
 import array
-import ctypes
 import mmap
 import os
-import select
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import atheris
+import seqharness
 
 with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.backend.memory import GuestMemory, Region
@@ -47,71 +43,21 @@ with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.backend.transport.vhost_user.protocol import Request as R
     from edgevirt.backend.virtq.driver import DriverQueue
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
 GPA = 0x5C00_0000
 SIZE = 256 * PAGE  # the declared region
 UVA = 0x7F00_0000_0000
 CANARY = 0xA5
-REPLYING = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
-            R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS, R.GET_STATUS}  # fmt: skip
-RSS_SLACK = 64 << 20
+BARRIER_TIMEOUT = 30.0  # GET_FEATURES is answered at once; this is a hang
 
 
-def _die_with_parent() -> None:
-    """libFuzzer exits without running Python's atexit: the kernel ends the back-end then."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _argv(d: Path) -> list[str]:
+    return ["-m", "edgevirt", "backend", "run", "--device", f"blk:path={d / 'disk.img'}",
+            "--device", "rng", "--socket-dir", str(d)]  # fmt: skip
 
 
-class Backend:
-    """The process under test and what its baseline looks like."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="edgevirt-vuseq-"))
-        (self.dir / "disk.img").touch()
-        os.truncate(self.dir / "disk.img", 4 << 20)  # sparse: no disk space per run
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.baseline_fds = 0
-        self.baseline_rss = 0
-        self.start()
-
-    def start(self) -> None:
-        for s in self.dir.glob("*.sock"):
-            s.unlink()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgevirt", "backend", "run", "--device",
-             f"blk:path={self.dir / 'disk.img'}", "--device", "rng",
-             "--socket-dir", str(self.dir)],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "backend.log", "ab"),  # noqa: SIM115
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not all((self.dir / n).exists() for n in ("0-blk.sock", "1-rng.sock")):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"back-end did not start; see {self.dir / 'backend.log'}")
-            time.sleep(0.05)
-        time.sleep(0.2)
-        self.baseline_fds = self.fds()
-        self.baseline_rss = self.rss()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def fds(self) -> int:
-        assert self.proc is not None
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def rss(self) -> int:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def restart(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.start()
+def _ready(d: Path) -> bool:
+    return all((d / n).exists() for n in ("0-blk.sock", "1-rng.sock"))
 
 
 class Session:
@@ -119,7 +65,7 @@ class Session:
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(2.0)
+        self.sock.settimeout(BARRIER_TIMEOUT)
         # A unix socket with a timeout reports a full backlog (the back-end's loop has not
         # accepted the previous attempt yet) as EAGAIN at once: retry, but only for so long.
         deadline = time.monotonic() + 5
@@ -129,8 +75,9 @@ class Session:
                 break
             except BlockingIOError:
                 assert time.monotonic() < deadline, f"back-end accepts no connection on {path}"
-                time.sleep(0.01)
-        self.memfd = os.memfd_create("edgevirt-fuzz")
+                time.sleep(0.001)
+        # Sealable, as QEMU's memory-backend-memfd makes it: the back-end seals it.
+        self.memfd = os.memfd_create("edgevirt-fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.memfd, SIZE + 2 * PAGE)
         self.map = mmap.mmap(self.memfd, SIZE + 2 * PAGE, flags=mmap.MAP_SHARED)
         self.map[:PAGE] = bytes([CANARY]) * PAGE
@@ -139,17 +86,23 @@ class Session:
         self.region_map = mmap.mmap(self.memfd, SIZE, flags=mmap.MAP_SHARED, offset=PAGE)
         self.mem = GuestMemory([Region(gpa=GPA, size=SIZE, buf=self.region_map, uva=UVA)])
         self.extra: list[int] = []  # fds we made and must close
-        self.open = True
+        self.usable = True
+        self.released = False
         self.drv: DriverQueue | None = None
+        self.kick = -1
+        self.inbox = b""  # bytes from the back-end not parsed into messages yet
+        self.expected = 0  # GET_FEATURES replies still to come (the barrier's is the last)
         # The guard pages prove something only while the memfd went to the back-end solely
         # as the declared region: a bent region or the memfd as an inflight fd hands it
         # other bytes to write, legitimately.
         self.guards_valid = True
 
-    def guards_intact(self) -> bool:
-        return (
+    def check(self) -> None:
+        assert not self.guards_valid or (
             self.map[:PAGE].count(CANARY) == PAGE and self.map[PAGE + SIZE :].count(CANARY) == PAGE
-        )
+        ), "the back-end wrote outside the declared region"
+
+    check_final = check  # a kick handled after the last barrier shows here
 
     def fd(self, kind: int, canonical: bool = False) -> int:
         if kind == 4 and not canonical:
@@ -176,19 +129,24 @@ class Session:
         try:
             self.sock.sendmsg([p.HEADER.pack(req, flags, len(payload)) + payload], anc)
         except OSError:
-            self.open = False
+            self.usable = False
+            return
+        if req == R.GET_FEATURES:  # always answered (steps send it with a valid header only)
+            self.expected += 1
 
-    def drain(self, wait: float) -> None:
-        """Read whatever the back-end sent (replies), closing any fds that came along."""
-        while self.open:
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if not ready:
-                return
+    def barrier(self) -> bool:
+        """GET_FEATURES is always answered and messages are handled in order: once its
+        reply is in, every earlier message was handled. Other replies are read and dropped."""
+        if not self.usable:
+            return True
+        self.send(R.GET_FEATURES, b"", [])
+        while self.usable and self.expected:
             try:
                 data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            except TimeoutError:
+                return False
             except OSError:
-                self.open = False
-                return
+                data, anc = b"", []
             for level, kind, cdata in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
@@ -196,10 +154,26 @@ class Session:
                     for fd in fds:
                         os.close(fd)
             if not data:
-                self.open = False
-            wait = 0.01
+                self.usable = False  # the back-end dropped us: that answers too
+                break
+            self.inbox += data
+            while len(self.inbox) >= p.HEADER.size:
+                req, _, size = p.HEADER.unpack_from(self.inbox)
+                if len(self.inbox) < p.HEADER.size + size:
+                    break
+                self.inbox = self.inbox[p.HEADER.size + size :]
+                if req == R.GET_FEATURES:
+                    self.expected -= 1
+        return True
 
-    def close(self) -> None:
+    def disconnect(self) -> None:
+        self.sock.close()
+        self.usable = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
         self.sock.close()
         for fd in self.extra:
             os.close(fd)
@@ -225,7 +199,7 @@ def _region(fdp: atheris.FuzzedDataProvider) -> tuple[bytes, bool]:
 
 
 def step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
-    op = fdp.ConsumeIntInRange(0, 19)
+    op = fdp.ConsumeIntInRange(0, 20)
     q = fdp.PickValueInList([0, 0, 0, 1, 2, 255, 0x1FF])
     flags = p.VERSION | (p.FLAG_NEED_REPLY if fdp.ConsumeBool() else 0)
     req: int
@@ -302,16 +276,17 @@ def step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
     elif op == 12:  # a whole standard bring-up of queue q (what QEMU does)
         _bring_up(s, q if q < 2 else 0)
         return
+    elif op == 13:  # the front-end shrinks its memory file under the back-end's mapping
+        _shrink(s, fdp.PickValueInList([0, PAGE, SIZE // 2, SIZE + PAGE]))
+        return
     else:  # raw garbage: any request code, any size field, any payload
         req = fdp.ConsumeIntInRange(0, 60)
+        req = 0 if req == R.GET_FEATURES else req  # the barrier counts GET_FEATURES replies
         payload = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 80))
         flags = fdp.PickValueInList([p.VERSION, 0, 2, p.VERSION | p.FLAG_REPLY, 0xFFFFFFFF])
         if fdp.ConsumeBool():
             fds = [s.fd(fdp.ConsumeIntInRange(0, 4))]
-    s.send(req, payload, fds, flags)
-    # NEED_REPLY is answered only once REPLY_ACK was negotiated: wait briefly; a late reply
-    # is read with the next step's.
-    s.drain(1.0 if req in REPLYING else 0.05 if flags & p.FLAG_NEED_REPLY else 0.0)
+    s.send(req, payload, fds, flags)  # replies are read (and dropped) by the barrier
 
 
 def _bring_up(s: Session, q: int) -> None:
@@ -325,14 +300,28 @@ def _bring_up(s: Session, q: int) -> None:
     s.send(R.SET_VRING_ADDR, p.VRING_ADDR.pack(q, 0, UVA + d.desc - GPA, UVA + d.used - GPA,
                                                UVA + d.avail - GPA, 0), [])  # fmt: skip
     s.send(R.SET_VRING_CALL, p.U64.pack(q), [s.fd(0)])
-    s.kick = s.fd(0)  # type: ignore[attr-defined]
-    s.send(R.SET_VRING_KICK, p.U64.pack(q), [s.kick])  # type: ignore[attr-defined]
+    s.kick = s.fd(0)
+    s.send(R.SET_VRING_KICK, p.U64.pack(q), [s.kick])
     s.send(R.SET_VRING_ENABLE, p.VRING_STATE.pack(q, 1), [])
-    s.drain(0.005)
+
+
+def _shrink(s: Session, size: int) -> None:
+    """ftruncate the memfd (refused once the back-end sealed it); if that worked, make the
+    back-end touch its mapping (a kick, then the barrier), then give the file its size back.
+    A back-end mapping an unsealed file would die of SIGBUS here."""
+    try:
+        os.ftruncate(s.memfd, size)
+    except PermissionError:  # sealed (F_SEAL_SHRINK): what the back-end should have done
+        return
+    if s.kick >= 0:
+        os.eventfd_write(s.kick, 1)
+    s.barrier()
+    os.ftruncate(s.memfd, SIZE + 2 * PAGE)  # the pages come back as zeros: guards lost
+    s.map[:PAGE] = s.map[PAGE + SIZE :] = bytes([CANARY]) * PAGE
 
 
 def _guest_request(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
-    if s.drv is None or not hasattr(s, "kick"):
+    if s.drv is None or s.kick < 0:
         return
     d = s.drv
     sector = fdp.ConsumeIntInRange(0, 10000)
@@ -349,7 +338,7 @@ def _guest_request(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
             s.drv = DriverQueue(s.mem, 64, base=d.desc)  # start over on the same ring memory
             return
         raise
-    os.eventfd_write(s.kick, 1)  # type: ignore[attr-defined]
+    os.eventfd_write(s.kick, 1)
 
 
 def served_once() -> bool:
@@ -358,48 +347,24 @@ def served_once() -> bool:
     s = Session(backend.dir / "0-blk.sock")
     try:
         _bring_up(s, 0)
-        assert s.drv is not None
+        assert s.drv is not None and s.barrier()
         s.drv.add([bytes(16)], [512, 1])  # VIRTIO_BLK_T_IN, sector 0
-        os.eventfd_write(s.kick, 1)  # type: ignore[attr-defined]
+        os.eventfd_write(s.kick, 1)
         deadline = time.monotonic() + 5
         while s.drv.used_idx == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.001)
         return s.drv.used_idx == 1
     finally:
-        s.close()
+        s.release()
 
 
-backend = Backend()
+backend = seqharness.BackendProcess("edgevirt-vuseq-", _argv, _ready, lambda d: None)
 
 
 def TestOneInput(data: bytes) -> None:
-    if not backend.alive():
-        backend.restart()
     fdp = atheris.FuzzedDataProvider(data)
     sock = backend.dir / ("0-blk.sock" if fdp.ConsumeBool() else "1-rng.sock")
-    s = Session(sock)
-    try:
-        for _ in range(fdp.ConsumeIntInRange(1, 24)):
-            if not s.open:
-                break
-            step(s, fdp)
-            assert backend.alive(), f"back-end died (exit {backend.proc.returncode})"  # type: ignore[union-attr]
-            assert not s.guards_valid or s.guards_intact(), (
-                "the back-end wrote outside the declared region"
-            )
-    finally:
-        s.close()
-    deadline = time.monotonic() + 5
-    while backend.alive() and backend.fds() > backend.baseline_fds and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # the input that killed the back-end is the one reported (a zombie has no fds)
-    assert backend.alive(), f"back-end died (exit {backend.proc.returncode}); see its log"  # type: ignore[union-attr]
-    assert backend.fds() <= backend.baseline_fds, (
-        f"fd leak: {backend.fds()} open after disconnect, baseline {backend.baseline_fds}"
-    )
-    assert backend.rss() < backend.baseline_rss + RSS_SLACK, (
-        f"RSS {backend.rss() >> 20} MiB, baseline {backend.baseline_rss >> 20} MiB"
-    )
+    seqharness.run_input(backend, fdp, lambda: Session(sock), step)
 
 
 if __name__ == "__main__":

@@ -19,97 +19,54 @@ returns to its baseline and its RSS stays within 64 MiB of it.
         -timeout=60 -max_total_time=1800
 """
 
-import ctypes
 import mmap
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import atheris
+import seqharness
 
 with atheris.instrument_imports(include=["edgevirt"]):
     from edgevirt.backend.memory import GuestMemory, Region
     from edgevirt.backend.transport.virtio_msg import channel as ch
     from edgevirt.backend.transport.virtio_msg import protocol as p
     from edgevirt.backend.transport.virtio_msg.driver import MsgDriver
+    from edgevirt.backend.transport.virtio_msg.protocol import Message, VirtioMsgError
     from edgevirt.backend.virtq.driver import DriverQueue
     from edgevirt.errors import EdgevirtError
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
 BASE = 0x5C00_0000
 CARVE = 256 * PAGE
 CANARY = 0x5A
-RSS_SLACK = 64 << 20
+BARRIER_TIMEOUT = 10.0  # a PING is answered at once unless the input broke the ring
 REQUESTS = sorted(k for k in p.LAYOUTS if not k[2])  # (bus, msg_id, False)
 SPECIAL = [0, 1, 2, 3, 7, 8, 15, 16, 64, 255, 256, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]
 ADDRS = [BASE, BASE + 0x1000, BASE + CARVE - 16, BASE + CARVE, BASE - 16, 0, 2**64 - 1]
 
 
-def _die_with_parent() -> None:
-    """libFuzzer exits without running Python's atexit: the kernel ends the back-end then."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _setup(d: Path) -> None:
+    with open(d / "carveout", "wb") as f:
+        f.truncate(CARVE + PAGE)
 
 
-class Backend:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="edgevirt-msgseq-"))
-        self.carve_file = self.dir / "carveout"
-        with open(self.carve_file, "wb") as f:
-            f.truncate(CARVE + PAGE)
-        (self.dir / "disk.img").touch()
-        os.truncate(self.dir / "disk.img", 4 << 20)
-        self.sock = self.dir / "msg.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+def _argv(d: Path) -> list[str]:
+    (d / "stats.json").unlink(missing_ok=True)
+    (d / "msg.sock").unlink(missing_ok=True)
+    return ["-m", "edgevirt.backend.transport.virtio_msg", "--socket", str(d / "msg.sock"),
+            "--carveout-file", str(d / "carveout"), "--carveout-base", hex(BASE),
+            "--carveout-size", str(CARVE), "--device", f"blk:path={d / 'disk.img'}",
+            "--device", "rng", "--stats", str(d / "stats.json")]  # fmt: skip
 
-    def start(self) -> None:
-        self.sock.unlink(missing_ok=True)
-        stats = self.dir / "stats.json"
-        stats.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgevirt.backend.transport.virtio_msg", "--socket",
-             str(self.sock), "--carveout-file", str(self.carve_file), "--carveout-base",
-             hex(BASE), "--carveout-size", str(CARVE), "--device",
-             f"blk:path={self.dir / 'disk.img'}", "--device", "rng", "--stats", str(stats)],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "backend.log", "ab"),  # noqa: SIM115
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not (stats.exists() and self.sock.exists()):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"back-end did not start; see {self.dir / 'backend.log'}")
-            time.sleep(0.05)
-        time.sleep(0.2)
-        self.baseline_fds, self.baseline_rss = self.fds(), self.rss()
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def fds(self) -> int:
-        assert self.proc is not None
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def rss(self) -> int:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def restart(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.start()
+def _ready(d: Path) -> bool:
+    return (d / "stats.json").exists() and (d / "msg.sock").exists()
 
 
 class Session:
-    def __init__(self, backend: Backend) -> None:
-        fd = os.open(backend.carve_file, os.O_RDWR)
+    def __init__(self, backend: seqharness.BackendProcess) -> None:
+        fd = os.open(backend.dir / "carveout", os.O_RDWR)
         try:
             self.file_map = mmap.mmap(fd, CARVE + PAGE, flags=mmap.MAP_SHARED)
             self.region_map = mmap.mmap(fd, CARVE, flags=mmap.MAP_SHARED)
@@ -118,31 +75,60 @@ class Session:
         self.file_map[CARVE:] = bytes([CANARY]) * PAGE
         self.carve = memoryview(self.region_map)
         self.mem = GuestMemory([Region(gpa=BASE, size=CARVE, buf=self.region_map)])
-        self.drv = MsgDriver(str(backend.sock), self.mem, timeout=1.0)
+        self.drv = MsgDriver(str(backend.dir / "msg.sock"), self.mem, timeout=BARRIER_TIMEOUT)
         geo = self.drv.msgmem.geometry
         self.frozen = [(0, ch.EPOCH_OFFSET)]  # header (epoch may move only on restart)
         slots = geo.to_device + ch.RING_SLOTS
         self.frozen.append((slots, slots + geo.nslots * ch.SLOT_SIZE))
         self.snapshot = self._frozen()
         self.queues: dict[tuple[int, int], DriverQueue] = {}
+        self.usable = True
+        self.released = False
 
     def _frozen(self) -> list[bytes]:
         buf = self.drv._map
         return [bytes(buf[a:b]) for a, b in self.frozen]
 
-    def checks(self) -> None:
+    def check(self) -> None:
         assert self.file_map[CARVE:].count(CANARY) == PAGE, "back-end wrote past the carve-out"
         assert self._frozen() == self.snapshot, "back-end wrote the header or to-device slots"
 
-    def after_our_writes(self) -> None:
-        self.drv.receive()  # whatever the back-end sent must decode (else: its bug)
-        self.snapshot = self._frozen()
+    def check_final(self) -> None:
+        assert self.file_map[CARVE:].count(CANARY) == PAGE, "back-end wrote past the carve-out"
 
-    def close(self) -> None:
-        self.drv.close()
-        self.carve.release()
-        self.region_map.close()
-        self.file_map.close()
+    def barrier(self) -> bool:
+        """A bus PING is answered in ring order: its response means every earlier message
+        was handled. What else arrived must decode (else: the back-end's bug)."""
+        if not self.usable:
+            return True
+        token = self.drv.next_token()
+        try:
+            self.drv.send(Message(int(p.BusMsgId.PING), 0, token, False, True, {"data": token}))
+        except VirtioMsgError:  # our end of the ring refuses: the input broke the indices
+            self.usable = False
+            return True
+        self.snapshot = self._frozen()  # after our last write
+        try:
+            self.drv.wait_for(lambda m: m.response and m.bus and m.token == token)
+        except TimeoutError:
+            self.usable = False
+            return False
+        self.drv.stray.clear()
+        self.drv.events.clear()
+        return True
+
+    def disconnect(self) -> None:
+        if not self.released:
+            self.drv.close()
+            self.released = True
+
+    def release(self) -> None:
+        self.disconnect()
+        if self.carve is not None:
+            self.carve.release()
+            self.region_map.close()
+            self.file_map.close()
+            self.carve = None  # type: ignore[assignment]
 
 
 def _fields(fdp: atheris.FuzzedDataProvider, layout: p.Layout) -> dict[str, int]:
@@ -161,7 +147,6 @@ def step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
         _step(s, fdp)
     except (EdgevirtError, TimeoutError):
         pass  # the driver side gave up on this step (ring full, no answer): keep going
-    s.after_our_writes()
 
 
 def _step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
@@ -208,8 +193,12 @@ def _step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
     elif op == 7:  # raw garbage in one slot
         s.drv.send_raw(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, ch.SLOT_SIZE)) or b"\0" * 8)
     elif op == 8:  # the driver's producer index goes hostile
-        s.drv.msgmem.to_device.poke("prod", fdp.PickValueInList(SPECIAL))
+        ring = s.drv.msgmem.to_device
+        prod = fdp.PickValueInList(SPECIAL)
+        ring.poke("prod", prod)
         s.drv.ring()
+        if (prod - ring._words[ring._cons]) & 0xFFFFFFFF > ring.nslots:
+            s.usable = False  # the back-end stops this ring until the driver reconnects
     elif op == 9:  # a doorbell with nothing new
         s.drv.ring()
     else:  # EVENT_AVAIL for any queue
@@ -229,35 +218,14 @@ def served_once() -> bool:
         s.drv.wait_used(0, 0)
         return len(q.get_used()) == 1
     finally:
-        s.close()
+        s.release()
 
 
-backend = Backend()
+backend = seqharness.BackendProcess("edgevirt-msgseq-", _argv, _ready, _setup)
 
 
 def TestOneInput(data: bytes) -> None:
-    if not backend.alive():
-        backend.restart()
-    fdp = atheris.FuzzedDataProvider(data)
-    s = Session(backend)
-    try:
-        for _ in range(fdp.ConsumeIntInRange(1, 24)):
-            step(s, fdp)
-            assert backend.alive(), f"back-end died (exit {backend.proc.returncode})"  # type: ignore[union-attr]
-            s.checks()
-    finally:
-        s.close()
-    deadline = time.monotonic() + 5
-    while backend.alive() and backend.fds() > backend.baseline_fds and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # the input that killed the back-end is the one reported (a zombie has no fds)
-    assert backend.alive(), f"back-end died (exit {backend.proc.returncode}); see its log"  # type: ignore[union-attr]
-    assert backend.fds() <= backend.baseline_fds, (
-        f"fd leak: {backend.fds()} open after disconnect, baseline {backend.baseline_fds}"
-    )
-    assert backend.rss() < backend.baseline_rss + RSS_SLACK, (
-        f"RSS {backend.rss() >> 20} MiB, baseline {backend.baseline_rss >> 20} MiB"
-    )
+    seqharness.run_input(backend, atheris.FuzzedDataProvider(data), lambda: Session(backend), step)
 
 
 if __name__ == "__main__":

@@ -302,3 +302,69 @@ def test_mem_table_region_larger_than_its_file_is_refused(served, disk, size, of
     _, _, written = blk_request(fe, 1, 24, data=b"d" * 512)
     assert written == 1 and disk.read_bytes()[24 * 512 : 25 * 512] == b"d" * 512
     fe.close()
+
+
+def test_front_end_cannot_shrink_its_memfd_under_the_back_end(tmp_path, disk):
+    """Regression (issue 18): a front-end that ftruncated its memfd to 0 after SET_MEM_TABLE
+    ended the back-end with SIGBUS on its next touch of the ring. The back-end now seals the
+    file (F_SEAL_SHRINK): the truncation fails and the back-end serves on. It runs in its own
+    process here, so a SIGBUS shows as a dead back-end rather than a dead pytest."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgevirt", "backend", "run", "--device", f"blk:path={disk}",
+         "--socket-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "backend.log", "wb"),  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        sock = tmp_path / "0-blk.sock"
+        assert wait_until(sock.exists, 30), (tmp_path / "backend.log").read_text()
+        fe = None
+        for _ in range(100):
+            try:
+                fe = connect(type("B", (), {"path": str(sock)}))
+                break
+            except ConnectionRefusedError:  # bound, not listening yet
+                time.sleep(0.05)
+        assert fe is not None
+        fe.setup_vring(0)
+        fe.call(R.GET_FEATURES)  # a round trip: the mem table was handled
+        with pytest.raises(PermissionError):
+            os.ftruncate(fe.fd, 0)
+        _, _, written = blk_request(fe, 1, 8, data=b"s" * 512)  # the back-end touches the ring
+        assert written == 1 and disk.read_bytes()[8 * 512 : 9 * 512] == b"s" * 512
+        assert proc.poll() is None
+        fe.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["memfd-seal-off", "dev-shm-file"])
+def test_unsealable_memory_file_is_served_and_counted(served, kind):
+    """Policy (issue 18): a memory file that cannot be sealed — QEMU's memfd with seal=off,
+    memory-backend-file on /dev/shm or hugetlbfs — is served (those set-ups must keep
+    working), named in a warning and counted in ``unsealed_regions``."""
+    from edgevirt.backend.memory import seal_against_shrinking
+
+    fe = connect(served["rng"])
+    if kind == "memfd-seal-off":
+        fd = os.memfd_create("seal-off", os.MFD_CLOEXEC)  # F_SEAL_SEAL from birth
+    else:
+        fd = os.open("/dev/shm", os.O_RDWR | os.O_TMPFILE, 0o600)
+    try:
+        os.ftruncate(fd, fe.region.size)
+        assert seal_against_shrinking(fd) is not None
+        body = p.MEM_HEADER.pack(1, 0) + p.MEM_REGION.pack(
+            fe.region.gpa, fe.region.size, fe.region.uva, 0
+        )
+        assert fe.ack(R.SET_MEM_TABLE, body, [fd]) == 0
+        assert served["rng"].snapshot()["unsealed_regions"] == 1
+        fe.set_mem_table()  # the front-end's own memfd: sealable, sealed
+        fe.call(R.GET_FEATURES)
+        assert served["rng"].snapshot()["unsealed_regions"] == 1
+        assert seal_against_shrinking(fe.fd) is None
+    finally:
+        os.close(fd)
+        fe.close()

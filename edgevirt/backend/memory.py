@@ -7,6 +7,7 @@ refused access is how a misconfigured or hostile guest shows up in the statistic
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -26,6 +27,9 @@ class Region:
     size: int
     buf: mmap.mmap | bytearray  # writable mapping of exactly ``size`` bytes
     uva: int = 0  # the front-end VMM's user address for the same byte (vhost-user)
+    #: Why the file behind the mapping could still shrink under it (``None``: it cannot, or
+    #: no file); a shrunk file turns the vanished pages into SIGBUS on touch.
+    unsealed: str | None = None
 
     @property
     def end(self) -> int:
@@ -76,6 +80,7 @@ class GuestMemory:
         if size <= 0:
             raise GuestMemoryError(f"region at {gpa:#x} has size {size:#x}, expected > 0")
         where = f"region at {gpa:#x} ({size:#x} bytes at file offset {offset:#x})"
+        unsealed = seal_against_shrinking(fd)  # before the size check: no window between
         try:
             st = os.fstat(fd)
         except OSError as e:
@@ -89,7 +94,7 @@ class GuestMemory:
             buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
         except (OSError, ValueError, OverflowError) as e:
             raise GuestMemoryError(f"{where}: cannot map: {e}") from e
-        region = Region(gpa=gpa, size=size, buf=buf, uva=uva)
+        region = Region(gpa=gpa, size=size, buf=buf, uva=uva, unsealed=unsealed)
         try:
             self.add(region)
         except GuestMemoryError:
@@ -152,13 +157,40 @@ class GuestMemory:
         )
 
 
+def seal_against_shrinking(fd: int) -> str | None:
+    """Make sure the file behind ``fd`` can no longer shrink; returns why not, else None.
+
+    A peer that shrinks a file we map turns the pages past its new end into SIGBUS on our
+    next touch. QEMU's memory-backend-memfd seals its memfds (F_SEAL_SHRINK|F_SEAL_GROW,
+    seal=on by default); a sealable memfd without F_SEAL_SHRINK gets it added (an honest
+    front-end never shrinks guest RAM: growing and punching holes stay allowed). Files that
+    cannot be sealed — a memfd made with seal=off (F_SEAL_SEAL set), tmpfs files under
+    /dev/shm and hugetlbfs files (memory-backend-file), regular files — are reported, not
+    refused: those QEMU configurations must keep working; the caller says so in its log.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        return f"the file does not support seals ({e.strerror})"
+    if seals & fcntl.F_SEAL_SHRINK:
+        return None
+    if seals & fcntl.F_SEAL_SEAL:
+        return "its seals are fixed (F_SEAL_SEAL) without F_SEAL_SHRINK"
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as e:
+        return f"adding F_SEAL_SHRINK failed ({e.strerror})"
+    return None
+
+
 def anonymous(gpa: int, size: int) -> Region:
     """A region backed by private anonymous memory (tests, fakes)."""
     return Region(gpa=gpa, size=size, buf=mmap.mmap(-1, size))
 
 
 def memfd_region(gpa: int, size: int, name: str = "edgevirt-guest") -> tuple[int, Region]:
-    """A shareable region backed by a memfd: returns (fd, region)."""
-    fd = os.memfd_create(name)
+    """A shareable region backed by a memfd: returns (fd, region). Sealable, as QEMU's
+    memory-backend-memfd makes it (seal=on): a back-end can seal it against shrinking."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     return fd, Region(gpa=gpa, size=size, buf=mmap.mmap(fd, size, flags=mmap.MAP_SHARED))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from edgevirt.backend.devices.base import Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.loop import Loop
-from edgevirt.backend.memory import GuestMemory
+from edgevirt.backend.memory import GuestMemory, Region
 from edgevirt.backend.transport.vhost_user import inflight as infl
 from edgevirt.backend.transport.vhost_user import protocol as p
 from edgevirt.backend.transport.vhost_user.protocol import ProtocolFeature as PF
@@ -47,6 +47,7 @@ class BackendStats:
     protocol_errors: int = 0
     mapped_bytes: int = 0
     refused: int = 0
+    unsealed_regions: int = 0  # mapped files the front-end could still shrink (memory.py)
     broken: list[str] = field(default_factory=list)
 
 
@@ -470,8 +471,9 @@ class VhostUserBackend:
     def _set_mem_table(self, regions: list[p.MemRegion], fds: list[int]) -> None:
         mem = GuestMemory()
         try:
-            for reg, fd in zip(regions, fds, strict=True):
-                mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
+            for i, (reg, fd) in enumerate(zip(regions, fds, strict=True)):
+                region = mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
+                self._unsealed(f"SET_MEM_TABLE region {i}", fd, region)
         except (OSError, BackendError) as e:
             mem.close()
             raise VhostUserError(f"SET_MEM_TABLE: cannot map region: {e}") from e
@@ -489,7 +491,8 @@ class VhostUserBackend:
         # while the table grows, then hand them the new one.
         paused = [vr for vr in self.vrings if self._pause(vr)]
         try:
-            self.mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
+            region = self.mem.add_file(fd, reg.gpa, reg.size, reg.offset, uva=reg.uva)
+            self._unsealed("ADD_MEM_REG region", fd, region)
         except (OSError, BackendError) as e:
             raise VhostUserError(f"ADD_MEM_REG: cannot map region: {e}") from e
         finally:
@@ -497,6 +500,23 @@ class VhostUserBackend:
             for vr in paused:
                 if vr.enabled:
                     self._serve(vr)
+
+    def _unsealed(self, what: str, fd: int, region: Region) -> None:
+        """Sealed files cannot shrink under us; the others (memory-backend-file on /dev/shm
+        or hugetlbfs, memfd with seal=off) are served, counted and named in the log: a
+        front-end that shrinks one can still end this process with SIGBUS."""
+        if region.unsealed is None:
+            return
+        self.stats.unsealed_regions += 1
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            kind = "?"
+        log.warning(
+            "%s: %s %s (fd %d: %s) cannot be sealed against shrinking: %s; served anyway, "
+            "trusting the front-end not to truncate it",
+            self.device.name, what, region.describe(), fd, kind, region.unsealed,
+        )  # fmt: skip
 
     def _remove_region(self, reg: p.MemRegion) -> None:
         key = (reg.gpa, reg.size, reg.uva)
@@ -637,6 +657,7 @@ class VhostUserBackend:
             "mapped_bytes": self.mem.mapped_bytes or self.stats.mapped_bytes,
             "memory": self.mem.describe(),
             "refused": self.stats.refused + self.mem.refused,
+            "unsealed_regions": self.stats.unsealed_regions,
             "protocol_errors": self.stats.protocol_errors,
             "broken": list(self.stats.broken),
             "requests": d.stats.requests,

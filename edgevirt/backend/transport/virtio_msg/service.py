@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def map_carveout(path: str | os.PathLike[str], gpa: int, size: int | None = None) -> GuestMemory:
-    """Map ``size`` bytes (default: the whole file) of ``path`` as guest-physical ``gpa``."""
+    """Map ``size`` bytes (default: the whole file) of ``path`` as guest-physical ``gpa``.
+
+    The carve-out file comes from the operator (the same file QEMU maps with share=on), not
+    from a peer: no guest and no virtio-msg driver can change its size. It is sealed against
+    shrinking when it can be (a memfd passed as /proc/PID/fd/N); a regular, tmpfs or
+    hugetlbfs file cannot be, and is mapped anyway (info in the log): a local process that
+    can write it and truncates it would end the back-end with SIGBUS."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -41,7 +47,10 @@ def map_carveout(path: str | os.PathLike[str], gpa: int, size: int | None = None
         if size <= 0 or size > have:
             raise BackendError(f"carve-out file {path} holds {have:#x} bytes, {size:#x} requested")
         mem = GuestMemory()
-        mem.add_file(fd, gpa, size)
+        region = mem.add_file(fd, gpa, size)
+        if region.unsealed:
+            log.info("carve-out file %s cannot be sealed against shrinking: %s", path,
+                     region.unsealed)  # fmt: skip
         return mem
     finally:
         os.close(fd)
