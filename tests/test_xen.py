@@ -155,6 +155,55 @@ def test_passthrough_node_must_name_a_region_of_its_domain(tmp_path: Path) -> No
         compose_xen(_base(), system, tmp_path / "dt")
 
 
+def _reserve(fdt: Fdt, base: int, size: int) -> Fdt:
+    rm = fdt.root.add_child(Node("reserved-memory"))
+    rm.set(Property.from_u32("#address-cells", 2))
+    rm.set(Property.from_u32("#size-cells", 2))
+    rm.set(Property.empty("ranges"))
+    fw = rm.add_child(Node(f"firmware@{base:x}"))
+    fw.set(Property.from_cells("reg", [(base, size)], 2, 2))
+    fw.set(Property.empty("no-map"))
+    return fdt
+
+
+@pytest.mark.parametrize(
+    "base, size, message",
+    [(0x50000000, 0x10000, r"module frontend kernel .* overlaps /reserved-memory/firmware@"),
+     (0xA0000000, 0x1000, r"region carveout .* overlaps /reserved-memory/firmware@a0000000"),
+     (0x3FFFF000, 0x2000, r"reserves \[0x3ffff000, 0x40001000\) .* where Xen")],
+    ids=["module", "region", "xen"],
+)  # fmt: skip
+def test_base_reserved_memory_is_never_used(tmp_path: Path, base, size, message) -> None:
+    """Regression (fuzz/fuzz_xen.py): memory the base tree already reserves (a real board's
+    firmware or secure OS) got modules and shared regions placed over it."""
+    with pytest.raises(DeviceTreeError, match=message):
+        compose_xen(_reserve(_base(), base, size), _system(tmp_path), tmp_path / "dt")
+    assert not (tmp_path / "dt" / "host.dtb").exists()
+
+
+def test_passthrough_node_naming_an_unknown_region_is_refused(tmp_path: Path) -> None:
+    """Regression (fuzz/fuzz_xen.py): a passthrough node naming no region at all raised
+    KeyError out of partial_dt."""
+    kernel, rd, _ = _files(tmp_path)
+    system = XenSystem(
+        [XenDomain("a", 128 << 20, kernel, "", rd,
+                   passthrough=[PassthroughNode("shm@3a000000", ("ghost",))])], [], [],
+    )  # fmt: skip
+    with pytest.raises(DeviceTreeError, match="names region 'ghost'"):
+        compose_xen(_base(), system, tmp_path / "dt")
+
+
+@pytest.mark.parametrize("name", ["a b", "x/y", "../../esc"])
+def test_domain_name_that_is_no_node_name_is_refused_before_writing(tmp_path: Path, name) -> None:
+    """Regression (fuzz/fuzz_xen.py): a domain name with a space wrote its partial DTB, then
+    raised KeyError while composing /chosen; the name is also a file name."""
+    kernel, rd, _ = _files(tmp_path)
+    system = XenSystem([XenDomain(name, 128 << 20, kernel, "", rd)])
+    with pytest.raises(DeviceTreeError, match="invalid xen: domain name"):
+        compose_xen(_base(), system, tmp_path / "dt" / "sub")
+    assert not list(tmp_path.rglob("*.dtb"))
+
+
 # -- the Xen .deb -----------------------------------------------------------------------------
 
 

@@ -18,7 +18,9 @@ A dom0less domU's tree is built by Xen: from the partial DTB it takes only ``/pa
 children and ``/aliases`` (DESIGN §8), so the nodes edgevirt's guests read live there.
 
 Everything is validated before a blob is written, with addresses in every message: regions
-inside host RAM, page-aligned, not overlapping Xen, the modules, each other or the DTB;
+inside host RAM, page-aligned, not overlapping Xen, the modules, each other, the DTB or
+memory the base tree reserves already (a real board's firmware); names that become node
+names are valid node names;
 guest addresses outside the domain's RAM; domains that fit into the host's RAM.
 """
 
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgevirt.devicetree.fdt import Fdt, Node, Property
+from edgevirt.devicetree.fdt import Fdt, Node, Property, check_name
 from edgevirt.errors import DeviceTreeError
 
 PAGE = 0x1000
@@ -130,24 +132,55 @@ def host_ram(fdt: Fdt) -> tuple[int, int]:
     raise DeviceTreeError("base DTB: no /memory node with device_type = \"memory\"")
 
 
+def base_reserved(fdt: Fdt) -> list[tuple[str, int, int]]:
+    """Memory the base tree already reserves (firmware, a secure OS, CMA pools): its
+    ``/memreserve/`` entries and every ``/reserved-memory`` child with a ``reg``. Neither a
+    module nor a shared region may land there."""
+    out = [(f"/memreserve/ entry {i}", a, s) for i, (a, s) in enumerate(fdt.memreserve) if s]
+    rm = fdt.find("/reserved-memory")
+    if rm is not None:
+        ac, sc = fdt.cells("/reserved-memory")
+        for child in rm.children.values():
+            reg = child.get("reg")
+            if reg is not None:
+                out += [(f"/reserved-memory/{child.name}", a, sz)
+                        for a, sz in reg.as_cells(ac, sc) if sz]  # fmt: skip
+    return out
+
+
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
 
 
-def validate(system: XenSystem, ram: tuple[int, int], loads: Sequence[Load]) -> None:
-    """Every rule a Xen host tree must satisfy, before anything is written or started."""
+def validate(
+    system: XenSystem,
+    ram: tuple[int, int],
+    loads: Sequence[Load],
+    occupied: Sequence[tuple[str, int, int]] = (),
+) -> None:
+    """Every rule a Xen host tree must satisfy, before anything is written or started.
+    ``occupied``: (what, base, size) the base tree reserves already (:func:`base_reserved`)."""
     names = [d.name for d in system.domains]
     if len(set(names)) != len(names) or not names:
         raise DeviceTreeError(f"xen: domain names must be unique and non-empty: {names}")
     ram_end = ram[0] + ram[1]
-    taken: list[tuple[str, int, int]] = [("Xen image and DTB", *XEN_LOAD)]
-    taken += [(f"module {ld.what} ({ld.path.name})", ld.addr, ld.size) for ld in loads]
-    for ld in loads:
-        if ld.addr < ram[0] or ld.addr + ld.size > ram_end:
+    taken: list[tuple[str, int, int]] = [("Xen image and DTB", *XEN_LOAD), *occupied]
+    for what, base, size in occupied:
+        if _overlap((base, size), XEN_LOAD):
             raise DeviceTreeError(
-                f"xen: module {ld.what} ({ld.path.name}, {ld.size:#x} bytes) at "
-                f"{_span(ld.addr, ld.size)} does not fit host RAM {_span(*ram)}"
+                f"xen: the base tree reserves {_span(base, size)} ({what}), where Xen and its "
+                f"DTB are loaded {_span(*XEN_LOAD)}"
             )
+    for ld in loads:
+        where = f"xen: module {ld.what} ({ld.path.name}, {ld.size:#x} bytes) at "
+        if ld.addr < ram[0] or ld.addr + ld.size > ram_end:
+            raise DeviceTreeError(f"{where}{_span(ld.addr, ld.size)} does not fit host RAM "
+                                  f"{_span(*ram)}")  # fmt: skip
+        for what, base, size in taken:
+            if _overlap((ld.addr, ld.size), (base, size)):
+                raise DeviceTreeError(f"{where}{_span(ld.addr, ld.size)} overlaps {what} "
+                                      f"{_span(base, size)}")  # fmt: skip
+        taken.append((f"module {ld.what} ({ld.path.name})", ld.addr, ld.size))
     reserved = 0
     for r in system.regions:
         where = f"xen: region {r.name} {_span(r.host, r.size)}"
@@ -228,6 +261,12 @@ def partial_dt(domain: XenDomain, regions: dict[str, XenRegion]) -> Fdt:
     pt.set(Property.from_u32("#address-cells", 2))
     pt.set(Property.from_u32("#size-cells", 2))
     for pn in domain.passthrough:
+        for n in pn.regions:
+            if n not in regions:
+                raise DeviceTreeError(
+                    f"xen: domain {domain.name}: passthrough node {pn.name} names region "
+                    f"{n!r}; regions: {sorted(regions)}"
+                )
         rs = [regions[n] for n in pn.regions]
         node = pt.add_child(Node(pn.name))
         for p in pn.properties:
@@ -257,6 +296,11 @@ def compose_xen(base: Fdt, system: XenSystem, out_dir: Path) -> XenDt:
     regions = {r.name: r for r in system.regions}
     if len(regions) != len(system.regions):
         raise DeviceTreeError(f"xen: region names repeat: {[r.name for r in system.regions]}")
+    # Names become node names (and a domain's, a file name): checked before anything is written.
+    for what, name in [("domain", d.name) for d in system.domains] + [
+        ("region", r.name) for r in system.regions
+    ]:
+        check_name(name, f"xen: {what} name")
     partials = {d.name: partial_dt(d, regions) for d in system.domains}
     out_dir.mkdir(parents=True, exist_ok=True)
     blobs = {d.name: partials[d.name].to_bytes() for d in system.domains}
@@ -275,7 +319,7 @@ def compose_xen(base: Fdt, system: XenSystem, out_dir: Path) -> XenDt:
                 continue
             loads.append(Load(path, addr, size, f"{d.name} {what}"))
             addr = (addr + size + MODULE_ALIGN - 1) // MODULE_ALIGN * MODULE_ALIGN
-    validate(system, ram, loads)
+    validate(system, ram, loads, base_reserved(base))
     for name, blob in blobs.items():
         partial_paths[name].write_bytes(blob)
 
