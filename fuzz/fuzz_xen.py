@@ -221,7 +221,7 @@ def check(blob: bytes, system: xen.XenSystem, out: Path) -> None:
             want = [c for r in rs for c in (r.host >> 32, r.host & 0xFFFFFFFF, r.size >> 32,
                                             r.size & 0xFFFFFFFF, r.guest >> 32,
                                             r.guest & 0xFFFFFFFF)]  # fmt: skip
-            assert node.prop("xen,reg").as_u32_list() == want, (pn.name, want)
+            assert node.prop("xen,reg").as_u32_list() == want, f"{pn.name}: xen,reg != {want}"
             assert node.prop("reg").as_cells(2, 2) == [(r.guest, r.size) for r in rs]
 
 

@@ -172,6 +172,7 @@ PARSER_TARGETS = [
     ("fuzz_ymodem.py", 800, 512),
     ("fuzz_config.py", 300, 1024),
     ("fuzz_msg_ring.py", 800, 256),
+    ("fuzz_xen.py", 3000, 1024),
 ]
 
 
@@ -236,6 +237,29 @@ FOUND = {
     "fuzz_fdt#2": ["Mb71vtsuvvXbFA=="],
     # a board profile that is not UTF-8: UnicodeDecodeError escaped load_board
     "fuzz_config": ["g/YhLQp0"],
+    "fuzz_xen": [
+        # a passthrough node naming no region: KeyError out of partial_dt
+        "OGUACG0OTDC632NkKsX0HeRisDA3IWfmcyVo9QZGdIbEM7Gw3NauRMMX3jvqbMvQatKo5qiP4dO2vHG7MDNTlUC3"
+        "rt3ECzHSiPjXKV2iGLWbblzQJKBJLgGLJrRs8hq+AbOMdw==",
+        # a region on memory the base tree reserves (firmware) overlapping a module
+        "59kCeyy8zqlUPbHopM+OyUEhKHUyMYFSSffgnxofILjZwWp4O7Y6aqjLt6d5hcLOfCstYDNM/HlEbnNHsyjhSZPF"
+        "QEKRIUFpFFS30Xi/HKAAuIk2HR/70OXaRqkJ+nSSRKtVrMRIxS5V0/CnM7W8LU3nirp9jbdtT5nHm6kQecxdoMs4"
+        "I+cXPtuVYLw3t/l36uW2xOQkaA861XwvWVVOcPyMm5qBUJGz1v31SRJZwqz/EgP+FfnIBAOX0t++Yu9g4WqO5/XQ"
+        "WUE=",
+        # modules from a base just above RAM's start placed over Xen's load area
+        "n/rowrXKXS2jkehOaKuuCiMyC0HeVUGAqRvxXJGerHdZHCtMgBGVqjCW5UlH+ehYu8mBPvskFuzLTBQ2pPVjHeXV"
+        "GoOVAKW5jDofzMqAN5IeFwZQWAkHqZwyHt6BIbd31zwZg1E3AZEnmHWAwXz5OizdD6Dx8hDjStwecnPrhW94zLQW"
+        "CUlallnhjhS8zbIGslMQGT9nG7T0CQdyd3PML6F+hpDmH4WIyYvu++eONc09h3A4rakDW5EBishR9wrn6lmq67CS"
+        "jZLPfjvX2ePhvd+6FTg6ND0Bq3rTzdfIckUH/Ha2s8UxhDNtrBCH7tNhsyGBFyHFaHjjvNycm9MDE15I01Juo0ze"
+        "7hMaxVpa3Hq6cITp8vyikHFE9IYBbHo9DqtUyk5u1n0bL/8PIGRiWgYfm8vS7rbE8SUOf41lyyK5qHP2NcIvU9ko"
+        "gkVt/pPWCISsmYQ8M5kJSewh7CvS8+uzHratm7ymtORN1Kd3gx8ZzOUkCpfmSuOTe3A29AdOwVqxtHSXt/XlTwNM"
+        "oOR8DA==",
+        # a region overlapping the base tree's own /reserved-memory node
+        "cjg8it2zeOq64X2ZcbjnO+gBHIX62hFTgAQoYFtEHZGLa/cZ8hU2SrBuMQ40fdAHmk28rO5ejXlQrfvAAZRD6Aj0"
+        "zuhYkSOPNXwaLogvcsabo29K8FkNpHnFzX1SKmF7EopOJns5TXTOT8Ana5B+mJhWs26qmK7wVEMyjK7G4V+VrlrM"
+        "O6Nq4Pd/ILQzlK1FTbMQCZWHQMMSqPhrXIqT0A5YuZUChAGii7wavr4j19MCFYPubd7RUsORaO8eBJaF7Sd4beWx"
+        "0lc=",
+    ],
 }
 
 
@@ -246,6 +270,37 @@ def test_fuzz_found_inputs_stay_fixed(name):
     f = target(name.split("#")[0])
     for b64 in FOUND[name]:
         f.TestOneInput(base64.b64decode(b64))
+
+
+def test_fuzz_xen_target_composes_and_catches_a_wrong_xen_reg(monkeypatch):
+    """Inputs reach a written host DTB (the success invariants run), and a composer whose
+    partial DTB maps the wrong host page is caught."""
+    import random
+
+    f = target("fuzz_xen")
+    composed = []
+    real = f.xen.compose_xen
+    monkeypatch.setattr(f.xen, "compose_xen", lambda *a: composed.append(1) or real(*a))
+    rng = random.Random(1)
+    inputs = [bytes(rng.getrandbits(8) for _ in range(300)) for _ in range(400)]
+    for data in inputs:
+        f.TestOneInput(data)
+    assert len(composed) > 10, len(composed)
+
+    def shifted(domain, regions):
+        moved = {n: f.xen.XenRegion(r.name, r.host + 0x1000, r.size, r.guest, r.domains)
+                 for n, r in regions.items()}  # fmt: skip
+        return real_partial(domain, moved)
+
+    real_partial = f.xen.partial_dt
+    monkeypatch.setattr(f.xen, "partial_dt", shifted)
+    caught = 0
+    for data in inputs:
+        try:
+            f.TestOneInput(data)
+        except AssertionError as e:
+            caught += "xen,reg" in str(e)
+    assert caught
 
 
 def test_fuzz_fdt_differential_catches_a_divergence(monkeypatch):
