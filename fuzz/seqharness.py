@@ -34,6 +34,7 @@ PAGE = 4096
 RSS_SLACK = 64 << 20
 SETTLE = 10.0  # seconds a disconnect may take to show in the back-end's fd count
 MAX_STEPS = 24
+REPORT_EVERY = 5000
 
 
 def _die_with_parent() -> None:
@@ -52,7 +53,7 @@ class BackendProcess:
         self._argv, self._ready = argv, ready
         self.proc: subprocess.Popen[bytes] | None = None
         self.baseline_fds = self.baseline_rss = 0
-        self.sessions = self.restarts = 0
+        self.sessions = self.restarts = self.deaf = 0
         self.start()
 
     def start(self) -> None:
@@ -150,6 +151,9 @@ def _measure_baseline(backend: BackendProcess, open_session: Callable[[], Sessio
 
 def _open(backend: BackendProcess, open_session: Callable[[], Session]) -> Session:
     backend.sessions += 1
+    if backend.sessions % REPORT_EVERY == 0:  # libFuzzer counts inputs; this, sessions
+        print(f"seqharness: {backend.sessions} sessions, {backend.restarts} back-end restarts, "
+              f"{backend.deaf} unanswered barriers", file=sys.stderr, flush=True)  # fmt: skip
     try:
         return open_session()
     except OSError:  # refused: a back-end that died late in the last session?
@@ -186,6 +190,7 @@ def run_input(backend: BackendProcess, fdp: Any, open_session: Callable[[], Sess
             backend.check_alive()
             s.check()
             if not answered:  # the input broke the channel, or the back-end hangs
+                backend.deaf += 1
                 _finish(backend, s)
                 s = _open(backend, open_session)
                 assert s.barrier(), "the back-end is alive but does not answer a new session"
