@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     seen: dict[int, tuple[float, str]] = {}
     last = start
     reason = "exited"
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     while proc.poll() is None:
+        if stop:
+            reason = "stopped (SIGTERM)"
+            break
         tree_cpu(proc.pid, seen)
         cpu = sum(c for c, _ in seen.values())
         now = time.monotonic()
