@@ -353,3 +353,33 @@ def test_virtio_msg_sequence_generator_reaches_a_served_request():
     finally:
         f.backend.proc.kill()
         f.backend.proc.wait()
+
+
+def test_sequence_harness_reports_a_back_end_that_dies(monkeypatch):
+    """A step after which the back-end is gone is reported as a crash of that input."""
+    f = target("fuzz_vhost_user_seq")
+
+    def killer(s, fdp):
+        f.backend.proc.kill()
+        f.backend.proc.wait()
+
+    monkeypatch.setattr(f, "step", killer)
+    try:
+        with pytest.raises(AssertionError, match="back-end died"):
+            f.TestOneInput(bytes(8))
+    finally:
+        f.backend.kill()
+
+
+def test_cpumeter_counts_the_children_a_run_starts(tmp_path):
+    """CPU time of a process the measured command starts (a back-end) is counted."""
+    import json
+
+    burn = "x = 0\nfor i in range(4_000_000): x += i"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    cmd = [sys.executable, "-c", child]
+    r = subprocess.run([sys.executable, str(ROOT / "fuzz" / "cpumeter.py"), "--interval", "0.05",
+                        "--", *cmd], capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["reason"] == "exited" and out["returncode"] == 0, out
+    assert out["processes"] >= 2 and out["cpu_min"] > 0.002, out
