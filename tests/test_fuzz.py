@@ -375,7 +375,9 @@ def test_cpumeter_counts_the_children_a_run_starts(tmp_path):
     """CPU time of a process the measured command starts (a back-end) is counted."""
     import json
 
-    burn = "x = 0\nfor i in range(4_000_000): x += i"
+    # burns, then stays a while: the meter samples, so what a process did in its last
+    # interval before exiting is not counted (an under-count, never an over-count)
+    burn = "import time\nx = 0\nfor i in range(4_000_000): x += i\ntime.sleep(1)"
     child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
     cmd = [sys.executable, "-c", child]
     r = subprocess.run([sys.executable, str(ROOT / "fuzz" / "cpumeter.py"), "--interval", "0.05",
