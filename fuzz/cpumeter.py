@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "reason": reason, "returncode": proc.returncode,
         "wall_s": round(time.monotonic() - start, 1),
+        "cpu_s": round(sum(c for c, _ in seen.values()), 1),
         "cpu_min": round(sum(c for c, _ in seen.values()) / 60, 2),
         "processes": len(seen), "cpu_min_by_name": {k: round(v, 2) for k, v in by_name.items()},
     }), flush=True)  # fmt: skip
