@@ -1,8 +1,9 @@
 """atheris target: vhost-user message *sequences* against a real ``edgevirt backend run``
 process (blk on a disk file, rng), the way a buggy or hostile VMM would drive it.
 
-Each input is one front-end session on the blk or the rng socket: up to 24 steps chosen by
-the input from a structure-aware vocabulary — feature negotiation in any order (GET/SET
+Each input is a run of front-end sessions on the blk or the rng socket (a new one when the
+back-end dropped the last): up to 24 steps chosen by the input from a structure-aware
+vocabulary — feature negotiation in any order (GET/SET
 features and protocol features, SET_OWNER, RESET_OWNER), memory tables (valid, bogus
 geometry, fds of the wrong kind: eventfd, pipe, /dev/null, a directory; too few or too many
 fds), ADD/REM_MEM_REG while queues run, SET_VRING_* on configured, unconfigured and
@@ -10,20 +11,23 @@ out-of-range queues (ring addresses inside and outside the region), KICK/CALL wi
 eventfds or other fds, INFLIGHT and mem-slot messages interleaved, SET/GET_STATUS,
 GET_CONFIG, garbage headers; and guest-side actions: a real split ring laid out in the
 shared memfd (``DriverQueue``) with a valid request, random bytes written over the ring or
-the buffers, a kick. Replies are read as they come.
+the buffers, a kick; and the front-end shrinking its memfd under the back-end's mapping.
 
+Every step ends with a barrier (fuzz/seqharness.py): a GET_FEATURES whose reply proves the
+back-end handled everything before it; other replies are read and dropped on the way.
 Checked after every step: the back-end process is alive, and the guard pages of the
 memfd — one page before and one after the region the front-end declares (mapped by the
 back-end only if it mishandled ``mmap_offset`` or a size) — still hold their pattern, i.e.
 nothing was written outside the declared region. After the session's disconnect: the
-back-end's open-fd count returns to its baseline and its RSS stays within 64 MiB of it. A
-dead back-end is restarted for the next input after the failure is reported.
+back-end's open-fd count returns to its baseline, its RSS stays within 64 MiB of it and the
+guard pages are checked once more. A dead back-end is restarted for the next input after
+the failure is reported.
 
 The back-end is another process, so atheris sees only the front-end's coverage: the
 generator's structure, not coverage feedback, is what reaches deep states.
 
     PYTHONPATH=. nice .venv/bin/python fuzz/fuzz_vhost_user_seq.py -max_len=512 \\
-        -timeout=60 -max_total_time=1800
+        -len_control=0 -timeout=300 -max_total_time=1800
 """
 
 import array

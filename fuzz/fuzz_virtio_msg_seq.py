@@ -4,19 +4,22 @@ real shared memory: the driver side is :class:`MsgDriver` (QEMU's ivshmem-doorbe
 the message memory the back-end shares, eventfd doorbells), the virtqueues live in a
 carve-out file both map.
 
-Each input is one driver connection: up to 24 steps — any transport request with fields
+Each input is a run of driver connections (a new one once a step broke the message ring):
+up to 24 steps — any transport request with fields
 from boundary values (status transitions out of order, features, SET_VQUEUE with addresses
 inside and outside the carve-out, RESET/GET_VQUEUE, config), EVENT_AVAIL kicks, bus
 messages, raw garbage slots, a hostile ``prod`` index, a doorbell without a message, and
 guest actions on a real ring in the carve-out (a driver's bring-up, blk/rng requests,
-scribbles). Checked after every step: the process is alive; the carve-out file's guard page
-(the page after the mapped size) keeps its pattern; between our own writes the back-end
+scribbles). Every step ends with a barrier (fuzz/seqharness.py): a bus PING whose
+response proves the back-end handled everything before it. Checked after every step: the
+process is alive; the carve-out file's guard page (the page after the mapped size) keeps
+its pattern; between our own writes the back-end
 changed nothing in the message memory's header and to-device slots (it may only move its
 consumer index and fill the to-driver ring). After the disconnect: the back-end's fd count
 returns to its baseline and its RSS stays within 64 MiB of it.
 
     PYTHONPATH=. nice .venv/bin/python fuzz/fuzz_virtio_msg_seq.py -max_len=512 \\
-        -timeout=60 -max_total_time=1800
+        -len_control=0 -timeout=300 -max_total_time=1800
 """
 
 import mmap
