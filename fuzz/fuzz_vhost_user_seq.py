@@ -56,6 +56,8 @@ BARRIER_TIMEOUT = 30.0  # GET_FEATURES is answered at once; this is a hang
 
 
 def _argv(d: Path) -> list[str]:
+    for sock in d.glob("*.sock"):  # a dead predecessor's: _ready must see the new ones
+        sock.unlink()
     return ["-m", "edgevirt", "backend", "run", "--device", f"blk:path={d / 'disk.img'}",
             "--device", "rng", "--socket-dir", str(d)]  # fmt: skip
 
@@ -77,7 +79,7 @@ class Session:
             try:
                 self.sock.connect(str(path))
                 break
-            except BlockingIOError:
+            except (BlockingIOError, ConnectionRefusedError):  # bound, not listening yet
                 assert time.monotonic() < deadline, f"back-end accepts no connection on {path}"
                 time.sleep(0.001)
         # Sealable, as QEMU's memory-backend-memfd makes it: the back-end seals it.

@@ -156,7 +156,7 @@ def _open(backend: BackendProcess, open_session: Callable[[], Session]) -> Sessi
               f"{backend.deaf} unanswered barriers", file=sys.stderr, flush=True)  # fmt: skip
     try:
         return open_session()
-    except OSError:  # refused: a back-end that died late in the last session?
+    except (OSError, AssertionError):  # refused: a back-end that died late in the last session?
         try:
             backend.proc.wait(5)  # type: ignore[union-attr]
         except subprocess.TimeoutExpired:
