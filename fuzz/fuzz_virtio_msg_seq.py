@@ -25,6 +25,7 @@ returns to its baseline and its RSS stays within 64 MiB of it.
 import mmap
 import os
 import sys
+import time
 from pathlib import Path
 
 import atheris
@@ -78,7 +79,7 @@ class Session:
         self.file_map[CARVE:] = bytes([CANARY]) * PAGE
         self.carve = memoryview(self.region_map)
         self.mem = GuestMemory([Region(gpa=BASE, size=CARVE, buf=self.region_map)])
-        self.drv = MsgDriver(str(backend.dir / "msg.sock"), self.mem, timeout=BARRIER_TIMEOUT)
+        self.drv = self._connect(backend)
         geo = self.drv.msgmem.geometry
         self.frozen = [(0, ch.EPOCH_OFFSET)]  # header (epoch may move only on restart)
         slots = geo.to_device + ch.RING_SLOTS
@@ -87,6 +88,21 @@ class Session:
         self.queues: dict[tuple[int, int], DriverQueue] = {}
         self.usable = True
         self.released = False
+
+    def _connect(self, backend: seqharness.BackendProcess) -> MsgDriver:
+        """A driver on freshly reset rings. The back-end resets the message memory when it
+        handles the last driver's disconnect, which may come after its fds were closed (what
+        the harness waits for) and even after this connect: rings that are not all zero yet
+        belong to the last session, so connect again."""
+        deadline = time.monotonic() + seqharness.SETTLE
+        while True:
+            drv = MsgDriver(str(backend.dir / "msg.sock"), self.mem, timeout=BARRIER_TIMEOUT)
+            rings = (drv.msgmem.to_device, drv.msgmem.to_driver)
+            if not any(r._words[r._prod] or r._words[r._cons] for r in rings):
+                return drv
+            drv.close()
+            assert time.monotonic() < deadline, "the back-end never reset the message rings"
+            time.sleep(0.001)
 
     def _frozen(self) -> list[bytes]:
         buf = self.drv._map
@@ -198,10 +214,14 @@ def _step(s: Session, fdp: atheris.FuzzedDataProvider) -> None:
     elif op == 8:  # the driver's producer index goes hostile
         ring = s.drv.msgmem.to_device
         prod = fdp.PickValueInList(SPECIAL)
+        cons = ring._words[ring._cons]  # = our head: the last barrier was answered
         ring.poke("prod", prod)
         s.drv.ring()
-        if (prod - ring._words[ring._cons]) & 0xFFFFFFFF > ring.nslots:
-            s.usable = False  # the back-end stops this ring until the driver reconnects
+        # Ahead by more than the ring: the back-end stops the ring until we reconnect. Ahead
+        # by 1..nslots: it serves stale slots and our head is behind its index; racing it,
+        # our next message may land in a slot it already took as stale and be lost. Either
+        # way, this session's ring is the input's to break: the next step starts another.
+        s.usable = prod == cons
     elif op == 9:  # a doorbell with nothing new
         s.drv.ring()
     else:  # EVENT_AVAIL for any queue
