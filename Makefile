@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 EV := $(VENV)/bin/edgevirt
 LOG := $(VENV)/install.log
-EXT_SRC := $(wildcard edgevirt/backend/virtq/*.c edgevirt/backend/virtq/*.h)
+EXT_SRC := $(wildcard edgevirt/backend/virtq/*.c edgevirt/backend/virtq/*.h edgevirt/backend/*.c)
 PY_STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 

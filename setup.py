@@ -38,6 +38,11 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
                                 "-pthread"],
             extra_link_args=["-pthread"],
-        )
+        ),
+        Extension(
+            "edgevirt.backend._sigbus",
+            sources=["edgevirt/backend/_sigbus.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        ),
     ]
 )

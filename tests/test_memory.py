@@ -1,5 +1,10 @@
 """GuestMemory: bounds, overflow and the counting of refused accesses."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from edgevirt.backend.memory import GuestMemory, anonymous, memfd_region
@@ -79,3 +84,38 @@ def test_add_file_rejects_unaligned_offset():
     with pytest.raises(GuestMemoryError, match="not page aligned"):
         GuestMemory().add_file(fd, 0, 0x1000, offset=12)
     region.buf.close()
+
+
+def test_unsealed_region_that_shrinks_reads_zeros_and_is_counted():
+    """A file that cannot be sealed (a memfd without MFD_ALLOW_SEALING) shrinks under its
+    mapping: the vanished page reads as zeros (the SIGBUS safety net), the rest keeps its
+    data, and the page is counted."""
+    fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x2000)
+    os.pwrite(fd, b"a" * 0x2000, 0)
+    mem = GuestMemory()
+    region = mem.add_file(fd, 0x10000, 0x2000)
+    assert region.unsealed and region.guard >= 0
+    os.ftruncate(fd, 0x1000)
+    assert bytes(mem.translate(0x10000, 4)) == b"aaaa"
+    assert bytes(mem.translate(0x11000, 4)) == bytes(4)
+    mem.translate(0x11000, 4)[:] = b"bbbb"  # writable too, privately
+    assert mem.vanished_pages == 1
+    mem.close()
+    os.close(fd)
+
+
+def test_sigbus_outside_guarded_mappings_still_ends_the_process():
+    """The safety net covers only registered mappings: any other SIGBUS gets the action
+    it would have had (here the default: the process dies of SIGBUS)."""
+    code = (
+        "import mmap, os\n"
+        "from edgevirt.backend.memory import GuestMemory\n"
+        "a = os.memfd_create('a', os.MFD_CLOEXEC); os.ftruncate(a, 4096)\n"
+        "g = GuestMemory(); g.add_file(a, 0, 4096)  # installs the handler\n"
+        "b = os.memfd_create('b', os.MFD_CLOEXEC); os.ftruncate(b, 8192)\n"
+        "m = mmap.mmap(b, 8192); os.ftruncate(b, 0)\n"
+        "m[4096]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-500:])

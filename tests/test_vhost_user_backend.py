@@ -304,30 +304,34 @@ def test_mem_table_region_larger_than_its_file_is_refused(served, disk, size, of
     fe.close()
 
 
-def test_front_end_cannot_shrink_its_memfd_under_the_back_end(tmp_path, disk):
-    """Regression (issue 18): a front-end that ftruncated its memfd to 0 after SET_MEM_TABLE
-    ended the back-end with SIGBUS on its next touch of the ring. The back-end now seals the
-    file (F_SEAL_SHRINK): the truncation fails and the back-end serves on. It runs in its own
-    process here, so a SIGBUS shows as a dead back-end rather than a dead pytest."""
+def _backend_process(tmp_path, disk):
+    """``edgevirt backend run`` in its own process (a SIGBUS shows as a dead back-end rather
+    than a dead pytest), a connected front-end and the stats file."""
     import subprocess
     import sys
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgevirt", "backend", "run", "--device", f"blk:path={disk}",
-         "--socket-dir", str(tmp_path)],
+         "--socket-dir", str(tmp_path), "--stats", str(tmp_path / "stats.json")],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "backend.log", "wb"),  # noqa: SIM115
     )  # fmt: skip
+    sock = tmp_path / "0-blk.sock"
+    assert wait_until(sock.exists, 30), (tmp_path / "backend.log").read_text()
+    for _ in range(100):
+        try:
+            return proc, connect(type("B", (), {"path": str(sock)}))
+        except ConnectionRefusedError:  # bound, not listening yet
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("back-end does not listen")
+
+
+def test_front_end_cannot_shrink_its_memfd_under_the_back_end(tmp_path, disk):
+    """Regression (issue 18): a front-end that ftruncated its memfd to 0 after SET_MEM_TABLE
+    ended the back-end with SIGBUS on its next touch of the ring. The back-end now seals the
+    file (F_SEAL_SHRINK): the truncation fails and the back-end serves on."""
+    proc, fe = _backend_process(tmp_path, disk)
     try:
-        sock = tmp_path / "0-blk.sock"
-        assert wait_until(sock.exists, 30), (tmp_path / "backend.log").read_text()
-        fe = None
-        for _ in range(100):
-            try:
-                fe = connect(type("B", (), {"path": str(sock)}))
-                break
-            except ConnectionRefusedError:  # bound, not listening yet
-                time.sleep(0.05)
-        assert fe is not None
         fe.setup_vring(0)
         fe.call(R.GET_FEATURES)  # a round trip: the mem table was handled
         with pytest.raises(PermissionError):
@@ -337,6 +341,40 @@ def test_front_end_cannot_shrink_its_memfd_under_the_back_end(tmp_path, disk):
         assert proc.poll() is None
         fe.close()
     finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_unsealable_memory_file_shrunk_under_the_back_end_reads_as_zeros(tmp_path, disk):
+    """Regression (issue 18): a memory file that cannot be sealed (QEMU's memfd with
+    seal=off here) shrunk to 0 while the ring runs: the back-end's SIGBUS safety net puts
+    zero pages where the file's pages vanished, counts them, and the process lives on."""
+    import json
+
+    proc, fe = _backend_process(tmp_path, disk)
+    fd = os.memfd_create("seal-off", os.MFD_CLOEXEC)  # F_SEAL_SEAL from birth
+    try:
+        os.ftruncate(fd, fe.region.size)
+        body = p.MEM_HEADER.pack(1, 0) + p.MEM_REGION.pack(
+            fe.region.gpa, fe.region.size, fe.region.uva, 0
+        )
+        fe.send(R.SET_MEM_TABLE, body, [fd])
+        fe.setup_vring(0)  # our own writes go to fe.fd's pages: the back-end reads fd's
+        fe.call(R.GET_FEATURES)
+        os.ftruncate(fd, 0)  # unsealed: allowed
+        fe.kick(0)  # the back-end reads the ring's avail index: a vanished page
+        stats = tmp_path / "stats.json"
+        assert wait_until(
+            lambda: stats.exists() and '"vanished_pages": 0' not in stats.read_text(), 10
+        ), stats.read_text() if stats.exists() else "no stats"
+        assert proc.poll() is None, (tmp_path / "backend.log").read_text()[-2000:]
+        snap = json.loads(stats.read_text())
+        blk = next(d for d in snap["devices"] if d["device"] == "blk")
+        assert blk["unsealed_regions"] == 1 and blk["vanished_pages"] >= 1, blk
+        assert "cannot be sealed against shrinking" in (tmp_path / "backend.log").read_text()
+        fe.close()
+    finally:
+        os.close(fd)
         proc.kill()
         proc.wait()
 

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 from edgevirt.errors import GuestMemoryError
 
+try:  # the C safety net for files that cannot be sealed (setup.py builds it)
+    import edgevirt.backend._sigbus as _sigbus
+except ImportError:  # pragma: no cover - only where the extension was not built
+    _sigbus = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +35,26 @@ class Region:
     #: Why the file behind the mapping could still shrink under it (``None``: it cannot, or
     #: no file); a shrunk file turns the vanished pages into SIGBUS on touch.
     unsealed: str | None = None
+    #: Slot of an unsealed mapping in the SIGBUS safety net (``_sigbus``), else -1.
+    guard: int = -1
+
+    @property
+    def vanished_pages(self) -> int:
+        """Pages of an unsealed file that shrank under the mapping (now zeros here)."""
+        return _sigbus.pages(self.guard) if self.guard >= 0 and _sigbus is not None else 0
+
+    def close(self) -> None:
+        self._unguard()
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+
+    def _unguard(self) -> None:
+        if self.guard >= 0 and _sigbus is not None:
+            _sigbus.unguard(self.guard)  # before the range can be mapped again
+            self.guard = -1
+
+    def __del__(self) -> None:  # dropped without close(): the mapping goes with us
+        self._unguard()
 
     @property
     def end(self) -> int:
@@ -58,6 +83,10 @@ class GuestMemory:
     @property
     def mapped_bytes(self) -> int:
         return sum(r.size for r in self.regions)
+
+    @property
+    def vanished_pages(self) -> int:
+        return sum(r.vanished_pages for r in self.regions)
 
     def describe(self) -> str:
         return ", ".join(r.describe() for r in self.regions) or "nothing mapped"
@@ -95,10 +124,17 @@ class GuestMemory:
         except (OSError, ValueError, OverflowError) as e:
             raise GuestMemoryError(f"{where}: cannot map: {e}") from e
         region = Region(gpa=gpa, size=size, buf=buf, uva=uva, unsealed=unsealed)
+        if unsealed and _sigbus is not None:
+            # The file may still shrink: its vanished pages become zeros, not SIGBUS.
+            try:
+                region.guard = _sigbus.guard(buf)
+            except OverflowError as e:  # every slot taken: map no more unsealed files
+                buf.close()
+                raise GuestMemoryError(f"{where}: {e}") from e
         try:
             self.add(region)
         except GuestMemoryError:
-            buf.close()
+            region.close()
             raise
         return region
 
@@ -107,15 +143,13 @@ class GuestMemory:
             if r.gpa == gpa:
                 self.regions.remove(r)
                 self._table = None
-                if isinstance(r.buf, mmap.mmap):
-                    r.buf.close()
+                r.close()
                 return
         raise GuestMemoryError(f"no mapped region starts at {gpa:#x}")
 
     def close(self) -> None:
         for r in self.regions:
-            if isinstance(r.buf, mmap.mmap):
-                r.buf.close()
+            r.close()
         self.regions.clear()
         self._table = None
 
@@ -166,7 +200,9 @@ def seal_against_shrinking(fd: int) -> str | None:
     front-end never shrinks guest RAM: growing and punching holes stay allowed). Files that
     cannot be sealed — a memfd made with seal=off (F_SEAL_SEAL set), tmpfs files under
     /dev/shm and hugetlbfs files (memory-backend-file), regular files — are reported, not
-    refused: those QEMU configurations must keep working; the caller says so in its log.
+    refused: those QEMU configurations must keep working; the caller says so in its log, and
+    :meth:`GuestMemory.add_file` puts their mapping under the SIGBUS safety net (``_sigbus``:
+    a vanished page reads as zeros and is counted).
     """
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)

@@ -48,6 +48,7 @@ class BackendStats:
     mapped_bytes: int = 0
     refused: int = 0
     unsealed_regions: int = 0  # mapped files the front-end could still shrink (memory.py)
+    vanished_pages: int = 0  # pages of such files that did shrink away (of closed tables)
     broken: list[str] = field(default_factory=list)
 
 
@@ -197,6 +198,7 @@ class VhostUserBackend:
             self.inflight.close()
             self.inflight = None
         self.stats.refused += self.mem.refused
+        self.stats.vanished_pages += self.mem.vanished_pages
         self.mem.close()
         self.mem = GuestMemory()
         self.features = self.protocol_features = self.status = 0
@@ -480,6 +482,7 @@ class VhostUserBackend:
         for vr in self.vrings:
             self._stop_ring(vr)
         self.stats.refused += self.mem.refused
+        self.stats.vanished_pages += self.mem.vanished_pages
         self.mem.close()
         self.mem = mem
         self._memory_changed()
@@ -503,8 +506,8 @@ class VhostUserBackend:
 
     def _unsealed(self, what: str, fd: int, region: Region) -> None:
         """Sealed files cannot shrink under us; the others (memory-backend-file on /dev/shm
-        or hugetlbfs, memfd with seal=off) are served, counted and named in the log: a
-        front-end that shrinks one can still end this process with SIGBUS."""
+        or hugetlbfs, memfd with seal=off) are served, counted and named in the log; if one
+        shrinks, the SIGBUS safety net (memory.py) turns its vanished pages into zeros."""
         if region.unsealed is None:
             return
         self.stats.unsealed_regions += 1
@@ -513,8 +516,8 @@ class VhostUserBackend:
         except OSError:
             kind = "?"
         log.warning(
-            "%s: %s %s (fd %d: %s) cannot be sealed against shrinking: %s; served anyway, "
-            "trusting the front-end not to truncate it",
+            "%s: %s %s (fd %d: %s) cannot be sealed against shrinking: %s; served anyway "
+            "(pages that vanish read as zeros and count as vanished_pages)",
             self.device.name, what, region.describe(), fd, kind, region.unsealed,
         )  # fmt: skip
 
@@ -529,6 +532,7 @@ class VhostUserBackend:
         # Rings are re-mapped against what remains; their indices survive in vr.base.
         for vr in self.vrings:
             self._stop_ring(vr)
+        self.stats.vanished_pages += found.vanished_pages
         self.mem.remove(found.gpa)
         self._memory_changed()
 
@@ -658,6 +662,7 @@ class VhostUserBackend:
             "memory": self.mem.describe(),
             "refused": self.stats.refused + self.mem.refused,
             "unsealed_regions": self.stats.unsealed_regions,
+            "vanished_pages": self.stats.vanished_pages + self.mem.vanished_pages,
             "protocol_errors": self.stats.protocol_errors,
             "broken": list(self.stats.broken),
             "requests": d.stats.requests,

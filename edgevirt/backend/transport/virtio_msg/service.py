@@ -35,8 +35,8 @@ def map_carveout(path: str | os.PathLike[str], gpa: int, size: int | None = None
     The carve-out file comes from the operator (the same file QEMU maps with share=on), not
     from a peer: no guest and no virtio-msg driver can change its size. It is sealed against
     shrinking when it can be (a memfd passed as /proc/PID/fd/N); a regular, tmpfs or
-    hugetlbfs file cannot be, and is mapped anyway (info in the log): a local process that
-    can write it and truncates it would end the back-end with SIGBUS."""
+    hugetlbfs file cannot be, and is mapped anyway (info in the log) under the SIGBUS safety
+    net of memory.py: pages a local process truncates away read as zeros."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
