@@ -8,6 +8,10 @@
  * zeros, the back-end lives on and counts the page. A SIGBUS anywhere else gets the action
  * that was there before (by default: the process ends, as it would have without us).
  *
+ * Pages are replaced in units of the system page: inside a hugetlbfs mapping the kernel
+ * refuses that (no hugetlbfs on the hosts this was tested on), and such a region that
+ * shrinks still ends the process, as before.
+ *
  * The table is a fixed array of atomics: the handler may run on any thread (engine
  * threads touch guest memory too) while Python adds or removes a range.
  */
