@@ -25,7 +25,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define SLOTS 64
+#define SLOTS 256
 
 static struct {
     _Atomic uintptr_t start; /* 0: free */
