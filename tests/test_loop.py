@@ -78,3 +78,49 @@ def test_a_stop_before_run_is_not_lost():
     loop.run()
     assert len(ticks) >= 3
     loop.close()
+
+
+def test_a_signal_during_a_log_write_still_stops_the_loop(monkeypatch):
+    """SIGTERM arriving while the main thread writes a log line to stderr: a handler that
+    logged made stderr's buffered writer raise "reentrant call" out of the handler, the
+    stop was lost and the back-end served on (a 30 s hang in make test)."""
+    import io
+    import logging
+    import signal
+
+    from edgevirt.backend.statsfile import StatsFile, serve_until_signal
+
+    fired: list[int] = []
+
+    class Stderr(io.StringIO):  # io.BufferedWriter's rule: no write inside a write
+        busy = False
+
+        def write(self, s: str) -> int:
+            if self.busy:
+                raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+            self.busy = True
+            try:
+                if "tick" in s and not fired:
+                    fired.append(1)
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled before write returns
+                return super().write(s)
+            finally:
+                self.busy = False
+
+    err = Stderr()
+    monkeypatch.setattr("sys.stderr", err)
+    handler = logging.StreamHandler(err)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    monkeypatch.setattr(root, "level", logging.INFO)
+    loop = Loop()
+    loop.every(0.05, lambda: logging.getLogger("edgevirt.test").warning("tick"))
+    loop.every(2.0, loop.stop)  # the guard: a lost stop shows as time, never a hang
+    t0 = time.monotonic()
+    try:
+        serve_until_signal(loop, StatsFile(None), lambda: {})
+    finally:
+        root.removeHandler(handler)
+        loop.close()
+    assert fired and time.monotonic() - t0 < 1.0
+    assert "signal 15" in err.getvalue()

@@ -55,8 +55,12 @@ def serve_until_signal(
     ``loop.running`` is false when this returns (or raises). The caller closes.
     """
 
+    got: list[int] = []
+
     def stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: %s", signum, stopping)
+        # Only flags here: a handler that logs can interrupt the main thread's own write to
+        # stderr ("reentrant call" RuntimeError out of the handler), and the stop is lost.
+        got.append(signum)
         loop.stop()
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -68,3 +72,5 @@ def serve_until_signal(
         for s, h in old.items():
             signal.signal(s, h)
         loop.running = False
+    if got:
+        log.info("signal %d: %s", got[0], stopping)
