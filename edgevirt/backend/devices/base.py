@@ -219,6 +219,18 @@ def gather(mem: GuestMemory, segs: Sequence[Segment], length: int) -> bytes:
     return bytes(out)
 
 
+def scatter(bufs: Sequence[memoryview], data: bytes) -> int:
+    """Copy ``data`` into ``bufs`` in order, as far as they hold; returns the bytes written."""
+    pos = 0
+    for b in bufs:
+        take = min(len(b), len(data) - pos)
+        if take <= 0:
+            break
+        b[:take] = data[pos : pos + take]
+        pos += take
+    return pos
+
+
 def views(
     mem: GuestMemory, segs: Sequence[Segment], skip: int = 0, drop_tail: int = 0
 ) -> list[memoryview]:

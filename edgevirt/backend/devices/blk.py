@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edgevirt.backend.devices.base import Chain, Segment, VirtioDevice, gather, views
+from edgevirt.backend.devices.base import Chain, Segment, VirtioDevice, gather, scatter, views
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.errors import BackendError, ConfigError
 
@@ -376,12 +376,7 @@ class BlockDevice(VirtioDevice):
         if t == T_GET_ID:
             if out_len or in_len < ID_BYTES:
                 return S_IOERR, 0
-            data, pos = self.serial.ljust(ID_BYTES, b"\0"), 0
-            for b in req.data_in:
-                take = min(len(b), ID_BYTES - pos)
-                b[:take] = data[pos : pos + take]
-                pos += take
-            return S_OK, pos
+            return S_OK, scatter(req.data_in, self.serial.ljust(ID_BYTES, b"\0"))
         if t in (T_DISCARD, T_WRITE_ZEROES) and self.features >> F_DISCARD & 1:
             return self._discard_write_zeroes(req, out_len, in_len), 0
         return S_UNSUPP, 0

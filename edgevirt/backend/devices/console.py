@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice, gather, views
+from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice, gather, scatter, views
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.errors import BackendError, ConfigError
 
@@ -465,11 +465,6 @@ class ConsoleDevice(VirtioDevice):
             bufs = views(host.mem, chain.writable)
             room = sum(len(b) for b in bufs)
             msg = msg[:room]  # a name longer than the buffer is cut (the driver's problem)
-            pos = 0
-            for b in bufs:
-                take = min(len(b), len(msg) - pos)
-                b[:take] = msg[pos : pos + take]
-                pos += take
-            done.append((chain, len(msg)))
+            done.append((chain, scatter(bufs, msg)))
         if done:
             host.complete(CTRL_RX, done)

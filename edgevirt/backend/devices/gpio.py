@@ -36,7 +36,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgevirt.backend.devices.base import DEFERRED, Chain, DeviceHost, VirtioDevice, gather, views
+from edgevirt.backend.devices.base import (
+    DEFERRED,
+    Chain,
+    DeviceHost,
+    VirtioDevice,
+    gather,
+    scatter,
+    views,
+)
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.errors import BackendError, ConfigError
 
@@ -193,7 +201,7 @@ class GpioDevice(VirtioDevice):
                 )
                 return _answer(out, STATUS_ERR)
             self.stats.bytes_written += 1 + size
-            return _write(out, bytes([STATUS_OK]) + self.names_block)
+            return scatter(out, bytes([STATUS_OK]) + self.names_block)
         if typ not in MSG_NAMES:
             self.bad_request("bad_type", "request type %d unknown (1..6)", typ)
             return _answer(out, STATUS_ERR)
@@ -219,7 +227,7 @@ class GpioDevice(VirtioDevice):
             return _answer(out, STATUS_ERR)
         if result is None:
             return _answer(out, STATUS_ERR)
-        return _write(out, bytes([STATUS_OK, result]))
+        return scatter(out, bytes([STATUS_OK, result]))
 
     def _do(self, typ: int, gpio: int, value: int) -> int | None:
         ln = self.lines[gpio]
@@ -359,15 +367,5 @@ class GpioDevice(VirtioDevice):
 
 def _answer(out: list[memoryview], status: int) -> int:
     """Write a one-byte status (and zero the rest of a two-byte response)."""
-    return _write(out, bytes([status]) + bytes(min(1, sum(len(b) for b in out) - 1)))
+    return scatter(out, bytes([status]) + bytes(min(1, sum(len(b) for b in out) - 1)))
 
-
-def _write(out: list[memoryview], data: bytes) -> int:
-    pos = 0
-    for b in out:
-        take = min(len(b), len(data) - pos)
-        if take <= 0:
-            break
-        b[:take] = data[pos : pos + take]
-        pos += take
-    return pos

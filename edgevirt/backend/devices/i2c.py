@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice, gather, views
+from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice, gather, scatter, views
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.errors import BackendError, ConfigError
 
@@ -242,7 +242,7 @@ class I2cDevice(VirtioDevice):
             status = MSG_OK if i < ok else MSG_ERR
             written = 1
             if m is not None and m.read and status == MSG_OK:
-                _fill(r.out, m.data)
+                scatter(r.out, m.data)
                 written += m.length
                 self.stats.bytes_written += m.length
             elif m is not None and status == MSG_OK:
@@ -255,12 +255,3 @@ class I2cDevice(VirtioDevice):
             lengths.append(written)
         return lengths
 
-
-def _fill(out: list[memoryview], data: bytes) -> None:
-    pos = 0
-    for b in out:
-        take = min(len(b), len(data) - pos)
-        if take <= 0:
-            break
-        b[:take] = data[pos : pos + take]
-        pos += take

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice, gather, views
+from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice, gather, scatter, views
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.errors import BackendError, ConfigError
 
@@ -451,7 +451,7 @@ class VsockDevice(VirtioDevice):
                 if self.control:
                     chain = self.rx.popleft()
                     pkt = self.control.popleft()
-                    _write(views(mem, chain.writable), pkt)
+                    scatter(views(mem, chain.writable), pkt)
                     done.append((chain, len(pkt)))
                     continue
                 if not self._data_packet(mem, done):
@@ -502,20 +502,10 @@ class VsockDevice(VirtioDevice):
                 conn.tx_cnt += n
                 self.stats.bytes_written += n
                 self.ready.append(conn)
-            _write(views(mem, chain.writable), pkt)
+            scatter(views(mem, chain.writable), pkt)
             done.append((chain, HDR.size + n))
             return True
         return False
-
-
-def _write(bufs: list[memoryview], data: bytes) -> None:
-    pos = 0
-    for b in bufs:
-        take = min(len(b), len(data) - pos)
-        if take <= 0:
-            return
-        b[:take] = data[pos : pos + take]
-        pos += take
 
 
 def _limit(bufs: list[memoryview], n: int) -> list[memoryview]:
