@@ -20,6 +20,7 @@ Run: ``.venv/bin/python -m bench.net`` (root: it makes network namespaces);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgevirt.backend.devices.tap import Tap
@@ -81,6 +83,29 @@ def sh(*args: str) -> None:
 def peer(ns: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(in_netns(ns, sys.executable, "-c", PEER, *args),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def drained(peer: socket.socket) -> Iterator[None]:
+    """A thread that reads and drops what ``peer`` receives while the block runs (the link's
+    far end for transmit-only measurements)."""
+    stop = threading.Event()
+
+    def drain() -> None:
+        peer.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                peer.recv(70000)
+            except OSError:
+                pass
+
+    d = threading.Thread(target=drain, daemon=True)
+    d.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        d.join(2)
 
 
 def mib_s(out: str) -> float:
@@ -257,31 +282,18 @@ def backend_only(frame: int = 1514, rounds: int = 200, batch: int = 64) -> dict:
         rx.driver.data_end = base + 8 * MIB
         tx = fe.setup_vring(1, 256, base=base + 8 * MIB)
         pkt = bytes(12) + bytes(frame)
-        stop = threading.Event()
-
-        def drain() -> None:
-            link.peer.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    link.peer.recv(70000)
-                except OSError:
-                    pass
-
-        d = threading.Thread(target=drain, daemon=True)
-        d.start()
-        t0 = time.perf_counter()
-        for _ in range(rounds):
-            tx.driver.reset_data()
-            for _ in range(batch):
-                tx.driver.add([pkt])
-            fe.kick(1)
-            got = 0
-            while got < batch:
-                fe.wait_call(1, 5)
-                got += len(tx.driver.get_used())
-        secs = time.perf_counter() - t0
-        stop.set()
-        d.join(2)
+        with drained(link.peer):
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                tx.driver.reset_data()
+                for _ in range(batch):
+                    tx.driver.add([pkt])
+                fe.kick(1)
+                got = 0
+                while got < batch:
+                    fe.wait_call(1, 5)
+                    got += len(tx.driver.get_used())
+            secs = time.perf_counter() - t0
         n = rounds * batch
         out["tx_frames_s"] = round(n / secs)
         out["tx_mib_s"] = round(n * frame / MIB / secs, 1)
@@ -320,25 +332,12 @@ def device_cost(frames: int = 50000) -> dict:
     link = DatagramLink()
     link.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     dev = NetDevice(link, offload=False)
-    stop = threading.Event()
-
-    def drain() -> None:
-        link.peer.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                link.peer.recv(70000)
-            except OSError:
-                pass
-
-    d = threading.Thread(target=drain, daemon=True)
-    d.start()
     chain = Chain(0, [(0x5C000000, 12), (0x5C000100, 1514)], [])
-    t0 = time.perf_counter()
-    for _ in range(frames):
-        dev._transmit(chain, mem)
-    secs = time.perf_counter() - t0
-    stop.set()
-    d.join(2)
+    with drained(link.peer):
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            dev._transmit(chain, mem)
+        secs = time.perf_counter() - t0
     sent = dev.stats.by_type.get("tx_frames", 0)
     link.close()
     mem.close()
