@@ -1,5 +1,5 @@
 """What several test files need: run the CLI as a user does, find leftover processes, know
-whether io_uring works here."""
+whether io_uring works here, wait for a condition."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import functools
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +73,13 @@ def odirect_dir(tmp: Path) -> Path | None:
         finally:
             probe.unlink()
     return None
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``pred`` until it is true (True) or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

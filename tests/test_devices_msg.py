@@ -20,20 +20,12 @@ from edgevirt.backend.transport.virtio_msg.bus import MsgBus
 from edgevirt.backend.transport.virtio_msg.driver import MsgDriver
 from edgevirt.backend.transport.virtio_msg.service import map_carveout
 from edgevirt.backend.virtq.driver import DriverQueue
+from tests.helpers import wait_until
 
 BASE = 0x5C00_0000
 CARVEOUT = 4 << 20
 F_VERSION_1 = 32
 F_ACCESS_PLATFORM = 33
-
-
-def wait_until(pred, timeout=5.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture

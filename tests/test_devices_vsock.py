@@ -23,19 +23,11 @@ from edgevirt.backend.loop import Loop
 from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
 from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.errors import ConfigError
+from tests.helpers import wait_until
 
 BASE = 0x5C000000
 CID = 7
 GUEST_ALLOC = 64 * 1024
-
-
-def wait_until(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 class Guest:

@@ -15,6 +15,7 @@ from edgevirt.backend.transport.vhost_user import protocol as p
 from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
 from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.backend.transport.vhost_user.protocol import Request as R
+from tests.helpers import wait_until
 
 BLK_HDR = struct.Struct("<IIQ")
 
@@ -48,15 +49,6 @@ def connect(backend, **kw):
     fe.negotiate()
     fe.set_mem_table()
     return fe
-
-
-def wait_until(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def blk_request(fe, rtype, sector, data=b"", read_len=0):
