@@ -140,38 +140,12 @@ def test_boots_from_the_sd_card_with_the_pool_at_the_composed_address(tmp_path):
     assert not leftovers(str(tmp_path))
 
 
-def test_composed_dtb_over_loady(tmp_path):
-    """The carve-out DTB travels over the serial line (ymodem); kernel and initramfs come
-    from the card with U-Boot's fatload; the kernel uses the DTB that came over the line."""
-    board = load_board("rpi3b")
-    bl = board.bootloader
-    with Target(board, DeployOptions(tmp_path, load="sdcard")) as t:
-        t.prepare()
-        t.transition(State.BOOTLOADER)
-        u = t.strategy.uboot  # type: ignore[attr-defined]
-        u.check(f"fatload mmc 0:1 {bl.kernel_addr_r:#x} Image", 60)
-        u.check(f"fatload mmc 0:1 {bl.ramdisk_addr_r:#x} initramfs.cpio.gz", 60)
-        rsize = u.filesize()
-        # Clobber the card's DTB location first: only what loady brings can boot.
-        u.check(f"mw.b {bl.fdt_addr_r:#x} 0 0x10000")
-        assert u.loady(bl.fdt_addr_r, t.images.dtb) == t.images.dtb.stat().st_size
-        u.check(f"setenv bootargs '{t.bootargs()}'")
-        u.boot(f"booti {bl.kernel_addr_r:#x} {bl.ramdisk_addr_r:#x}:{rsize:#x} {bl.fdt_addr_r:#x}")
-        t.strategy.state = State.KERNEL
-        t.transition(State.SHELL)
-        result = run_suite(load_suite("carveout"), t.console, variables=t.vars())
-        assert result.ok, [(s.name, s.detail) for s in result.steps]
-    assert not leftovers(str(tmp_path))
-
-
-@pytest.mark.skipif(
-    not os.environ.get("EDGEVIRT_SLOW"),
-    reason="5-9 min on 2 shared cores (ymodem at ~12-16 KiB/s): set EDGEVIRT_SLOW=1",
-)
 def test_full_boot_over_loady_without_a_card(tmp_path):
-    """No card: kernel and initramfs LZMA-compressed over ymodem, lzmadec'd by U-Boot."""
+    """No card: kernel and initramfs LZMA-compressed over ymodem, lzmadec'd by U-Boot.
+    ~36 s on an idle host; the model's UART rate falls with the host's load (see
+    boards/rpi3b.toml), hence the wide timeout."""
     board = load_board("rpi3b")
-    with Target(board, DeployOptions(tmp_path, load="ymodem", boot_timeout=900)) as t:
+    with Target(board, DeployOptions(tmp_path, load="ymodem", boot_timeout=600)) as t:
         t.prepare()
         t.boot()
         assert t.model is not None and t.model.sd_card is None

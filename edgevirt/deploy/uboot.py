@@ -216,8 +216,8 @@ class UBoot:
         """Send ``packed`` (:func:`lzma_alone`) to ``scratch`` with ``loady``, ``lzmadec`` it
         to ``addr``; returns the size U-Boot reports, checked against ``size``.
 
-        A 115200-baud line (or QEMU's one-byte-per-poll UART models) moves ~10 KiB/s, so
-        the ~3x smaller payload is the difference between minutes and a quarter hour.
+        A 115200-baud line moves ~11 KiB/s (QEMU's one-byte-per-wakeup UART models as
+        little on a loaded host), so the ~3x smaller payload is minutes saved.
         """
         self.loady(scratch, packed, abort, progress)
         self.check(f"lzmadec {scratch:#x} {addr:#x}", 120, abort)
