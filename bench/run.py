@@ -31,7 +31,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+FLAGS = {"--guest", "--guest-msg", "--guest-keep", "--repeat", "--ring", "--page-cache",
+         "--storage", "--mq", "--mq-ram", "--msg-cpu"}  # fmt: skip
+
+
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
+    unknown = [a for a in sys.argv[1:] if a.startswith("-") and a not in FLAGS]
+    if unknown:
+        sys.exit(f"bench/run.py: unknown option {unknown[0]} (--help lists them)")
     keep = sys.argv[sys.argv.index("--guest-keep") + 1] if "--guest-keep" in sys.argv else None
     if "--guest-msg" in sys.argv:
         repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 9
