@@ -46,5 +46,5 @@ def run(build: Path | None = None) -> list[dict]:
         [("edgevirt/qsd", "edgevirt", "qemu-storage-daemon"),
          ("edgevirt/built-in", "edgevirt", "QEMU built-in"),
          ("qsd/built-in", "qemu-storage-daemon", "QEMU built-in")],
-        ("edgevirt/qsd (min)", "edgevirt", "qemu-storage-daemon"),
+        ("edgevirt/qsd (min)", "edgevirt", "qemu-storage-daemon"), gb.cpu,
     )  # fmt: skip

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from bench.blk import cpu_ns
 from edgevirt.board import load_board
 from edgevirt.console.expect import Console
 from edgevirt.deploy.backend_process import BackendProcess, IvshmemBus
@@ -106,6 +107,10 @@ class GuestBench:
         for path in self.disks.values():
             path.write_bytes(content)
         self.qsd: subprocess.Popen | None = None
+        #: Each disk's server process: its CPU per workload run is measured beside the time.
+        self.pids: dict[str, int] = {}
+        #: (workload, disk) -> the server's CPU ms in each run (user + system, all threads).
+        self.cpu: dict[tuple[str, str], list[float]] = {}
         self.backends: list[BackendProcess] = []
         self.qemu: QemuProcess | None = None
         self.console: Console | None = None
@@ -143,13 +148,14 @@ class GuestBench:
 
     def start_qsd(self, name: str) -> None:
         self.qsd = start_qsd(self.disks[name], self.qsd_sock, self.tmp / "qsd.log")
+        self.pids[name] = self.qsd.pid
 
     def start_backend(
         self, disk: str, name: str, socket_dir: Path | None, msg: IvshmemBus | None = None
     ) -> None:
         """An edgevirt back-end serving the disk of ``disk``, logs as ``<name>.log``."""
         self.backends.append(
-            BackendProcess(
+            b := BackendProcess(
                 [f"blk:path={self.disks[disk]}"],
                 socket_dir,
                 self.tmp / f"{name}-stats.json",
@@ -157,6 +163,7 @@ class GuestBench:
                 msg=msg,
             )  # fmt: skip
         )
+        self.pids[disk] = b.proc.pid
 
     def boot(self, qcfg: QemuConfig) -> None:
         """Once every back-end is ready: QEMU, its console, the agent's ready line."""
@@ -198,8 +205,13 @@ class GuestBench:
         for _ in range(repeat):
             for wl, cmd in WORKLOADS:
                 for name in self.names:
+                    pid = self.pids.get(name)  # QEMU's built-in disk: no server process
+                    c0 = cpu_ns(pid) if pid else 0
                     ms = guest_ms(console, cmd.format(dev=dev[name]), self.abort, self.guest_clock)
                     times.setdefault((wl, name), []).append(ms)
+                    if pid:
+                        spent = (cpu_ns(pid) - c0) / 1e6
+                        self.cpu.setdefault((wl, name), []).append(spent)
         console.sendline("poweroff -f")
         self.qemu.wait(20)
         return times
@@ -212,10 +224,12 @@ def rows(
     short: list[str],
     ratios: list[tuple[str, str, str]],
     min_ratio: tuple[str, str, str],
+    cpu: dict[tuple[str, str], list[float]] | None = None,
 ) -> list[dict]:
     """One row per workload: the median per back-end, ``ratios`` (column, numerator,
     denominator) of medians, the minima, ``min_ratio`` of minima, every run (``short``
-    names the back-ends in the column titles)."""
+    names the back-ends in the column titles), and with ``cpu`` each server's median CPU
+    per run: how much of a difference in time the back-ends' own work explains."""
     out = []
     clock = "guest clock" if guest_clock else "host, console round trip"
     for wl, _ in WORKLOADS:
@@ -230,5 +244,9 @@ def rows(
         row[f"all runs ms ({'; '.join(short)})"] = "; ".join(
             "/".join(f"{t:.0f}" for t in times[(wl, name)]) for name in names
         )
+        if cpu:
+            row[f"server CPU ms ({'/'.join(short)})"] = "/".join(
+                f"{statistics.median(cpu[(wl, n)]):.1f}" if (wl, n) in cpu else "-" for n in names
+            )
         out.append(row)
     return out

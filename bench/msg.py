@@ -99,5 +99,5 @@ def run(build: Path | None = None, repeat: int = REPEAT) -> list[dict]:
         [("msg/vhost-user", "edgevirt virtio-msg", "edgevirt vhost-user"),
          ("msg/qsd", "edgevirt virtio-msg", "qemu-storage-daemon"),
          ("vhost-user/qsd", "edgevirt vhost-user", "qemu-storage-daemon")],
-        ("msg/vhost-user (min)", "edgevirt virtio-msg", "edgevirt vhost-user"),
+        ("msg/vhost-user (min)", "edgevirt virtio-msg", "edgevirt vhost-user"), gb.cpu,
     )  # fmt: skip
