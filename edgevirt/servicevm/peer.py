@@ -22,7 +22,6 @@ its virtqueues are translated against it. Logs go to stderr (``/init`` sends the
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -38,8 +37,8 @@ from edgevirt.backend.transport.virtio_msg.pcilink import (
     PciDoorbellLink,
     enable,
 )
-from edgevirt.backend.transport.virtio_msg.service import MsgService, map_carveout
-from edgevirt.errors import ConfigError, EdgevirtError
+from edgevirt.backend.transport.virtio_msg.service import MsgService, map_carveout, peer_main
+from edgevirt.errors import ConfigError
 from edgevirt.servicevm import peripherals
 
 log = logging.getLogger(__name__)
@@ -180,21 +179,8 @@ def serve(cfg: PeerConfig, sysfs: Path = SYSFS, dev_dir: Path = Path("/dev")) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m edgevirt.servicevm.peer")
-    ap.add_argument("--config", type=Path, required=True)
-    ap.add_argument("--log-level", default="info")
-    args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        service = serve(load_config(args.config))
-    except EdgevirtError as e:
-        log.error("%s", e)
-        return 1
-    log.info("EDGEVIRT-BACKEND-READY")
-    service.run()
-    return 0
+    return peer_main("python3 -m edgevirt.servicevm.peer", argv,
+                     lambda path: serve(load_config(path)))  # fmt: skip
 
 
 if __name__ == "__main__":

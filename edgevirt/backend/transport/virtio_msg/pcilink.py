@@ -53,6 +53,16 @@ class PeerLink(Protocol):
     def close(self) -> None: ...
 
 
+def read_count(fd: int) -> int:
+    """Read a doorbell device the way eventfds read (``/dev/ivshmem-*`` of ev_ivshmem,
+    ``/dev/ev-evtchn`` of ev_evtchn): the 64-bit count of rings since the last read, or 0
+    when there was none (the fd is non-blocking)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
 def _read_hex(path: Path) -> int:
     try:
         return int(path.read_text().strip(), 16)
@@ -152,10 +162,7 @@ class PciDoorbellLink:
         return list(self._fds)
 
     def drain(self, fd: int) -> int:
-        try:
-            return int.from_bytes(os.read(fd, 8), "little")
-        except BlockingIOError:
-            return 0
+        return read_count(fd)
 
     def notify(self) -> bool:
         """Ring the driver's ``vector``."""

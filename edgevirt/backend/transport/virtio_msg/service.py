@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgevirt.backend.devices import VirtioDevice, parse_device
@@ -27,6 +27,8 @@ from edgevirt.backend.transport.virtio_msg.pcilink import PeerLink
 from edgevirt.errors import BackendError, EdgevirtError
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def map_carveout(path: str | os.PathLike[str], gpa: int, size: int | None = None) -> GuestMemory:
@@ -119,9 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--poll-interval", type=float, default=None)
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     devices: list[VirtioDevice] = []
     try:
         mem = map_carveout(args.carveout_file, args.carveout_base, args.carveout_size)
@@ -134,4 +134,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         for d in devices:
             d.close()
         return 1
+    return 0
+
+
+def peer_main(
+    prog: str,
+    argv: Sequence[str] | None,
+    build: Callable[[Path], MsgService],
+    errors: tuple[type[Exception], ...] = (EdgevirtError,),
+) -> int:
+    """The entry point of a back-end that a service domain's ``/init`` starts with
+    ``--config FILE``: ``build`` makes the service from that file, then it serves until
+    a signal. A failure to build it that is one of ``errors`` is logged and returns 1
+    (anything else is a bug and keeps its traceback). EDGEVIRT-BACKEND-READY in the log
+    (``/run/edgevirt/backend.log``) marks the moment the bus is up."""
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--config", type=Path, required=True)
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    try:
+        service = build(args.config)
+    except errors as e:
+        log.error("%s", e)
+        return 1
+    log.info("EDGEVIRT-BACKEND-READY")
+    service.run()
     return 0

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgevirt.backend.transport.virtio_msg.pcilink import read_count
 from edgevirt.backend.transport.virtio_msg.protocol import VirtioMsgError
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,7 @@ class XenEvtchnLink:
         return [self._fd] if self._fd >= 0 else []
 
     def drain(self, fd: int) -> int:
-        try:
-            return int.from_bytes(os.read(fd, 8), "little")
-        except BlockingIOError:
-            return 0
+        return read_count(fd)
 
     def notify(self) -> bool:
         try:
@@ -182,23 +180,14 @@ def serve_xen(config: dict, src: str = "<config>"):  # type: ignore[no-untyped-d
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import json
 
+    from edgevirt.backend.transport.virtio_msg.service import peer_main
     from edgevirt.errors import EdgevirtError
 
-    ap = argparse.ArgumentParser(prog="python3 -m edgevirt.backend.transport.virtio_msg.xenlink")
-    ap.add_argument("--config", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        service = serve_xen(json.loads(args.config.read_text()), str(args.config))
-    except (EdgevirtError, OSError, ValueError) as e:
-        log.error("%s", e)
-        return 1
-    log.info("EDGEVIRT-BACKEND-READY")
-    service.run()
-    return 0
+    return peer_main("python3 -m edgevirt.backend.transport.virtio_msg.xenlink", argv,
+                     lambda path: serve_xen(json.loads(path.read_text()), str(path)),
+                     (EdgevirtError, OSError, ValueError))  # fmt: skip
 
 
 if __name__ == "__main__":
