@@ -20,29 +20,19 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports():
+    import devharness
+
     from edgevirt.backend.devices.base import Chain, VirtioDevice
     from edgevirt.backend.devices.console import ConsoleDevice
     from edgevirt.backend.devices.fakehost import FakeHost
     from edgevirt.backend.devices.net import NetDevice
     from edgevirt.backend.devices.tap import DatagramLink
     from edgevirt.backend.devices.vsock import VsockDevice
-    from edgevirt.backend.memory import GuestMemory, Region
     from edgevirt.errors import BackendError
-
-GPA = 0x5C000000
-MEM = 1 << 16
 
 
 def chain_from(fdp: atheris.FuzzedDataProvider, head: int) -> Chain:
-    segs: list[tuple[int, int]] = []
-    for _ in range(fdp.ConsumeIntInRange(1, 4)):
-        inside = fdp.ConsumeBool() or fdp.ConsumeBool()
-        # Mostly where the input's own bytes land (the start of memory), sometimes anywhere.
-        off = fdp.ConsumeIntInRange(0, 2048) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, MEM)
-        gpa = GPA + off if inside else fdp.ConsumeIntInRange(0, 1 << 40)
-        segs.append((gpa, fdp.ConsumeIntInRange(0, 4200)))
-    split = fdp.ConsumeIntInRange(0, len(segs))
-    return Chain(head, segs[:split], segs[split:])
+    return devharness.chain_from(fdp, head, 2048, lambda f: f.ConsumeIntInRange(0, 4200))
 
 
 def serve(dev: VirtioDevice, host: FakeHost, fdp: atheris.FuzzedDataProvider) -> None:
@@ -57,15 +47,7 @@ def serve(dev: VirtioDevice, host: FakeHost, fdp: atheris.FuzzedDataProvider) ->
 
 
 def TestOneInput(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
-    kind = fdp.ConsumeIntInRange(0, 2)
-    # Control bytes come first; guest memory is the tail, so headers are fuzzer-chosen.
-    split = fdp.ConsumeIntInRange(0, max(0, fdp.remaining_bytes() - 1))
-    control = fdp.ConsumeBytes(split)
-    memory = bytearray(fdp.ConsumeBytes(MEM).ljust(MEM, b"\0"))
-    mem = GuestMemory([Region(GPA, MEM, memory)])
-    fdp = atheris.FuzzedDataProvider(control)
-    host = FakeHost(mem)
+    kind, fdp, host = devharness.start(data, 3)
     with tempfile.TemporaryDirectory() as tmp:
         dev: VirtioDevice
         link = None

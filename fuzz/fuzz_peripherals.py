@@ -18,41 +18,27 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    import devharness
+
     from edgevirt.backend.devices.base import Chain, VirtioDevice
-    from edgevirt.backend.devices.fakehost import FakeHost
     from edgevirt.backend.devices.gpio import GpioDevice
     from edgevirt.backend.devices.gpiosim import SimBank
     from edgevirt.backend.devices.i2c import I2cDevice
     from edgevirt.backend.devices.i2csim import SimBus
-    from edgevirt.backend.memory import GuestMemory, Region
     from edgevirt.errors import BackendError
 
-GPA = 0x5C000000
-MEM = 1 << 16
+
+def _size(fdp: atheris.FuzzedDataProvider) -> int:
+    # Small buffers mostly: the real requests are 8 + 2 (gpio), 8 + n + 1 (i2c).
+    return fdp.ConsumeIntInRange(0, 12) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 9000)
 
 
 def chain_from(fdp: atheris.FuzzedDataProvider, head: int) -> Chain:
-    segs: list[tuple[int, int]] = []
-    for _ in range(fdp.ConsumeIntInRange(1, 4)):
-        inside = fdp.ConsumeBool() or fdp.ConsumeBool()
-        off = fdp.ConsumeIntInRange(0, 512) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, MEM)
-        gpa = GPA + off if inside else fdp.ConsumeIntInRange(0, 1 << 40)
-        # Small buffers mostly: the real requests are 8 + 2 (gpio), 8 + n + 1 (i2c).
-        size = fdp.ConsumeIntInRange(0, 12) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 9000)
-        segs.append((gpa, size))
-    split = fdp.ConsumeIntInRange(0, len(segs))
-    return Chain(head, segs[:split], segs[split:])
+    return devharness.chain_from(fdp, head, 512, _size)
 
 
 def TestOneInput(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
-    kind = fdp.ConsumeIntInRange(0, 1)
-    split = fdp.ConsumeIntInRange(0, max(0, fdp.remaining_bytes() - 1))
-    control = fdp.ConsumeBytes(split)
-    memory = bytearray(fdp.ConsumeBytes(MEM).ljust(MEM, b"\0"))
-    mem = GuestMemory([Region(GPA, MEM, memory)])
-    fdp = atheris.FuzzedDataProvider(control)
-    host = FakeHost(mem)
+    kind, fdp, host = devharness.start(data, 2)
     bank = None
     dev: VirtioDevice
     if kind == 0:
