@@ -1,15 +1,18 @@
 """What several test files need: run the CLI as a user does, find leftover processes, know
-whether io_uring works here, wait for a condition."""
+whether io_uring works here, wait for a condition, serve a device to a vhost-user front-end."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +86,41 @@ def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def chain_bufs(drv: Any, head: int) -> list[tuple[int, int, int]]:
+    """(address, length, flags) of each descriptor of the chain at ``head`` in ``drv``'s
+    table, as the synthetic driver wrote them."""
+    out, i = [], head
+    while True:
+        addr, n, flags, nxt = drv.read_desc(i)
+        out.append((addr, n, flags))
+        if not flags & 1:  # VIRTQ_DESC_F_NEXT
+            return out
+        i = nxt
+
+
+@contextlib.contextmanager
+def vhost_user(dev: Any, sock: Path, features: int = 0, size: int = 8 << 20) -> Iterator[Any]:
+    """``dev`` served by the real vhost-user back-end on ``sock`` (its loop in a thread),
+    and a front-end with ``size`` bytes of memory that negotiated ``features`` besides
+    VERSION_1 (those the device offers) and sent its memory table. Yields (front-end,
+    back-end); stops the loop and closes both after."""
+    from edgevirt.backend.loop import Loop
+    from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
+    from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
+
+    loop = Loop()
+    be = VhostUserBackend(dev, str(sock), loop)
+    t = threading.Thread(target=loop.run, daemon=True)
+    t.start()
+    fe = VhostUserFrontend(be.path, size=size)
+    try:
+        fe.negotiate(features)
+        fe.set_mem_table()
+        yield fe, be
+    finally:
+        loop.stop()
+        t.join(5)
+        fe.close()
+        be.close()

@@ -1,7 +1,6 @@
 """virtio-console MULTIPORT through the real vhost-user back-end and a synthetic driver."""
 
 import socket
-import threading
 import time
 
 import pytest
@@ -17,11 +16,8 @@ from edgevirt.backend.devices.console import (
     PORT_READY,
     ConsoleDevice,
 )
-from edgevirt.backend.loop import Loop
-from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
-from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.errors import ConfigError
-from tests.helpers import wait_until
+from tests.helpers import vhost_user, wait_until
 
 BASE = 0x5C000000
 MIB = 1 << 20
@@ -59,23 +55,13 @@ class Driver:
 
 @pytest.fixture
 def console(tmp_path):
-    loop = Loop()
     dev = ConsoleDevice(["log", "ctl"], tmp_path, console="log")
-    be = VhostUserBackend(dev, str(tmp_path / "con.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=12 * MIB)
-    fe.negotiate(1 << 1)
-    fe.set_mem_table()
-    for i in range(dev.num_queues):
-        fe.setup_vring(i, 32, base=BASE + i * 2 * MIB)
-        fe.vrings[i].driver.data_end = BASE + (i + 1) * 2 * MIB
-    assert wait_until(lambda: all(v.queue is not None for v in be.vrings))
-    yield dev, Driver(fe, dev.num_queues), tmp_path, be
-    loop.stop()
-    t.join(5)
-    fe.close()
-    be.close()
+    with vhost_user(dev, tmp_path / "con.sock", 1 << 1, size=12 * MIB) as (fe, be):
+        for i in range(dev.num_queues):
+            fe.setup_vring(i, 32, base=BASE + i * 2 * MIB)
+            fe.vrings[i].driver.data_end = BASE + (i + 1) * 2 * MIB
+        assert wait_until(lambda: all(v.queue is not None for v in be.vrings))
+        yield dev, Driver(fe, dev.num_queues), tmp_path, be
 
 
 def handshake(drv):
@@ -173,16 +159,9 @@ def test_pty_port_both_ways(tmp_path):
     """A port whose host side is a pseudo-terminal: open <dir>/<name>.pty like a serial line."""
     import os
 
-    loop = Loop()
     dev = ConsoleDevice.from_ports("log@pty!+ctl", str(tmp_path))
     assert dev.ports[0].console and (tmp_path / "log.pty").is_symlink()
-    be = VhostUserBackend(dev, str(tmp_path / "con.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=12 * MIB)
-    try:
-        fe.negotiate(1 << 1)
-        fe.set_mem_table()
+    with vhost_user(dev, tmp_path / "con.sock", 1 << 1, size=12 * MIB) as (fe, _):
         for i in range(dev.num_queues):
             fe.setup_vring(i, 32, base=BASE + i * 2 * MIB)
             fe.vrings[i].driver.data_end = BASE + (i + 1) * 2 * MIB
@@ -205,9 +184,4 @@ def test_pty_port_both_ways(tmp_path):
             drv.send(1, b"x" * 4000)
             assert drv.used(1) == [0]
         assert dev.snapshot()["ports"][0]["pty_dropped"] > 0
-    finally:
-        loop.stop()
-        t.join(5)
-        fe.close()
-        be.close()
     assert not (tmp_path / "log.pty").exists()

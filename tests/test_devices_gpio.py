@@ -2,7 +2,6 @@
 driver; the outside world drives the bank through its control socket, as the CLI does."""
 
 import struct
-import threading
 import time
 
 import pytest
@@ -30,24 +29,12 @@ from edgevirt.backend.devices.gpio import (
     GpioError,
 )
 from edgevirt.backend.devices.gpiosim import control
-from edgevirt.backend.loop import Loop
-from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
-from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.errors import ConfigError
+from tests.helpers import chain_bufs, vhost_user, wait_until
 
 BASE = 0x5C000000
 NAMES = ["led", "button", "reset"]
 LED, BUTTON, RESET = 0, 1, 2
-
-
-def chain_bufs(drv, head):
-    out, i = [], head
-    while True:
-        addr, n, flags, nxt = drv.read_desc(i)
-        out.append((addr, n, flags))
-        if not flags & 1:
-            return out
-        i = nxt
 
 
 class Driver:
@@ -96,18 +83,6 @@ class Driver:
 def gpio(tmp_path):
     ctl = tmp_path / "gpio.sock"
     dev = parse_device(f"gpio:lines={'+'.join(NAMES)},ctl={ctl}")
-    loop = Loop()
-    be = VhostUserBackend(dev, str(tmp_path / "gpio-vu.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=8 << 20)
-    fe.negotiate(extra_features=1)  # VIRTIO_GPIO_F_IRQ
-    fe.set_mem_table()
-    fe.setup_vring(0, 64, base=BASE).driver.data_end = BASE + (4 << 20)
-    fe.setup_vring(1, 64, base=BASE + (4 << 20))
-    deadline = time.monotonic() + 5
-    while not all(v.queue is not None for v in be.vrings[:2]) and time.monotonic() < deadline:
-        time.sleep(0.005)
 
     def outside(op, line, value=None):
         req = {"op": op, "line": line}
@@ -115,11 +90,11 @@ def gpio(tmp_path):
             req["value"] = value
         return control(ctl, req)
 
-    yield dev, Driver(fe), outside, fe, be
-    loop.stop()
-    t.join(5)
-    fe.close()
-    be.close()
+    with vhost_user(dev, tmp_path / "gpio-vu.sock", features=1) as (fe, be):  # F_IRQ
+        fe.setup_vring(0, 64, base=BASE).driver.data_end = BASE + (4 << 20)
+        fe.setup_vring(1, 64, base=BASE + (4 << 20))
+        assert wait_until(lambda: all(v.queue is not None for v in be.vrings[:2]))
+        yield dev, Driver(fe), outside, fe, be
 
 
 def test_config_and_line_names(gpio):
@@ -269,24 +244,12 @@ def test_hostile_requests_get_error_status_and_the_queue_goes_on(gpio):
 
 def test_irq_refused_without_the_feature(tmp_path):
     dev = parse_device("gpio:lines=a+b")
-    loop = Loop()
-    be = VhostUserBackend(dev, str(tmp_path / "g.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=8 << 20)
-    try:
-        fe.negotiate()  # VIRTIO_GPIO_F_IRQ not acked
-        fe.set_mem_table()
+    with vhost_user(dev, tmp_path / "g.sock") as (fe, _):  # VIRTIO_GPIO_F_IRQ not acked
         fe.setup_vring(0, 64, base=BASE).driver.data_end = BASE + (4 << 20)
         fe.setup_vring(1, 64, base=BASE + (4 << 20))
         drv = Driver(fe)
         assert drv.call(SET_IRQ_TYPE, 0, IRQ_RISING) == bytes([STATUS_ERR, 0])
         assert dev.stats.by_type["irq_not_negotiated"] == 1
-    finally:
-        loop.stop()
-        t.join(5)
-        fe.close()
-        be.close()
 
 
 def test_stopping_the_eventq_drops_the_kept_pairs(gpio):

@@ -3,7 +3,6 @@ vhost-user back-end and a synthetic driver that queues requests the way Linux's
 virtio-i2c driver does (one chain per segment, FAIL_NEXT on all but a group's last)."""
 
 import struct
-import threading
 import time
 
 import pytest
@@ -11,23 +10,11 @@ import pytest
 from edgevirt.backend.devices import parse_device
 from edgevirt.backend.devices.i2c import FLAG_FAIL_NEXT, FLAG_M_RD, MAX_GROUP, MSG_ERR, MSG_OK
 from edgevirt.backend.devices.i2csim import WHO_AM_I_VALUE
-from edgevirt.backend.loop import Loop
-from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
-from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.errors import ConfigError
+from tests.helpers import chain_bufs, vhost_user, wait_until
 
 BASE = 0x5C000000
 EEPROM, REGMAP, HIDDEN = 0x50, 0x48, 0x51
-
-
-def chain_bufs(drv, head):
-    out, i = [], head
-    while True:
-        addr, n, flags, nxt = drv.read_desc(i)
-        out.append((addr, n, flags))
-        if not flags & 1:
-            return out
-        i = nxt
 
 
 def w(addr, data=b""):
@@ -91,22 +78,11 @@ def i2c(tmp_path):
     image = tmp_path / "eeprom.bin"
     dev = parse_device(f"i2c:devices=eeprom@0x50+regmap@0x48+eeprom@0x51,allow=0x50+0x48,"
                        f"eeprom_file={image}")  # fmt: skip
-    loop = Loop()
-    be = VhostUserBackend(dev, str(tmp_path / "i2c.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=8 << 20)
-    fe.negotiate(extra_features=1)  # VIRTIO_I2C_F_ZERO_LENGTH_REQUEST
-    fe.set_mem_table()
-    fe.setup_vring(0, 256, base=BASE)
-    deadline = time.monotonic() + 5
-    while be.vrings[0].queue is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    yield dev, Driver(fe), be, image
-    loop.stop()
-    t.join(5)
-    fe.close()
-    be.close()
+    # VIRTIO_I2C_F_ZERO_LENGTH_REQUEST
+    with vhost_user(dev, tmp_path / "i2c.sock", features=1) as (fe, be):
+        fe.setup_vring(0, 256, base=BASE)
+        assert wait_until(lambda: be.vrings[0].queue is not None)
+        yield dev, Driver(fe), be, image
 
 
 def test_offers_zero_length_requests_and_no_config(i2c):

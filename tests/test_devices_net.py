@@ -3,7 +3,6 @@
 import os
 import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -17,11 +16,8 @@ from edgevirt.backend.devices.net import (
     NetDevice,
 )
 from edgevirt.backend.devices.tap import DatagramLink
-from edgevirt.backend.loop import Loop
-from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
-from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.errors import ConfigError
-from tests.helpers import wait_until
+from tests.helpers import vhost_user, wait_until
 
 BASE = 0x5C000000
 FRAME = bytes(range(256)) * 5 + b"\xee" * 234  # 1514 bytes
@@ -39,24 +35,14 @@ def net_offload(tmp_path):
 
 
 def serve(tmp_path, features):
-    loop = Loop()
     link = DatagramLink()
     dev = NetDevice(link)
-    be = VhostUserBackend(dev, str(tmp_path / "net.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=8 << 20)
-    fe.negotiate(features)
-    fe.set_mem_table()
-    rx = fe.setup_vring(0, 64, base=BASE)
-    rx.driver.data_end = BASE + (4 << 20)
-    fe.setup_vring(1, 64, base=BASE + (4 << 20))
-    assert wait_until(lambda: all(v.queue is not None for v in be.vrings))
-    yield dev, fe, link, be
-    loop.stop()
-    t.join(5)
-    fe.close()
-    be.close()
+    with vhost_user(dev, tmp_path / "net.sock", features) as (fe, be):
+        rx = fe.setup_vring(0, 64, base=BASE)
+        rx.driver.data_end = BASE + (4 << 20)
+        fe.setup_vring(1, 64, base=BASE + (4 << 20))
+        assert wait_until(lambda: all(v.queue is not None for v in be.vrings))
+        yield dev, fe, link, be
 
 
 def writable_gpas(drv, head):

@@ -19,11 +19,8 @@ from edgevirt.backend.devices.vsock import (
     SHUTDOWN_SEND,
     VsockDevice,
 )
-from edgevirt.backend.loop import Loop
-from edgevirt.backend.transport.vhost_user.backend import VhostUserBackend
-from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.errors import ConfigError
-from tests.helpers import wait_until
+from tests.helpers import vhost_user, wait_until
 
 BASE = 0x5C000000
 CID = 7
@@ -78,23 +75,13 @@ class Guest:
 
 @pytest.fixture
 def vsock(tmp_path):
-    loop = Loop()
     dev = VsockDevice(CID, tmp_path)
-    be = VhostUserBackend(dev, str(tmp_path / "vsock.sock"), loop)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
-    fe = VhostUserFrontend(be.path, size=8 << 20)
-    fe.negotiate()
-    fe.set_mem_table()
-    rx = fe.setup_vring(0, 64, base=BASE)
-    rx.driver.data_end = BASE + (4 << 20)
-    fe.setup_vring(1, 64, base=BASE + (4 << 20))
-    assert wait_until(lambda: all(v.queue is not None for v in be.vrings[:2]))
-    yield dev, Guest(fe), tmp_path, be
-    loop.stop()
-    t.join(5)
-    fe.close()
-    be.close()
+    with vhost_user(dev, tmp_path / "vsock.sock") as (fe, be):
+        rx = fe.setup_vring(0, 64, base=BASE)
+        rx.driver.data_end = BASE + (4 << 20)
+        fe.setup_vring(1, 64, base=BASE + (4 << 20))
+        assert wait_until(lambda: all(v.queue is not None for v in be.vrings[:2]))
+        yield dev, Guest(fe), tmp_path, be
 
 
 def listen(path):
