@@ -1,19 +1,28 @@
-"""What every command module shares: consoles, exit codes, error rendering, progress."""
+"""What every command module shares: consoles, exit codes, error rendering, progress,
+the options several commands take alike."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
-from typing import NoReturn
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
+import click
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from edgevirt.errors import ConfigError, EdgevirtError, SetupError
 from edgevirt.report import Reporter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SETUP, EXIT_CONFIG = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
 
 out = Console()
 err = Console(stderr=True)
@@ -32,6 +41,52 @@ def fail(e: EdgevirtError) -> NoReturn:
         else EXIT_FAILED
     )
     sys.exit(code)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C: everything is stopped."""
+    signal.signal(signal.SIGTERM, _sigterm)
+
+
+@contextlib.contextmanager
+def interruptible(stopped: str | None = None) -> Iterator[None]:
+    """The body of a command that drives a target: Ctrl-C (or SIGTERM, see
+    :func:`stop_on_sigterm`) exits 130, saying ``stopped`` (what was powered off or
+    released on the way out) if given; an EdgevirtError exits through :func:`fail`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if stopped is not None:
+            err.print(f"[bold red]interrupted:[/] {stopped}")
+        sys.exit(EXIT_INTERRUPTED)
+    except EdgevirtError as e:
+        fail(e)
+
+
+def out_dir_option(help: str) -> Callable[[Any], Any]:
+    """``-o/--out DIR`` (required; the ``out_dir`` parameter): where a command writes."""
+    return click.option(
+        "-o",
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        required=True,
+        help=help,
+    )
+
+
+def field_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A header-less two-column table: one (field, value) per row."""
+    t = Table(title=title, show_header=False)
+    t.add_column("field")
+    t.add_column("value")
+    for field, value in rows:
+        t.add_row(field, value)
+    return t
 
 
 class RichReporter(Reporter):

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import click
 
-from edgevirt.cli.common import EXIT_OK, err, fail
+from edgevirt.cli.common import EXIT_OK, err, interruptible, stop_on_sigterm
 from edgevirt.cli.lab import place_options
-from edgevirt.cli.test import EXIT_INTERRUPTED, stop_on_sigterm
-from edgevirt.errors import ConfigError, EdgevirtError
+from edgevirt.errors import ConfigError
 
 
 @click.command()
@@ -56,7 +55,7 @@ def console(
     from edgevirt.console.interact import interact
 
     stop_on_sigterm()
-    try:
+    with interruptible():
         if place is not None:
             _place_console(ctx, place, coordinator, wait, board, log_path, power_on)
             sys.exit(EXIT_OK)
@@ -76,10 +75,6 @@ def console(
             interact(con)
         finally:
             con.close()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
-    except EdgevirtError as e:
-        fail(e)
     sys.exit(EXIT_OK)
 
 

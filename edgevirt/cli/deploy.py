@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from edgevirt.cli.common import EXIT_OK, RichReporter, err, fail, out
-from edgevirt.cli.lab import place_options
-from edgevirt.cli.test import EXIT_INTERRUPTED, board_options, deploy_options, stop_on_sigterm
-from edgevirt.errors import EdgevirtError
+from edgevirt.cli.common import EXIT_OK, RichReporter, err, interruptible, out, stop_on_sigterm
+from edgevirt.cli.lab import place_board, place_options
+from edgevirt.cli.test import board_options, deploy_options
 
 if TYPE_CHECKING:
     from edgevirt.deploy.target import Target
@@ -76,16 +75,15 @@ def deploy(
 
     stop_on_sigterm()
     t0 = time.monotonic()
-    try:
+    with interruptible("target powered off" + (", place released" if place else "")):
         if place is not None:
             from edgevirt.cli.lab import lab_target
 
-            explicit = ctx.get_parameter_source("board") is not click.core.ParameterSource.DEFAULT
             opts = deploy_options(
                 build_dir or Path("out") / "lab-deploy", image, load, boot_timeout, transport
             )
             with lab_target(
-                place, coordinator, wait, board if explicit else None, opts,
+                place, coordinator, wait, place_board(ctx, board), opts,
                 RichReporter(quiet=as_json),
             ) as (session, target):
                 _deploy(target, state, transport, interactive, as_json, t0, place=session.name)
@@ -102,13 +100,6 @@ def deploy(
             finally:
                 if target.machine is not None or target.model is not None:
                     target.close()
-    except KeyboardInterrupt:
-        err.print(
-            "[bold red]interrupted:[/] target powered off" + (", place released" if place else "")
-        )
-        sys.exit(EXIT_INTERRUPTED)
-    except EdgevirtError as e:
-        fail(e)
     sys.exit(EXIT_OK)
 
 

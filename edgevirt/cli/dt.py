@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from edgevirt.cli.common import err, fail, out
+from edgevirt.cli.common import err, fail, out, out_dir_option
 from edgevirt.errors import EdgevirtError
 
 _COLOURS = {
@@ -47,14 +47,7 @@ def dt() -> None:
     help="System spec (VMs, carve-outs, devices). Default: QEMU boards get the `up` "
     "carve-out overlay, real boards their example devicetree/specs/<board>.toml.",
 )
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Output directory (<vm>.dtbo/.dts/.dtb per VM, base.dtb, plan.json).",
-)
+@out_dir_option("Output directory (<vm>.dtbo/.dts/.dtb per VM, base.dtb, plan.json).")
 @click.option(
     "--devices",
     type=int,

@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from edgevirt.cli.common import RichReporter, fail, out
+from edgevirt.cli.common import RichReporter, fail, field_table, out, out_dir_option
 from edgevirt.errors import EdgevirtError
 
 
@@ -48,14 +48,7 @@ def _board_dtb(board: Any, out_dir: Path) -> Path:
     type=click.Path(dir_okay=False, path_type=Path),
     help="System spec; its [image] section adds fragments, modules, overlays, files.",
 )
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Build directory for the artefacts and manifest.json.",
-)
+@out_dir_option("Build directory for the artefacts and manifest.json.")
 @click.option(
     "--dtb",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -121,19 +114,17 @@ def image_inspect(path: Path, release: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    t = Table(title=f"{info['kind']}: {path}", show_header=False)
-    t.add_column("field")
-    t.add_column("value")
-    for k, v in info.items():
-        if k in ("kind", "path"):
-            continue
-        if isinstance(v, dict):
-            v = "\n".join(f"{a}: {_short(b)}" for a, b in v.items())
-        elif isinstance(v, list):
-            v = "\n".join(_short(x) for x in v) or "-"
-        t.add_row(k, str(v))
-    out.print(t)
+    rows = [(k, _value(v)) for k, v in info.items() if k not in ("kind", "path")]
+    out.print(field_table(f"{info['kind']}: {path}", rows))
     out.print("[green]verified[/]")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "\n".join(f"{a}: {_short(b)}" for a, b in v.items())
+    if isinstance(v, list):
+        return "\n".join(_short(x) for x in v) or "-"
+    return str(v)
 
 
 def _short(v: Any) -> str:
@@ -170,14 +161,7 @@ _IMAGE_DIR = click.option(
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="Take Image, initramfs.cpio.gz and guest.dtb from here instead of building them.",
 )
-_OUT = click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Build directory.",
-)
+_OUT = out_dir_option("Build directory.")
 
 
 @image.command("sdcard")
@@ -235,12 +219,8 @@ def image_sdcard(
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    t = Table(title=f"{b.name}: SD card image", show_header=False)
-    t.add_column("field")
-    t.add_column("value")
-    for k, v in info.items():
-        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
-    out.print(t)
+    rows = [(k, ", ".join(v) if isinstance(v, list) else str(v)) for k, v in info.items()]
+    out.print(field_table(f"{b.name}: SD card image", rows))
     out.print(f"write it: dd if={card} of=/dev/sdX bs=4M conv=fsync")
 
 
@@ -277,9 +257,4 @@ def image_bootimg(board: str, out_dir: Path, image_dir: Path | None, as_json: bo
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    t = Table(title=f"{b.name}: Android boot image", show_header=False)
-    t.add_column("field")
-    t.add_column("value")
-    for k, v in info.items():
-        t.add_row(k, str(v))
-    out.print(t)
+    out.print(field_table(f"{b.name}: Android boot image", [(k, str(v)) for k, v in info.items()]))

@@ -39,6 +39,12 @@ def place_options(f):  # type: ignore[no-untyped-def]
     )(f)
 
 
+def place_board(ctx: click.Context, board: str) -> str | None:
+    """``--board`` if the command line gave it, else None: the place's board tag decides."""
+    given = ctx.get_parameter_source("board") is not click.core.ParameterSource.DEFAULT
+    return board if given else None
+
+
 def run_lab_test(  # type: ignore[no-untyped-def]
     place: str,
     coordinator: str | None,

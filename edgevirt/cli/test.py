@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 import click
 from rich.table import Table
 
-from edgevirt.cli.common import EXIT_FAILED, EXIT_OK, RichReporter, err, fail, out
-from edgevirt.cli.lab import place_options
+from edgevirt.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    RichReporter,
+    err,
+    interruptible,
+    out,
+    stop_on_sigterm,
+)
+from edgevirt.cli.lab import place_board, place_options
 from edgevirt.cli.up import TRANSPORTS
 from edgevirt.deploy.target import DeployOptions
-from edgevirt.errors import EdgevirtError
-
-EXIT_INTERRUPTED = 130
-
-
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C: everything is stopped."""
-    signal.signal(signal.SIGTERM, _sigterm)
 
 
 def deploy_options(
@@ -147,7 +141,8 @@ def test(
     from edgevirt.suite.session import run_parallel
 
     stop_on_sigterm()
-    try:
+    stopped = "every target was powered off" + (", every place released" if place else "")
+    with interruptible(stopped):
         loaded = [load_suite(s) for s in suites]
         reporter = RichReporter(quiet=as_json)
 
@@ -165,11 +160,10 @@ def test(
                     "--ser2net is for local QEMU boards: a place's console already comes "
                     "through its exporter's ser2net"
                 )
-            explicit = ctx.get_parameter_source("board") is not click.core.ParameterSource.DEFAULT
             build = build_dir or Path("out") / "lab-test"
             opts = deploy_options(build, image, load, boot_timeout, transport)
             title, runs = run_lab_test(
-                place, coordinator, wait, parallel, board if explicit else None,
+                place, coordinator, wait, parallel, place_board(ctx, board),
                 loaded, opts, reporter, on_step,
             )
         else:
@@ -186,14 +180,6 @@ def test(
                 reporter=reporter,
                 on_step=on_step,
             )
-    except KeyboardInterrupt:
-        err.print(
-            "[bold red]interrupted:[/] every target was powered off"
-            + (", every place released" if place else "")
-        )
-        sys.exit(EXIT_INTERRUPTED)
-    except EdgevirtError as e:
-        fail(e)
     results = [r for run in runs for r in run.results]
     junit_path = write_junit(junit or build / "junit.xml", results)
     ok = all(run.ok for run in runs) and bool(results)

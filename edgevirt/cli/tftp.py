@@ -17,8 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from edgevirt.cli.common import EXIT_OK, err, fail, out
-from edgevirt.cli.test import stop_on_sigterm
+from edgevirt.cli.common import EXIT_OK, err, fail, out, stop_on_sigterm
 from edgevirt.errors import EdgevirtError
 
 
