@@ -16,6 +16,23 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: `up` with virtio-msg and the back-end on the host: blk and rng on the bus of an
+#: ivshmem-doorbell PCI device (MSI-X), the carve-out at QEMU virt's NUMA node 1.
+MSG_HOST_SPEC = """name = "msg-on-host"
+[[carveout]]
+name = "carveout"
+size = "64M"
+placement = 0x5c000000
+[msg]
+doorbell = "ivshmem-pci"
+[[device]]
+type = "blk"
+transport = "msg"
+[[device]]
+type = "rng"
+transport = "msg"
+"""
+
 
 def edgevirt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``python -m edgevirt ARGS`` from the repository root, output captured."""

@@ -28,7 +28,7 @@ from edgevirt.devicetree.system import _device_windows, compose_system
 from edgevirt.errors import ConfigError, DeviceTreeError
 from edgevirt.paths import PROJECT_ROOT
 from edgevirt.spec import load_spec
-from tests.helpers import ROOT, edgevirt, flat
+from tests.helpers import MSG_HOST_SPEC, ROOT, edgevirt, flat
 
 BOARDS = list_boards()
 # Boards the composer may add interrupt-driven nodes to (a GIC and free SPIs); rpi3b's
@@ -448,21 +448,6 @@ def test_cli_refuses_malformed_dtb_without_traceback(
 
 # -- virtio-msg over ivshmem-pci: the node the guest module binds to ---------------------
 
-IVSHMEM_SPEC = """name = "up"
-[[carveout]]
-name = "carveout"
-size = "64M"
-placement = 0x5c000000
-[msg]
-doorbell = "ivshmem-pci"
-[[device]]
-type = "blk"
-transport = "msg"
-[[device]]
-type = "rng"
-transport = "msg"
-"""
-
 #: What images/modules/virtio_msg reads (vmsg_virtio.c probe) plus the binding's mode and
 #: pool: the node `up --transport msg` hands the guest.
 MODULE_NODE = {
@@ -483,7 +468,7 @@ def test_ivshmem_pci_bus_node_is_what_the_module_expects(
 ) -> None:
     board, base = qemu_base
     spec_file = tmp_path / "spec.toml"
-    spec_file.write_text(IVSHMEM_SPEC)
+    spec_file.write_text(MSG_HOST_SPEC)
     plan = compose_system(board, base, load_spec(spec_file))
     assert plan.msg_nodes == {"guest": "/virtio-msg"}
     assert not plan.spis  # no doorbell interrupt: MSI-X of the PCI device
@@ -508,11 +493,8 @@ def test_ivshmem_pci_node_passes_dt_validate_and_the_binding_bites(
     board, base = qemu_base
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text(
-        IVSHMEM_SPEC.replace(
-            'name = "up"',
-            'name = "up"\n[[vm]]\nname = "guest"\nrole = "frontend"\n'
-            '[[vm]]\nname = "service"\nrole = "service"',
-        )
+        MSG_HOST_SPEC + '[[vm]]\nname = "guest"\nrole = "frontend"\n'
+        '[[vm]]\nname = "service"\nrole = "service"\n'
     )
     plan = compose_system(board, base, load_spec(spec_file))
     dtbs = {vm: write_outputs(base, ov, tmp_path, vm)["dtb"] for vm, ov in plan.overlays.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import leftovers
+from tests.helpers import MSG_HOST_SPEC, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -92,25 +92,9 @@ def test_up_without_restriction_fails_fast_and_clearly(tmp_path):
     assert not leftovers(str(build))
 
 
-MSG_SPEC = """name = "msg-on-host"
-[[carveout]]
-name = "carveout"
-size = "64M"
-placement = 0x5c000000
-[msg]
-doorbell = "ivshmem-pci"
-[[device]]
-type = "blk"
-transport = "msg"
-[[device]]
-type = "rng"
-transport = "msg"
-"""
-
-
 def test_up_takes_transport_and_dt_from_the_spec(tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text(MSG_SPEC)
+    spec.write_text(MSG_HOST_SPEC)
     build = tmp_path / "build"
     code, result, stderr = run_up(build, "--spec", str(spec))
     assert code == 0, f"up failed: {result.get('error')}\n{stderr[-2000:]}"
