@@ -5,6 +5,8 @@ module source; a spec may add more directories. Each is copied into
 ``<cache>/modules/<key>/<name>`` and built with ``make -C <tree> M=<that dir> modules``; the
 key hashes the kernel's cache key and every source file, so an unchanged module is not
 rebuilt and its path (which Kbuild may embed) is stable, which keeps the .ko reproducible.
+The headers of ``images/modules/include/`` (what several modules share, such as
+``ev_count.h``) are copied beside every module's sources and are part of its key.
 A failed build leaves nothing in the cache. Every resulting ``.ko`` is checked with
 :func:`edgevirt.image.verify.verify_module` against the kernel's release.
 """
@@ -42,6 +44,10 @@ class BuiltModule:
 
 def modules_dir() -> Path:
     return images_dir() / "modules"
+
+
+def shared_include_dir() -> Path:
+    return modules_dir() / "include"
 
 
 def discover(extra: Sequence[Path] = ()) -> list[Path]:
@@ -118,7 +124,11 @@ def build_modules(
 
 def _build_one(kernel: KernelBuild, src: Path, release: str) -> list[BuiltModule]:
     digest = source_digest(src)
-    key = hashlib.sha256(f"{kernel.key}\0{src.name}\0{digest}".encode()).hexdigest()[:16]
+    shared = shared_include_dir()
+    shared_digest = source_digest(shared) if shared.is_dir() else ""
+    key = hashlib.sha256(
+        f"{kernel.key}\0{src.name}\0{digest}\0{shared_digest}".encode()
+    ).hexdigest()[:16]
     root = cache_dir() / "modules" / key
     build = root / src.name
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +156,10 @@ def _build_into(
     root.mkdir(parents=True)
     try:
         shutil.copytree(src, build, ignore=shutil.ignore_patterns(".*", "*.o", "*.ko"))
+        shared = shared_include_dir()
+        for header in _source_files(shared) if shared.is_dir() else []:
+            if not (build / header.name).exists():  # the module's own file of that name wins
+                shutil.copy2(header, build / header.name)
         with open(root / "build.log", "w") as logf:
             _make(kernel.source, [f"M={build}", "modules"], logf, None, 1)
         kos = sorted(p.name for p in build.glob("*.ko"))

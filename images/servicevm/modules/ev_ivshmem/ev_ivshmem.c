@@ -17,16 +17,14 @@
  * memory itself is mapped by user space through sysfs (resource2_wc); devices without
  * MSI-X (ivshmem-plain) are left alone.
  */
-#include <linux/fs.h>
 #include <linux/interrupt.h>
 #include <linux/io.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
 #include <linux/pci.h>
-#include <linux/poll.h>
 #include <linux/slab.h>
-#include <linux/uaccess.h>
-#include <linux/wait.h>
+
+#include "ev_count.h"
 
 #define IVSHMEM_IVPOSITION	8
 #define IVSHMEM_DOORBELL	12
@@ -37,21 +35,15 @@ struct ev_ivshmem {
 	void __iomem *regs;
 	struct miscdevice misc;
 	char name[40];
-	spinlock_t lock;
-	u64 count;
-	wait_queue_head_t wait;
+	struct ev_count count;
 	int nvec;
 };
 
 static irqreturn_t ev_irq(int irq, void *data)
 {
 	struct ev_ivshmem *ev = data;
-	unsigned long flags;
 
-	spin_lock_irqsave(&ev->lock, flags);
-	ev->count++;
-	spin_unlock_irqrestore(&ev->lock, flags);
-	wake_up_interruptible(&ev->wait);
+	ev_count_add(&ev->count);
 	return IRQ_HANDLED;
 }
 
@@ -62,28 +54,7 @@ static struct ev_ivshmem *ev_of(struct file *file)
 
 static ssize_t ev_read(struct file *file, char __user *buf, size_t len, loff_t *ppos)
 {
-	struct ev_ivshmem *ev = ev_of(file);
-	u64 count;
-	int ret;
-
-	if (len < sizeof(count))
-		return -EINVAL;
-	for (;;) {
-		spin_lock_irq(&ev->lock);
-		count = ev->count;
-		ev->count = 0;
-		spin_unlock_irq(&ev->lock);
-		if (count)
-			break;
-		if (file->f_flags & O_NONBLOCK)
-			return -EAGAIN;
-		ret = wait_event_interruptible(ev->wait, READ_ONCE(ev->count));
-		if (ret)
-			return ret;
-	}
-	if (copy_to_user(buf, &count, sizeof(count)))
-		return -EFAULT;
-	return sizeof(count);
+	return ev_count_read(&ev_of(file)->count, file, buf, len);
 }
 
 static ssize_t ev_write(struct file *file, const char __user *buf, size_t len, loff_t *ppos)
@@ -101,10 +72,7 @@ static ssize_t ev_write(struct file *file, const char __user *buf, size_t len, l
 
 static __poll_t ev_poll(struct file *file, poll_table *wait)
 {
-	struct ev_ivshmem *ev = ev_of(file);
-
-	poll_wait(file, &ev->wait, wait);
-	return READ_ONCE(ev->count) ? EPOLLIN | EPOLLRDNORM : 0;
+	return ev_count_poll(&ev_of(file)->count, file, wait);
 }
 
 static const struct file_operations ev_fops = {
@@ -142,8 +110,7 @@ static int ev_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		return ret;
 	ev->pdev = pdev;
 	ev->regs = pcim_iomap_table(pdev)[0];
-	spin_lock_init(&ev->lock);
-	init_waitqueue_head(&ev->wait);
+	ev_count_init(&ev->count);
 	pci_set_master(pdev);	/* MSI-X messages are bus-master writes */
 	ev->nvec = pci_alloc_irq_vectors(pdev, 1, EV_MAX_VECTORS, PCI_IRQ_MSIX);
 	if (ev->nvec < 0) {

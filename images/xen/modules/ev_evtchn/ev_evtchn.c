@@ -16,38 +16,29 @@
  * The shared regions themselves are the node's reg entries; user space maps them through
  * /dev/mem (they are no RAM to this domain, so STRICT_DEVMEM allows it).
  */
-#include <linux/fs.h>
 #include <linux/interrupt.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
 #include <linux/of.h>
 #include <linux/platform_device.h>
-#include <linux/poll.h>
-#include <linux/uaccess.h>
-#include <linux/wait.h>
 #include <xen/events.h>
 #include <xen/xen.h>
+
+#include "ev_count.h"
 
 struct ev_evtchn {
 	struct miscdevice misc;
 	evtchn_port_t port;
 	int irq;
-	spinlock_t lock;
-	u64 count;
-	u64 total_in, total_out;
-	wait_queue_head_t wait;
+	struct ev_count count;	/* notifications in */
+	u64 total_out;		/* under count.lock */
 };
 
 static irqreturn_t ev_irq(int irq, void *data)
 {
 	struct ev_evtchn *ev = data;
-	unsigned long flags;
 
-	spin_lock_irqsave(&ev->lock, flags);
-	ev->count++;
-	ev->total_in++;
-	spin_unlock_irqrestore(&ev->lock, flags);
-	wake_up_interruptible(&ev->wait);
+	ev_count_add(&ev->count);
 	return IRQ_HANDLED;
 }
 
@@ -58,28 +49,7 @@ static struct ev_evtchn *ev_of(struct file *file)
 
 static ssize_t ev_read(struct file *file, char __user *buf, size_t len, loff_t *ppos)
 {
-	struct ev_evtchn *ev = ev_of(file);
-	u64 count;
-	int ret;
-
-	if (len < sizeof(count))
-		return -EINVAL;
-	for (;;) {
-		spin_lock_irq(&ev->lock);
-		count = ev->count;
-		ev->count = 0;
-		spin_unlock_irq(&ev->lock);
-		if (count)
-			break;
-		if (file->f_flags & O_NONBLOCK)
-			return -EAGAIN;
-		ret = wait_event_interruptible(ev->wait, READ_ONCE(ev->count));
-		if (ret)
-			return ret;
-	}
-	if (copy_to_user(buf, &count, sizeof(count)))
-		return -EFAULT;
-	return sizeof(count);
+	return ev_count_read(&ev_of(file)->count, file, buf, len);
 }
 
 static ssize_t ev_write(struct file *file, const char __user *buf, size_t len, loff_t *ppos)
@@ -89,18 +59,15 @@ static ssize_t ev_write(struct file *file, const char __user *buf, size_t len, l
 	if (!len || len > 8)
 		return -EINVAL;
 	notify_remote_via_evtchn(ev->port);
-	spin_lock_irq(&ev->lock);
+	spin_lock_irq(&ev->count.lock);
 	ev->total_out++;
-	spin_unlock_irq(&ev->lock);
+	spin_unlock_irq(&ev->count.lock);
 	return len;
 }
 
 static __poll_t ev_poll(struct file *file, poll_table *wait)
 {
-	struct ev_evtchn *ev = ev_of(file);
-
-	poll_wait(file, &ev->wait, wait);
-	return READ_ONCE(ev->count) ? EPOLLIN | EPOLLRDNORM : 0;
+	return ev_count_poll(&ev_of(file)->count, file, wait);
 }
 
 static const struct file_operations ev_fops = {
@@ -115,7 +82,7 @@ static ssize_t counts_show(struct device *dev, struct device_attribute *attr, ch
 {
 	struct ev_evtchn *ev = dev_get_drvdata(dev);
 
-	return sysfs_emit(buf, "port=%u in=%llu out=%llu\n", ev->port, ev->total_in,
+	return sysfs_emit(buf, "port=%u in=%llu out=%llu\n", ev->port, ev->count.total,
 			  ev->total_out);
 }
 static DEVICE_ATTR_RO(counts);
@@ -140,8 +107,7 @@ static int ev_probe(struct platform_device *pdev)
 	if (!ev)
 		return -ENOMEM;
 	ev->port = port;
-	spin_lock_init(&ev->lock);
-	init_waitqueue_head(&ev->wait);
+	ev_count_init(&ev->count);
 	ret = bind_evtchn_to_irqhandler(port, ev_irq, 0, "ev_evtchn", ev);
 	if (ret < 0) {
 		dev_err(&pdev->dev, "ev_evtchn: binding event channel %u failed: %d\n", port, ret);
