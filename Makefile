@@ -16,7 +16,7 @@ TEST_STAMP := $(VENV)/.installed-test
 help:
 	@echo "make demo   - install what is missing, build kernel+image, boot QEMU virt, run the smoke suite"
 	@echo "make test   - install what is missing (plus test tools), run the whole test suite"
-	@echo "make lint   - ruff and mypy on the package"
+	@echo "make lint   - ruff (lint + format check) and mypy"
 	@echo "make bench  - back-end benchmarks (bench/)"
 
 # Host packages: scripts/setup-host.sh installs only what is missing (fast when nothing is).
@@ -71,7 +71,8 @@ test: setup-test
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup-test
-	$(VENV)/bin/ruff check edgevirt tests bench
+	$(VENV)/bin/ruff check edgevirt tests bench fuzz
+	$(VENV)/bin/ruff format --check edgevirt tests bench fuzz
 	$(VENV)/bin/mypy edgevirt
 
 bench: setup-test

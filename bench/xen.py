@@ -39,10 +39,14 @@ def run(build: Path, repeat: int) -> list[dict]:
                                + svm.timings.get("frontend_boot", 0), 1)}]  # fmt: skip
     for name, _ in WORKLOADS:
         x, q = xen.workload[name], svm.workload[name]
-        rows.append({"workload": f"{name} (ms, median/min)",
-                     "xen": f"{statistics.median(x):.0f} / {min(x):.0f}",
-                     "qemu_svm": f"{statistics.median(q):.0f} / {min(q):.0f}",
-                     "xen/qemu (median)": f"{statistics.median(x) / statistics.median(q):.2f}"})
+        rows.append(
+            {
+                "workload": f"{name} (ms, median/min)",
+                "xen": f"{statistics.median(x):.0f} / {min(x):.0f}",
+                "qemu_svm": f"{statistics.median(q):.0f} / {min(q):.0f}",
+                "xen/qemu (median)": f"{statistics.median(x) / statistics.median(q):.2f}",
+            }
+        )
     return rows
 
 

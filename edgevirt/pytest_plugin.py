@@ -74,9 +74,12 @@ def edgevirt_target(
         from edgevirt.lab.run import place_target
 
         address = coordinator_address(opt("--edgevirt-coordinator"))
-        with LabClient(address) as client, place_target(client, place, opts, board=name) as (
-            _,
-            target,
+        with (
+            LabClient(address) as client,
+            place_target(client, place, opts, board=name) as (
+                _,
+                target,
+            ),
         ):
             target.boot()
             yield target

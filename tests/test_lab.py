@@ -85,24 +85,46 @@ def test_lab_export_cli_writes_yaml_the_exporter_accepts(tmp_path):
     pytest.importorskip("labgrid", reason="labgrid extra not installed")
     out = tmp_path / "exports.yaml"
     r = edgevirt(
-        "lab", "export", "--board", "renesas-salvator-xs", "--serial", "/dev/ttyUSB1",
-        "--power", "netio,pdu.lab,4", "--exporter", "rack3", "--coordinator", "lab:20408",
-        "-o", str(out), "--json",
+        "lab",
+        "export",
+        "--board",
+        "renesas-salvator-xs",
+        "--serial",
+        "/dev/ttyUSB1",
+        "--power",
+        "netio,pdu.lab,4",
+        "--exporter",
+        "rack3",
+        "--coordinator",
+        "lab:20408",
+        "-o",
+        str(out),
+        "--json",
     )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     data = yaml.safe_load(out.read_text())
     assert data == res["exporter"]
     assert data["renesas-salvator-xs"]["NetworkPowerPort"]["model"] == "netio"
-    assert "labgrid-client -x lab:20408 -p renesas-salvator-xs add-match " \
+    assert (
+        "labgrid-client -x lab:20408 -p renesas-salvator-xs add-match "
         "'rack3/renesas-salvator-xs/*'" in res["commands"]
+    )
     # labgrid's own config loader takes it (the exporter's resource classes).
     from labgrid.remote.config import ResourceConfig
 
     rc = ResourceConfig(str(out))
     assert set(rc.data["renesas-salvator-xs"]) == {"RawSerialPort", "NetworkPowerPort"}
-    bad = edgevirt("lab", "export", "--board", "rpi4b", "--serial", "/dev/ttyUSB0",
-                   "--power", "nosuchpdu,host,0")
+    bad = edgevirt(
+        "lab",
+        "export",
+        "--board",
+        "rpi4b",
+        "--serial",
+        "/dev/ttyUSB0",
+        "--power",
+        "nosuchpdu,host,0",
+    )
     assert bad.returncode == 4
     assert "no such power backend" in flat(bad.stderr) and "simplerest" in bad.stderr
 
@@ -120,7 +142,8 @@ def test_serial_package_after_the_labgrid_install_speaks_rfc2217(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     socat = subprocess.Popen(
         ["socat", f"PTY,link={a},raw,echo=0", f"PTY,link={b},raw,echo=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10
@@ -165,7 +188,11 @@ def test_no_coordinator_is_a_usage_error(monkeypatch):
     env.pop("LG_COORDINATOR", None)
     r = subprocess.run(
         [sys.executable, "-m", "edgevirt", "lab", "places"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 4
     assert "--coordinator" in r.stderr
@@ -214,8 +241,10 @@ def test_fake_pdu_speaks_labgrids_simplerest_protocol():
         simplerest.power_set(url, None, 3, False)
         assert machines[3].calls == ["on", "off"] and machines[0].calls == []
         base = url.split("/outlet/")[0]
-        for path, want in (("/outlet/7/1", "no outlet 7 (have [0, 3])"),
-                           ("/relay/0/1", "expected /outlet/<index>[/<0|1>]")):
+        for path, want in (
+            ("/outlet/7/1", "no outlet 7 (have [0, 3])"),
+            ("/relay/0/1", "expected /outlet/<index>[/<0|1>]"),
+        ):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(base + path)
             assert e.value.code == 404 and want in e.value.read().decode()

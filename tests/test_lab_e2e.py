@@ -58,14 +58,20 @@ def lg(lab, *args, user="alice"):
     env = dict(lab.env, LG_USERNAME=user)
     return subprocess.run(
         [str(Path(sys.executable).parent / "labgrid-client"), "-x", lab.address, *args],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
 def run_bg(*args):
     return subprocess.Popen(
         [sys.executable, "-m", "edgevirt", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
 
 
@@ -80,8 +86,17 @@ def wait_acquired(lab, place, timeout=30):
 def test_smoke_suite_on_a_place_only_the_coordinator_knows(lab, tmp_path):
     place = lab.boards[0].place
     t0 = time.monotonic()
-    r = edgevirt("test", "smoke", "--place", place, "--coordinator", lab.address,
-                 "--build-dir", str(tmp_path), "--json")
+    r = edgevirt(
+        "test",
+        "smoke",
+        "--place",
+        place,
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     [target] = res["targets"]
@@ -97,9 +112,21 @@ def test_smoke_suite_on_a_place_only_the_coordinator_knows(lab, tmp_path):
 
 def test_parallel_over_tagged_places_one_junit(lab, tmp_path):
     junit = tmp_path / "junit.xml"
-    r = edgevirt("test", "smoke", "--place", f"lab={lab.tag}", "--parallel", "2",
-                 "--coordinator", lab.address, "--build-dir", str(tmp_path),
-                 "--junit", str(junit), "--json")
+    r = edgevirt(
+        "test",
+        "smoke",
+        "--place",
+        f"lab={lab.tag}",
+        "--parallel",
+        "2",
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+        "--junit",
+        str(junit),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     names = sorted(t["name"] for t in json.loads(r.stdout)["targets"])
     assert names == sorted(b.place for b in lab.boards)
@@ -117,8 +144,16 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
     place = lab.boards[1].place
     assert lg(lab, "-p", place, "acquire").returncode == 0
     try:
-        r = edgevirt("test", "smoke", "--place", place, "--coordinator", lab.address,
-                     "--build-dir", str(tmp_path))
+        r = edgevirt(
+            "test",
+            "smoke",
+            "--place",
+            place,
+            "--coordinator",
+            lab.address,
+            "--build-dir",
+            str(tmp_path),
+        )
         assert r.returncode == 1
         msg = flat(r.stderr)
         assert f"place '{place}' acquired by " in msg and "/alice" in msg and "--wait" in msg
@@ -129,8 +164,18 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
         t0 = time.monotonic()
         quick = tmp_path / "quick.yaml"
         quick.write_text("name: quick\nsteps:\n  - {name: uname, run: uname -r, match: '^6'}\n")
-        r = edgevirt("test", str(quick), "--place", place, "--wait", "60",
-                     "--coordinator", lab.address, "--build-dir", str(tmp_path))
+        r = edgevirt(
+            "test",
+            str(quick),
+            "--place",
+            place,
+            "--wait",
+            "60",
+            "--coordinator",
+            lab.address,
+            "--build-dir",
+            str(tmp_path),
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert time.monotonic() - t0 > 3
         assert "waiting up to 60s" in r.stderr
@@ -139,8 +184,18 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
     # --wait that runs out: a clear failure, the reservation cancelled
     assert lg(lab, "-p", place, "acquire").returncode == 0
     try:
-        r = edgevirt("test", "smoke", "--place", place, "--wait", "2",
-                     "--coordinator", lab.address, "--build-dir", str(tmp_path))
+        r = edgevirt(
+            "test",
+            "smoke",
+            "--place",
+            place,
+            "--wait",
+            "2",
+            "--coordinator",
+            lab.address,
+            "--build-dir",
+            str(tmp_path),
+        )
         assert r.returncode == 1
         assert "became free within 2s" in flat(r.stderr)
         with LabClient(lab.address) as c:
@@ -163,8 +218,16 @@ def test_terminated_run_releases_and_powers_off(lab, tmp_path):
     suite = tmp_path / "sleepy.yaml"
     suite.write_text(SLEEPY)
     place = lab.boards[0].place
-    p = run_bg("test", str(suite), "--place", place, "--coordinator", lab.address,
-               "--build-dir", str(tmp_path))
+    p = run_bg(
+        "test",
+        str(suite),
+        "--place",
+        place,
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+    )
     wait_acquired(lab, place)
     deadline = time.monotonic() + 60
     while not outlet_on(lab, 0) or "sleep 30" not in (tmp_path / "console.log").read_text():
@@ -180,8 +243,18 @@ def test_terminated_run_releases_and_powers_off(lab, tmp_path):
 def test_interrupted_parallel_run_releases_every_place(lab, tmp_path):
     suite = tmp_path / "sleepy.yaml"
     suite.write_text(SLEEPY)
-    p = run_bg("test", str(suite), "--place", f"lab={lab.tag}", "--parallel", "2",
-               "--coordinator", lab.address, "--build-dir", str(tmp_path))
+    p = run_bg(
+        "test",
+        str(suite),
+        "--place",
+        f"lab={lab.tag}",
+        "--parallel",
+        "2",
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+    )
     logs = [tmp_path / b.place / "console.log" for b in lab.boards]
     deadline = time.monotonic() + 60
     while not all(log.exists() and "sleep 30" in log.read_text() for log in logs):
@@ -199,11 +272,21 @@ def test_place_taken_away_mid_run_is_named_and_left_to_its_new_owner(lab, tmp_pa
     suite = tmp_path / "sleepy.yaml"
     suite.write_text(SLEEPY)
     place = lab.boards[1].place
-    p = run_bg("test", str(suite), "--place", place, "--coordinator", lab.address,
-               "--build-dir", str(tmp_path), "--json")
+    p = run_bg(
+        "test",
+        str(suite),
+        "--place",
+        place,
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+        "--json",
+    )
     deadline = time.monotonic() + 60
-    while "sleep 30" not in ((tmp_path / "console.log").read_text()
-                             if (tmp_path / "console.log").exists() else ""):
+    while "sleep 30" not in (
+        (tmp_path / "console.log").read_text() if (tmp_path / "console.log").exists() else ""
+    ):
         assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()[-2000:]
         time.sleep(0.2)
     try:
@@ -229,8 +312,17 @@ def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
         "  - {name: fails, run: 'false'}\n"
         "  - {name: too slow, run: sleep 20, timeout: 1}\n"
     )
-    r = edgevirt("test", str(suite), "--place", lab.boards[0].place,
-                 "--coordinator", lab.address, "--build-dir", str(tmp_path), "--json")
+    r = edgevirt(
+        "test",
+        str(suite),
+        "--place",
+        lab.boards[0].place,
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+        "--json",
+    )
     assert r.returncode == 1
     steps = json.loads(r.stdout)["targets"][0]["suites"][0]["steps"]
     assert [s["ok"] for s in steps] == [False, False]
@@ -248,8 +340,17 @@ def test_exporter_serial_port_or_coordinator_gone_mid_run(tmp_path, lab, what):
     suite.write_text(SLEEPY)
     with FakeLab(tmp_path / "lab", boards=1, image_dir=image) as lab1:
         place = lab1.boards[0].place
-        p = run_bg("test", str(suite), "--place", place, "--coordinator", lab1.address,
-                   "--build-dir", str(tmp_path / "out"), "--json")
+        p = run_bg(
+            "test",
+            str(suite),
+            "--place",
+            place,
+            "--coordinator",
+            lab1.address,
+            "--build-dir",
+            str(tmp_path / "out"),
+            "--json",
+        )
         log = tmp_path / "out" / "console.log"
         deadline = time.monotonic() + 60
         while not (log.exists() and "sleep 30" in log.read_text()):
@@ -282,8 +383,16 @@ def test_exporter_serial_port_or_coordinator_gone_mid_run(tmp_path, lab, what):
 
 def test_deploy_on_a_place_then_released(lab, tmp_path):
     place = lab.boards[1].place
-    r = edgevirt("deploy", "--place", place, "--coordinator", lab.address,
-                 "--build-dir", str(tmp_path), "--json")
+    r = edgevirt(
+        "deploy",
+        "--place",
+        place,
+        "--coordinator",
+        lab.address,
+        "--build-dir",
+        str(tmp_path),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["place"] == place and res["state"] == "shell" and res["strategy"] == "direct"
@@ -295,9 +404,23 @@ def test_interactive_console_on_a_place(lab, tmp_path):
     place = lab.boards[0].place
     log = tmp_path / "console.log"
     p = subprocess.Popen(
-        [sys.executable, "-m", "edgevirt", "console", "--place", place, "--power-on",
-         "--coordinator", lab.address, "--log", str(log)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "edgevirt",
+            "console",
+            "--place",
+            place,
+            "--power-on",
+            "--coordinator",
+            lab.address,
+            "--log",
+            str(log),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
     )
 
     def wait_log(text):
@@ -331,23 +454,37 @@ def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path, lab):
     with FakeLab(labdir, boards=1, board=str(board), image_dir=built) as lab1:
         image = tmp_path / "image"  # what a user brings: kernel, initramfs, that machine's DTB
         image.mkdir()
-        for f in (built / "Image", built / "initramfs.cpio.gz",
-                  labdir / "pdu" / "outlet-0" / "guest.dtb"):
+        for f in (
+            built / "Image",
+            built / "initramfs.cpio.gz",
+            labdir / "pdu" / "outlet-0" / "guest.dtb",
+        ):
             (image / f.name).symlink_to(f)
         for f in tftp.iterdir():  # only what edgevirt stages may be there
             f.unlink()
         place = lab1.boards[0].place
-        r = edgevirt("test", "smoke", "--place", place, "--board", str(board),
-                     "--image", str(image), "--coordinator", lab1.address,
-                     "--build-dir", str(tmp_path / "out"), "--json")
+        r = edgevirt(
+            "test",
+            "smoke",
+            "--place",
+            place,
+            "--board",
+            str(board),
+            "--image",
+            str(image),
+            "--coordinator",
+            lab1.address,
+            "--build-dir",
+            str(tmp_path / "out"),
+            "--json",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         [target] = json.loads(r.stdout)["targets"]
         steps = [s for suite in target["suites"] for s in suite["steps"]]
         assert len(steps) == 4 and all(s["ok"] for s in steps)
         log = (tmp_path / "out" / "console.log").read_text()
         assert "Hit any key to stop autoboot" in log and "booti 0x60400000 0x64000000:" in log
-        assert sorted(f.name for f in tftp.iterdir()) == ["Image", "guest.dtb",
-                                                         "initramfs.cpio.gz"]
+        assert sorted(f.name for f in tftp.iterdir()) == ["Image", "guest.dtb", "initramfs.cpio.gz"]
         with LabClient(lab1.address) as c:
             assert c.place(place).state == "free"
         assert not outlet_on(lab1, 0)
@@ -364,10 +501,25 @@ def test_pytest_plugin_on_a_place(lab, tmp_path):
     )
     place = lab.boards[0].place
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(tmp_path / "test_device.py"), "--edgevirt-place", place,
-         "--edgevirt-coordinator", lab.address, "--edgevirt-build-dir", str(tmp_path / "b")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(tmp_path / "test_device.py"),
+            "--edgevirt-place",
+            place,
+            "--edgevirt-coordinator",
+            lab.address,
+            "--edgevirt-build-dir",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "1 passed" in r.stdout

@@ -207,8 +207,10 @@ def test_far_end_tcp_both_ways_on_loopback(tmp_path):
             threading.Event().wait(0.1)
     with c:
         c.sendall(data[:300_000])
-    assert devpeer.parse(far.output(), "got") == (300_000,
-                                                  hashlib.sha256(data[:300_000]).hexdigest())
+    assert devpeer.parse(far.output(), "got") == (
+        300_000,
+        hashlib.sha256(data[:300_000]).hexdigest(),
+    )
     lsn = socket.socket()
     lsn.bind(("127.0.0.1", 0))
     lsn.listen(1)
@@ -416,8 +418,7 @@ class BlockingServiceConsole:
             self.interrupted.set()
 
 
-def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path,
-                                                                          monkeypatch):
+def test_far_end_in_the_service_vm_runs_on_its_console_and_is_interrupted(tmp_path, monkeypatch):
     """A far end in the service VM is a devpeer command on its console; a check that gives
     up early interrupts it (Ctrl-C) so the console is free for the next device."""
     from edgevirt import devsmoke

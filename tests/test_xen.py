@@ -96,7 +96,19 @@ def test_partial_dtb_maps_both_regions_with_xen_reg(tmp_path: Path) -> None:
     node = fe.get("/passthrough/virtio-msg@3a000000")
     assert node.prop("reg").as_cells(2, 2) == [(0x3A000000, 0x10000), (0x3C000000, 64 << 20)]
     assert node.prop("xen,reg").as_u32_list() == [
-        0, 0xA4000000, 0, 0x10000, 0, 0x3A000000, 0, 0xA0000000, 0, 64 << 20, 0, 0x3C000000]
+        0,
+        0xA4000000,
+        0,
+        0x10000,
+        0,
+        0x3A000000,
+        0,
+        0xA0000000,
+        0,
+        64 << 20,
+        0,
+        0x3C000000,
+    ]
     assert "xen,force-assign-without-iommu" in node.properties
     assert node.prop("edgevirt,role").as_string() == "frontend"
     assert node.prop("edgevirt,doorbell").as_string() == "xen-evtchn"
@@ -120,8 +132,10 @@ def test_partial_dtb_maps_both_regions_with_xen_reg(tmp_path: Path) -> None:
         (XenLayout(carveout_host=0x50000000), "overlaps module frontend kernel"),
         (XenLayout(carveout_host=0x40000000), "overlaps Xen image and DTB"),
         (XenLayout(carveout_guest=0x40000000), "outside the free window"),
-        (XenLayout(msg_guest=0x3C000000, carveout_guest=0x3C000000),
-         "region carveout at guest [0x3c000000, 0x40000000) overlaps region msg"),
+        (
+            XenLayout(msg_guest=0x3C000000, carveout_guest=0x3C000000),
+            "region carveout at guest [0x3c000000, 0x40000000) overlaps region msg",
+        ),
         (XenLayout(service_mem=4 << 30), "domains need 4352 MiB of RAM"),
         (XenLayout(frontend_port=0), "port frontend:0 is taken or outside 1..4095"),
     ],
@@ -261,8 +275,10 @@ class FakeUart:
                 if self.ctrl == 3:
                     self.ctrl = 0
                     self.focus = (self.focus + 1) % len(self.cycle)
-                    self.out += (f"(XEN) *** Serial input to {self.cycle[self.focus]} "
-                                 "(type 'CTRL-a' three times to switch input)\r\n").encode()
+                    self.out += (
+                        f"(XEN) *** Serial input to {self.cycle[self.focus]} "
+                        "(type 'CTRL-a' three times to switch input)\r\n"
+                    ).encode()
                 continue
             self.written.append(b)
             if b == 10:
@@ -303,8 +319,9 @@ def test_domain_console_switches_focus_and_parks_on_xen() -> None:
     mux = XenConsoleMux(uart)  # type: ignore[arg-type]
     con = XenDomainConsole(mux.port_for(2), name="service")
     # The marker cut by Xen while the domain still had the focus still counts.
-    uart.on_line[b"EV''B"] = (b"(XEN) E\r\n(XEN) DOM2: VB1\r\r\n(XEN) DOM2: hi\r\r\n"
-                              b"(XEN) DOM2: EVE1 0\r\r\n")
+    uart.on_line[b"EV''B"] = (
+        b"(XEN) E\r\n(XEN) DOM2: VB1\r\r\n(XEN) DOM2: hi\r\r\n(XEN) DOM2: EVE1 0\r\r\n"
+    )
     r = con.run("echo hi", 5)
     assert (r.status, r.output) == (0, "hi")
     assert mux.focus == XEN  # parked: no domain prints unprefixed

@@ -68,9 +68,7 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     # pyserial's RFC2217 reader thread dies with a traceback when ser2net drops the
     # connection; the console reports the drop itself, as a clear error.
     name = args.thread.name if args.thread is not None else ""
-    if name.startswith("pySerial RFC 2217 reader thread") and issubclass(
-        args.exc_type, OSError
-    ):
+    if name.startswith("pySerial RFC 2217 reader thread") and issubclass(args.exc_type, OSError):
         logging.getLogger("edgevirt.console").debug("%s: %s", name, args.exc_value)
         return
     threading.__excepthook__(args)

@@ -102,8 +102,12 @@ def _place_console(
             assert acq is not None and session.power is not None
             path = log_path or Path("out") / f"lab-{session.name}" / "console.log"
             path.parent.mkdir(parents=True, exist_ok=True)
-            con = Console.open(acq.console_url, log_path=path, baudrate=acq.baudrate,
-                               name=f"place {session.name} console")
+            con = Console.open(
+                acq.console_url,
+                log_path=path,
+                baudrate=acq.baudrate,
+                name=f"place {session.name} console",
+            )
             try:
                 err.print(
                     f"[dim]place {session.name}: connected to {acq.console_url}; "

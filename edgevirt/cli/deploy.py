@@ -83,7 +83,11 @@ def deploy(
                 build_dir or Path("out") / "lab-deploy", image, load, boot_timeout, transport
             )
             with lab_target(
-                place, coordinator, wait, place_board(ctx, board), opts,
+                place,
+                coordinator,
+                wait,
+                place_board(ctx, board),
+                opts,
                 RichReporter(quiet=as_json),
             ) as (session, target):
                 _deploy(target, state, transport, interactive, as_json, t0, place=session.name)

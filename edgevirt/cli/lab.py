@@ -67,7 +67,12 @@ def run_lab_test(  # type: ignore[no-untyped-def]
         with LabClient(address) as client:
             with hold_places(client, place, parallel, wait=wait, reporter=reporter) as sessions:
                 runs = run_on_places(
-                    client, sessions, suites, opts, board=board, reporter=reporter,
+                    client,
+                    sessions,
+                    suites,
+                    opts,
+                    board=board,
+                    reporter=reporter,
                     on_step=on_step,
                 )
     except LabError as e:
@@ -90,9 +95,7 @@ def lab_target(  # type: ignore[no-untyped-def]
     from edgevirt.lab.run import place_target
 
     with LabClient(coordinator_address(coordinator)) as client:
-        with place_target(
-            client, place, opts, board=board, wait=wait, reporter=reporter
-        ) as held:
+        with place_target(client, place, opts, board=board, wait=wait, reporter=reporter) as held:
             yield held
 
 
@@ -176,7 +179,10 @@ def places(coordinator: str | None, as_json: bool) -> None:
 @click.option("--exporter", default="LABHOST", show_default=True, help="Exporter --name.")
 @click.option("--coordinator", default=None, metavar="HOST:PORT", help=COORDINATOR_HELP)
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default=None,
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Write the exporter YAML here [default: stdout].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Config, commands and hints as JSON.")
@@ -229,9 +235,17 @@ def export(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     if as_json:
-        click.echo(json.dumps(
-            {"exporter": cfg, "file": str(output) if output else None, "commands": cmds,
-             "hints": notes}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "exporter": cfg,
+                    "file": str(output) if output else None,
+                    "commands": cmds,
+                    "hints": notes,
+                },
+                indent=2,
+            )
+        )
         sys.exit(EXIT_OK)
     if output is None:
         click.echo(text, nl=False)

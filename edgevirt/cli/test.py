@@ -163,8 +163,15 @@ def test(
             build = build_dir or Path("out") / "lab-test"
             opts = deploy_options(build, image, load, boot_timeout, transport)
             title, runs = run_lab_test(
-                place, coordinator, wait, parallel, place_board(ctx, board),
-                loaded, opts, reporter, on_step,
+                place,
+                coordinator,
+                wait,
+                parallel,
+                place_board(ctx, board),
+                loaded,
+                opts,
+                reporter,
+                on_step,
             )
         else:
             b = load_board(board)

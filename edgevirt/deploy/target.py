@@ -475,9 +475,7 @@ class Target:
             q = self.board.qemu
             # A QEMU board powered from outside runs the default devices (machine.DEVICES).
             nodes = (
-                self.images.nodes
-                if self.images and self.images.nodes
-                else mmio_nodes(len(DEVICES))
+                self.images.nodes if self.images and self.images.nodes else mmio_nodes(len(DEVICES))
             )
             v |= smoke_vars(q.carveout_base, q.carveout, nodes)
         elif self.images is not None and self.images.carveout is not None:

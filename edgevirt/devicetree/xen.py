@@ -129,7 +129,7 @@ def host_ram(fdt: Fdt) -> tuple[int, int]:
             banks = node.prop("reg").as_cells(ac, sc)
             if banks:
                 return banks[0]
-    raise DeviceTreeError("base DTB: no /memory node with device_type = \"memory\"")
+    raise DeviceTreeError('base DTB: no /memory node with device_type = "memory"')
 
 
 def base_reserved(fdt: Fdt) -> list[tuple[str, int, int]]:
@@ -374,8 +374,10 @@ def compose_xen(base: Fdt, system: XenSystem, out_dir: Path) -> XenDt:
     host_path = out_dir / "host.dtb"
     host.write(host_path)
     xdt = XenDt(host_path, partial_paths, loads, ram)
-    xdt.host_map = [{"what": "host RAM", "base": ram[0], "size": ram[1]},
-                    {"what": "Xen + host DTB (load)", "base": XEN_LOAD[0], "size": XEN_LOAD[1]}]
+    xdt.host_map = [
+        {"what": "host RAM", "base": ram[0], "size": ram[1]},
+        {"what": "Xen + host DTB (load)", "base": XEN_LOAD[0], "size": XEN_LOAD[1]},
+    ]
     xdt.host_map += [{"what": f"module: {ld.what}", "base": ld.addr, "size": ld.size}
                      for ld in loads]  # fmt: skip
     xdt.host_map += [{"what": f"reserved no-map: {r.name} → {', '.join(r.domains)}",

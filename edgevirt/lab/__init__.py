@@ -53,9 +53,7 @@ def coordinator_address(address: str | None) -> str:
             "no labgrid coordinator: pass --coordinator HOST:PORT or set LG_COORDINATOR"
         )
     if addr.startswith("ws://") or addr.startswith("http"):
-        raise ConfigError(
-            f"coordinator {addr!r}: labgrid ≥ 25 speaks gRPC at HOST:PORT, not a URL"
-        )
+        raise ConfigError(f"coordinator {addr!r}: labgrid ≥ 25 speaks gRPC at HOST:PORT, not a URL")
     host, sep, port = addr.rpartition(":")
     if not sep or not host:
         return f"{addr}:{DEFAULT_PORT}"

@@ -307,8 +307,7 @@ class LabClient:
         """Release ``name`` if we hold it; quiet when it is free or someone else's now."""
         if not self.connected:
             raise LabError(
-                f"cannot release place {name!r}: lost the connection to coordinator "
-                f"{self.address}",
+                f"cannot release place {name!r}: lost the connection to coordinator {self.address}",
                 hint=f"labgrid-client -x {self.address} -p {name} release",
             )
         self.sync()
@@ -377,7 +376,6 @@ class LabClient:
             return
         pb2 = self._mod.labgrid_coordinator_pb2
         try:
-            self._rpc("CancelReservation", pb2.CancelReservationRequest(token=token)
-            )
+            self._rpc("CancelReservation", pb2.CancelReservationRequest(token=token))
         except Exception as e:  # already gone (expired, cancelled): nothing to undo
             log.debug("cancel reservation %s: %s", token, e)

@@ -50,8 +50,11 @@ def check_power_model(model: str) -> None:
     except ImportError:
         from pathlib import Path
 
-        known = sorted(p.stem for p in Path(backends.__file__).parent.glob("*.py")
-                       if not p.stem.startswith("_"))
+        known = sorted(
+            p.stem
+            for p in Path(backends.__file__).parent.glob("*.py")
+            if not p.stem.startswith("_")
+        )
         raise ConfigError(
             f"--power model {model!r}: labgrid has no such power backend "
             f"(known: {', '.join(known)})"
@@ -91,8 +94,7 @@ def exporter_yaml(board: Board, cfg: dict[str, Any], command: str) -> str:
     # with '#': a comment must start with '##'.
     return (
         f"## labgrid exporter config for board {board.name} ({board.description})\n"
-        f"## written by: {command}\n"
-        + yaml.safe_dump(cfg, sort_keys=False)
+        f"## written by: {command}\n" + yaml.safe_dump(cfg, sort_keys=False)
     )
 
 

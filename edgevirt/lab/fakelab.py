@@ -91,8 +91,13 @@ class FakeLab:
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         p = subprocess.Popen(
-            cmd, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            cmd,
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
         )
         logf.close()
         self.procs[name] = p
@@ -122,8 +127,9 @@ class FakeLab:
             if p.poll() is not None:
                 raise LabError(f"fake lab: {proc} exited ({p.returncode}): {self.log_tail(proc)}")
             if time.monotonic() > deadline:
-                raise LabError(f"fake lab: {what} not ready in {timeout:.0f}s: "
-                               f"{self.log_tail(proc)}")
+                raise LabError(
+                    f"fake lab: {what} not ready in {timeout:.0f}s: {self.log_tail(proc)}"
+                )
             time.sleep(0.1)
 
     # -- assembly -------------------------------------------------------------------------
@@ -143,14 +149,30 @@ class FakeLab:
         exporter = _tool("labgrid-exporter", lg)
         client = _tool("labgrid-client", lg)
         for b in self.boards:
-            self._start(f"socat-{b.outlet}", [
-                socat, f"PTY,link={b.device},raw,echo=0", f"PTY,link={b.uart},raw,echo=0",
-            ])
+            self._start(
+                f"socat-{b.outlet}",
+                [
+                    socat,
+                    f"PTY,link={b.device},raw,echo=0",
+                    f"PTY,link={b.uart},raw,echo=0",
+                ],
+            )
         for b in self.boards:
-            self._wait(f"pty pair {b.device}", lambda b=b: b.device.exists() and b.uart.exists(),
-                       10, f"socat-{b.outlet}")
-        pdu = [sys.executable, "-m", "edgevirt.lab.fakepdu", "--board", self.board,
-               "--build", str(self.workdir / "pdu")]
+            self._wait(
+                f"pty pair {b.device}",
+                lambda b=b: b.device.exists() and b.uart.exists(),
+                10,
+                f"socat-{b.outlet}",
+            )
+        pdu = [
+            sys.executable,
+            "-m",
+            "edgevirt.lab.fakepdu",
+            "--board",
+            self.board,
+            "--build",
+            str(self.workdir / "pdu"),
+        ]
         pdu += [f"--outlet={b.outlet}={b.uart}" for b in self.boards]
         if self.image_dir is not None:
             pdu += ["--image", str(self.image_dir)]
@@ -161,23 +183,44 @@ class FakeLab:
         exports = {
             b.group: {
                 "RawSerialPort": {"port": str(b.device), "speed": 115200},
-                "NetworkPowerPort": {"model": "simplerest", "host": self.pdu_url,
-                                     "index": b.outlet},
+                "NetworkPowerPort": {
+                    "model": "simplerest",
+                    "host": self.pdu_url,
+                    "index": b.outlet,
+                },
             }
             for b in self.boards
         }
         (self.workdir / "exports.yaml").write_text(yaml.safe_dump(exports))
-        self._start("exporter", [
-            exporter, "-c", self.address, "--name", self.exporter_name,
-            "--hostname", "127.0.0.1", str(self.workdir / "exports.yaml"),
-        ])
-        self._wait("exporter", lambda: "Exporter ready" in self.log_tail("exporter", 10**6),
-                   60, "exporter")
+        self._start(
+            "exporter",
+            [
+                exporter,
+                "-c",
+                self.address,
+                "--name",
+                self.exporter_name,
+                "--hostname",
+                "127.0.0.1",
+                str(self.workdir / "exports.yaml"),
+            ],
+        )
+        self._wait(
+            "exporter", lambda: "Exporter ready" in self.log_tail("exporter", 10**6), 60, "exporter"
+        )
         for b in self.boards:
-            for args in (["create"], ["add-match", f"{self.exporter_name}/{b.group}/*"],
-                         ["set-tags", f"board={self.board_name}", f"lab={self.tag}"]):
-                r = subprocess.run([client, "-x", self.address, "-p", b.place, *args],
-                                   capture_output=True, text=True, env=self.env, timeout=60)
+            for args in (
+                ["create"],
+                ["add-match", f"{self.exporter_name}/{b.group}/*"],
+                ["set-tags", f"board={self.board_name}", f"lab={self.tag}"],
+            ):
+                r = subprocess.run(
+                    [client, "-x", self.address, "-p", b.place, *args],
+                    capture_output=True,
+                    text=True,
+                    env=self.env,
+                    timeout=60,
+                )
                 if r.returncode:
                     raise LabError(f"fake lab: labgrid-client {' '.join(args)}: {r.stderr}")
 
@@ -199,8 +242,11 @@ def main() -> int:
     import argparse
     import tempfile
 
-    ap = argparse.ArgumentParser(prog="python -m edgevirt.lab.fakelab", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m edgevirt.lab.fakelab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--boards", type=int, default=1)
     ap.add_argument("--board", default="qemu-virt")
     ap.add_argument("--dir", type=Path, default=None, help="work dir [default: a temp dir]")

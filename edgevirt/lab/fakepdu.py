@@ -159,8 +159,11 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from edgevirt.board import load_board
 
-    ap = argparse.ArgumentParser(prog="python -m edgevirt.lab.fakepdu", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m edgevirt.lab.fakepdu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--board", default="qemu-virt")
     ap.add_argument("--build", type=Path, required=True, help="QEMU build dirs and logs")
     ap.add_argument("--outlet", type=_outlet, action="append", required=True)
@@ -170,8 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="fakepdu %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        pdu = FakePdu(load_board(args.board), args.build.resolve(), dict(args.outlet),
-                      image_dir=args.image)
+        pdu = FakePdu(
+            load_board(args.board), args.build.resolve(), dict(args.outlet), image_dir=args.image
+        )
     except EdgevirtError as e:
         print(f"fakepdu: {e}", file=sys.stderr)
         return 1

@@ -114,8 +114,9 @@ def place_target(
     with hold_places(client, pattern, 1, wait=wait, reporter=reporter) as [session]:
         acq = session.acquired
         assert acq is not None and session.power is not None
-        o = replace(opts, power=session.power, console_url=acq.console_url,
-                    label=f"place {session.name}")
+        o = replace(
+            opts, power=session.power, console_url=acq.console_url, label=f"place {session.name}"
+        )
         with Target(place_board(session, board), o, reporter) as target:
             yield session, target
 
@@ -154,8 +155,14 @@ def run_on_places(
             label=f"place {session.name}",
         )
         run = run_on_target(
-            b, suites, o, name=session.name, reporter=reporter, on_step=on_step,
-            stop=stop, started=started,
+            b,
+            suites,
+            o,
+            name=session.name,
+            reporter=reporter,
+            on_step=on_step,
+            stop=stop,
+            started=started,
         )
         failed = " ".join(e for e in [run.error, *(r.error for r in run.results)] if e)
         if failed and not stop.is_set():

@@ -368,4 +368,3 @@ class GpioDevice(VirtioDevice):
 def _answer(out: list[memoryview], status: int) -> int:
     """Write a one-byte status (and zero the rest of a two-byte response)."""
     return scatter(out, bytes([status]) + bytes(min(1, sum(len(b) for b in out) - 1)))
-

@@ -254,4 +254,3 @@ class I2cDevice(VirtioDevice):
                 self.stats.count("failed")
             lengths.append(written)
         return lengths
-

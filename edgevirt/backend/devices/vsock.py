@@ -390,7 +390,6 @@ class VsockDevice(VirtioDevice):
         if flags & SHUTDOWN_RCV and flags & SHUTDOWN_SEND:
             self._close(conn, "shut down by the guest")
 
-
     def _from_guest(self, conn: Conn, bufs: list[memoryview], length: int) -> None:
         if not conn.established:
             self._close(conn, "data before the connection was established")

@@ -71,7 +71,7 @@ def find_bus_node(root: Path = DT_PASSTHROUGH) -> BusNode:
             raise VirtioMsgError(f"{node}/edgevirt,evtchn: expected one cell, got {port}")
         return BusNode(node, pairs[0], pairs[1], port[0])
     raise VirtioMsgError(
-        f"no virtio-msg node with edgevirt,role = \"backend\" under {root} "
+        f'no virtio-msg node with edgevirt,role = "backend" under {root} '
         f"(found {[n.name for n in nodes]}): is this the service domain?"
     )
 
