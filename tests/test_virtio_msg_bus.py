@@ -313,6 +313,60 @@ def test_disconnect_resets_the_devices(env: Env) -> None:
     assert env.bus.devices[0].vqs[0].queue is None
 
 
+def test_a_doorbell_with_one_event_avail_is_served_as_poll_would(tmp_path: Path) -> None:
+    """The doorbell's short path (one EVENT_AVAIL waiting) serves the request and answers
+    exactly as poll() does; anything else it leaves untouched for poll()."""
+    carve_file = tmp_path / "carveout"
+    carve_file.write_bytes(bytes(CARVEOUT))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(range(256)) * 2 * 8)
+    mem, loop = map_carveout(carve_file, BASE), Loop()
+    bus = MsgBus([BlockDevice(str(disk))], mem, loop)
+    try:
+        dev, drv = bus.devices[0], DriverQueue(mem, 16, base=BASE)
+        dev.driver_features = 1 << 32
+        dev.status = p.STATUS_FEATURES_OK | p.STATUS_DRIVER_OK
+        ring = {"desc": drv.desc, "driver": drv.avail, "device": drv.used}
+        dev.handle(
+            p.request(MsgId.SET_VQUEUE, 0, 1, index=0, reserved0=0, size=16, reserved1=0, **ring)
+        )
+        to_dev, to_drv = bus.msgmem.to_device, bus.msgmem.to_driver
+
+        def avail(index: int = 0) -> bytes:
+            return p.encode(p.event(MsgId.EVENT_AVAIL, 0, index=index, next=0))
+
+        for sector in (0, 1, 2):
+            drv.reset_data()
+            drv.add([struct.pack("<IIQ", T_IN, 0, sector)], [512, 1])
+            to_dev.put(avail())
+            assert bus._one_avail()
+            assert to_dev.tail == to_dev.head  # consumed
+            [(_head, written)] = drv.get_used()
+            assert written == 513
+            used = p.decode(to_drv.get() or b"")
+            assert (used.msg_id, used["index"]) == (MsgId.EVENT_USED, 0)
+        assert bus.stats.messages_in == 3 and bus.stats.protocol_errors == 0
+        # Not for the short path: a queue that does not exist, two messages, a request.
+        status = p.encode(p.request(MsgId.GET_DEVICE_STATUS, 0, 1))
+        for batch in ([avail(7)], [avail(), avail()], [status]):
+            tail = to_dev.tail
+            for raw in batch:
+                to_dev.put(raw)
+            assert not bus._one_avail() and to_dev.tail == tail
+            bus.rung()  # poll() takes them: the bad one discarded and counted
+            assert to_dev.tail == to_dev.head
+        assert bus.stats.protocol_errors == 1
+        # A hostile producer index: left to poll(), which stops the ring and says why.
+        to_dev.poke("prod", to_dev.tail + 1000)
+        assert not bus._one_avail()
+        bus.rung()
+        assert "producer index" in (to_dev.broken or "")
+    finally:
+        bus.close()
+        mem.close()
+        loop.close()
+
+
 # -- hostile input ----------------------------------------------------------------------------
 
 

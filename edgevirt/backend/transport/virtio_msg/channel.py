@@ -76,6 +76,12 @@ def _set_word(buf: memoryview, offset: int, value: int) -> None:
         words[offset // 4] = value & 0xFFFFFFFF
 
 
+def pad(raw: bytes) -> bytes:
+    """A message as the whole slot it is published in: zeros after it, so nothing of an
+    earlier, longer message stays there for the peer to read."""
+    return raw + bytes(SLOT_SIZE - len(raw))
+
+
 def ring_bytes(nslots: int, slot_size: int = SLOT_SIZE) -> int:
     return RING_SLOTS + nslots * slot_size
 
@@ -168,6 +174,11 @@ class Ring:
         self.tail = self._words[self._cons]
         self.broken: str | None = None
 
+    @property
+    def buffer(self) -> memoryview:
+        """The whole message memory (slots are read in place by :meth:`single`'s callers)."""
+        return self._bytes
+
     def release(self) -> None:
         self._words.release()  # our cast only: the buffer is the MessageMemory's to release
 
@@ -207,8 +218,7 @@ class Ring:
             return None
         pos = self.head
         off = self.slots + (pos % self.nslots) * SLOT_SIZE
-        self._bytes[off : off + len(raw)] = raw
-        self._bytes[off + len(raw) : off + SLOT_SIZE] = bytes(SLOT_SIZE - len(raw))
+        self._bytes[off : off + SLOT_SIZE] = raw if len(raw) == SLOT_SIZE else pad(raw)
         # ordering: release - the slot bytes above are visible before the new prod (TSO).
         self.head = (pos + 1) & 0xFFFFFFFF
         self._words[self._prod] = self.head
@@ -240,6 +250,21 @@ class Ring:
                 f"than the {self.nslots} slots"
             )
         return ready
+
+    def single(self) -> int | None:
+        """Consumer end: the offset of the slot of the one message waiting, None when there
+        are none or several (the caller then takes :meth:`get`'s path). The slot is read in
+        place, once: copy its fields out before checking them."""
+        if self.broken or self.available() != 1:
+            return None
+        # ordering: acquire - prod was loaded above, before the slot bytes (TSO).
+        return self.slots + (self.tail % self.nslots) * SLOT_SIZE
+
+    def advance(self) -> None:
+        """Hand back the slot :meth:`single` named."""
+        # ordering: release - the caller's copy is complete before the slot is handed back.
+        self.tail = (self.tail + 1) & 0xFFFFFFFF
+        self._words[self._cons] = self.tail
 
     def get(self) -> bytes | None:
         """Copy out the next message's slot (the whole slot; decode looks at msg_size)."""

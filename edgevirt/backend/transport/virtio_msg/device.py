@@ -20,6 +20,7 @@ happened, and nothing it sends can make the back-end touch memory outside the ca
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ VENDOR_ID = 0x45474445
 MAX_QUEUE_SIZE = 256
 #: Feature blocks one answer can carry (8-byte header, 8 bytes of fields, 4 per block).
 MAX_FEATURE_BLOCKS = (p.MAX_MSG_SIZE - p.HEADER.size - 8) // 4
-#: Chains served per call before other queues get a turn.
+#: Chains per ring call; a queue serves SERVE_BUDGET of them (the C path: up to one batch
+#: more) before other queues get a turn.
 BATCH = 64
 SERVE_BUDGET = 256
 
@@ -70,12 +72,16 @@ class VQueue:
     aio: Any = None
     #: The name of the engine the queue last ran on (kept after it stops, for the stats).
     engine: str | None = None
+    #: A file-backed blk queue without an engine: ``serve_blk`` with every argument bound
+    #: (a batch of BATCH chains), built when the queue is set up.
+    sync: functools.partial | None = None
 
     def clear(self) -> bool:
         """Forget the queue; True if it was set up (its device drops deferred chains)."""
         was = self.queue is not None
         self.size = self.desc = self.driver = self.device = 0
         self.queue = None
+        self.sync = None
         self.epoch += 1
         return was
 
@@ -431,8 +437,23 @@ class MsgDevice:
             return
         vq.size, vq.desc, vq.driver, vq.device, vq.queue = size, desc, driver, device, queue
         self._open_aio(vq)
+        vq.sync = self._sync(queue) if vq.aio is None else None
 
     # -- virtqueues -----------------------------------------------------------------------
+
+    def _sync(self, q: SplitQueue) -> functools.partial | None:
+        """``serve_blk`` of a file-backed blk device with every argument bound, else None
+        (the device's own handler serves the queue's chains)."""
+        blk = self.device
+        serve_blk = getattr(q, "serve_blk", None)  # the C ring only
+        if serve_blk is None or not isinstance(blk, BlockDevice):
+            return None
+        fast = blk.sync_args()
+        if fast is None:
+            return None
+        return functools.partial(
+            serve_blk, self.mem, *fast, BATCH, None, 0, blk.fallback_fd, notify=True
+        )
 
     def serve(self, index: int) -> tuple[bool, bool]:
         """Serve queue ``index``: returns (the driver should be notified, work is left)."""
@@ -446,9 +467,7 @@ class MsgDevice:
             return False, False
         notify = False
         budget = SERVE_BUDGET
-        blk = self.device if isinstance(self.device, BlockDevice) else None
-        serve_blk = getattr(q, "serve_blk", None)  # the C ring only
-        fast = blk.sync_args() if blk is not None and serve_blk is not None else None
+        sync, blk = vq.sync, self.device
         try:
             while budget > 0:
                 done: list[tuple[int, int]] = []
@@ -458,11 +477,10 @@ class MsgDevice:
                     budget -= popped - len(chains)
                     if popped and not chains:
                         continue
-                elif fast is not None and blk is not None and serve_blk is not None:
+                elif sync is not None and isinstance(blk, BlockDevice):
                     # notify: the call also decides the notification and re-reads the avail
                     # idx after a full fence (res.pending), as set_notification + pending do.
-                    res = serve_blk(self.mem, *fast, min(BATCH, budget), None, 0,
-                                    blk.fallback_fd, notify=True)  # fmt: skip
+                    res = sync()  # BATCH chains: the budget may be overshot by one batch
                     blk.account(res)
                     vq.served += res.pushed
                     budget -= res.pushed

@@ -303,9 +303,13 @@ EVENT_AVAIL_MSG = struct.Struct("<BBHHHII")
 def event_avail(raw: bytes) -> tuple[int, int] | None:
     """(dev_num, index) if ``raw`` is a well-formed EVENT_AVAIL (what :func:`decode` would
     accept as one), else None: the caller then decodes it in full, errors and all."""
-    if len(raw) < EVENT_AVAIL_MSG.size:
-        return None
-    mtype, msg_id, dev_num, token, size, index, _next = EVENT_AVAIL_MSG.unpack_from(raw)
+    return event_avail_at(raw, 0) if len(raw) >= EVENT_AVAIL_MSG.size else None
+
+
+def event_avail_at(buf: bytes | memoryview, offset: int) -> tuple[int, int] | None:
+    """:func:`event_avail` of the message at ``offset`` of ``buf`` (a slot in shared
+    memory: its fields are copied out at once, so what is checked is what is used)."""
+    mtype, msg_id, dev_num, token, size, index, _next = EVENT_AVAIL_MSG.unpack_from(buf, offset)
     if mtype or msg_id != MsgId.EVENT_AVAIL or token or size != EVENT_AVAIL_MSG.size:
         return None
     return dev_num, index
