@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgevirt.backend.devices import blk as b
+from edgevirt.backend.memory import store
 from edgevirt.backend.transport.vhost_user.frontend import VhostUserFrontend
 from edgevirt.backend.virtq.pyring import DESC_F_NEXT as NEXT
 from edgevirt.backend.virtq.pyring import DESC_F_WRITE as WRITE
@@ -228,7 +229,9 @@ def drive(
                     r.avail_idx = (r.avail_idx + 1) & 0xFFFF
                     r.started[k] = time.perf_counter()
                     issued += 1
-                H.pack_into(buf, r.avail + 2, r.avail_idx)  # x86: stores are not reordered
+                # One store (x86 does not reorder stores): pack_into would zero the index
+                # first, and a back-end reading then takes the ring for broken.
+                store(buf, r.avail + 2, "H", r.avail_idx)
                 os.eventfd_write(r.kick, 1)
             ready = select.select(list(by_call), [], [], 10)[0]
             if not ready:

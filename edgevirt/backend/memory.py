@@ -12,7 +12,9 @@ import logging
 import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
+from typing import Literal
 
 from edgevirt.errors import GuestMemoryError
 
@@ -188,6 +190,24 @@ class GuestMemory:
             f"ring address uva {uva:#x} (+{length:#x}) lies outside the carve-out "
             f"({windows or 'nothing mapped'})"
         )
+
+
+def store(
+    buf: memoryview | mmap.mmap | bytearray,
+    offset: int,
+    fmt: Literal["B", "H", "I", "Q"],
+    value: int,
+) -> None:
+    """One aligned store of a native ``fmt`` ("B", "H", "I" or "Q") word into memory a peer
+    reads at the same time (ring indices, event words, the inflight region).
+
+    ``struct.pack_into`` must not be used there: CPython zeroes the field first and then
+    writes it byte by byte, so a peer reading concurrently can see 0 (a driver or device
+    then takes the ring for broken, or skips a notification). A memoryview item assignment
+    is a single store of the word's size. The virtio layouts are little endian, as is every
+    host this runs on (the C ring checks the same)."""
+    with memoryview(buf)[offset : offset + struct.calcsize(fmt)].cast(fmt) as word:
+        word[0] = value
 
 
 def seal_against_shrinking(fd: int) -> str | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from edgevirt.backend.memory import GuestMemory
+from edgevirt.backend.memory import GuestMemory, store
 from edgevirt.backend.virtq.pyring import (
     DESC,
     DESC_F_INDIRECT,
@@ -162,7 +162,7 @@ class DriverQueue:
         return value
 
     def _st16(self, gpa: int, value: int) -> None:
-        self.write(gpa, U16.pack(value & 0xFFFF))
+        store(self.mem.translate(gpa, 2), 0, "H", value & 0xFFFF)  # the device reads it now
 
     @property
     def used_idx(self) -> int:

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from edgevirt.backend.memory import store
 from edgevirt.errors import GuestMemoryError, RingError
 
 log = logging.getLogger("edgevirt.backend.virtq")
@@ -139,7 +140,7 @@ def _ld16(ref: tuple[memoryview, int], off: int) -> int:
 
 
 def _st16(ref: tuple[memoryview, int], off: int, value: int) -> None:
-    U16.pack_into(ref[0], ref[1] + off, value & 0xFFFF)
+    store(ref[0], ref[1] + off, "H", value & 0xFFFF)  # the driver reads it concurrently
 
 
 def _u64(value: int, name: str) -> int:

@@ -21,6 +21,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from edgevirt.backend.memory import store
 from edgevirt.errors import VhostUserError
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ MAX_QUEUE_SIZE = 32768
 MIN_TRACKED = 1024
 
 _OFF_VERSION = 8
+_OFF_LAST_BATCH_HEAD = 12
 _OFF_USED_IDX = 14
-_U16 = struct.Struct("<H")
+_OFF_COUNTER = 8  # in a DESC_STATE
 
 
 def queue_region_size(queue_size: int) -> int:
@@ -123,7 +125,7 @@ class InflightQueue:
             head = used_id((old_used + k) & 0xFFFF)
             if head < self.queue_size:
                 self.buf[self._desc_off(head)] = 0
-        _U16.pack_into(self.buf, _OFF_USED_IDX, used_idx)
+        store(self.buf, _OFF_USED_IDX, "H", used_idx)
         pending = []
         for head in range(self.queue_size):
             flag, _nxt, counter = DESC_STATE.unpack_from(self.buf, self._desc_off(head))
@@ -135,27 +137,25 @@ class InflightQueue:
         self.counter = pending[-1][0] + 1 if pending else 0
         return [head for _, head in pending]
 
+    # Every store below is one word (memory.store): the region must read consistently at
+    # whatever instruction the back-end is killed, and struct.pack_into would zero a field
+    # (the whole header, for before_push) before writing it.
+
     def taken(self, head: int) -> None:
-        """A chain was popped: mark it before any of its I/O starts."""
-        DESC_STATE.pack_into(self.buf, self._desc_off(head), 1, 0, self.counter)
+        """A chain was popped: mark it before any of its I/O starts (its order first)."""
+        off = self._desc_off(head)
+        store(self.buf, off + _OFF_COUNTER, "Q", self.counter)
+        self.buf[off] = 1
         self.counter += 1
 
     def before_push(self, last_head: int) -> None:
-        QUEUE_HEADER.pack_into(
-            self.buf,
-            0,
-            0,
-            INFLIGHT_VERSION,
-            self.queue_size,
-            last_head,
-            _U16.unpack_from(self.buf, _OFF_USED_IDX)[0],
-        )
+        store(self.buf, _OFF_LAST_BATCH_HEAD, "H", last_head)
 
     def completed(self, heads: list[int], used_idx: int) -> None:
         """After used->idx was published: the chains are the guest's again."""
         for head in heads:
             self.buf[self._desc_off(head)] = 0
-        _U16.pack_into(self.buf, _OFF_USED_IDX, used_idx)
+        store(self.buf, _OFF_USED_IDX, "H", used_idx)
 
     def in_flight(self) -> int:
         return sum(1 for h in range(self.queue_size) if self.buf[self._desc_off(h)] == 1)
