@@ -211,7 +211,7 @@ def drive(
         by_call = {r.call: r for r in rings}
         rnd = random.Random(1)
         sectors = disk // 512 - block // 512
-        pos = issued = 0
+        pos = issued = wakes = 0
         lat: list[float] = []
         t0, c0 = time.perf_counter(), time.process_time()
         while len(lat) < total:
@@ -236,6 +236,7 @@ def drive(
             ready = select.select(list(by_call), [], [], 10)[0]
             if not ready:
                 raise RuntimeError("back-end did not signal a used buffer within 10 s")
+            wakes += 1
             now = time.perf_counter()
             for fd in ready:
                 r = by_call[fd]
@@ -256,6 +257,9 @@ def drive(
     lat.sort()
     return {
         "fe cpu": fe_cpu,  # share of one core the front-end itself used: near 1 = its limit
+        # completions per wake-up of the front-end: how the back-end batches its calls, which
+        # sets how evenly the front-end can keep qd requests in flight
+        "per wake": total / max(wakes, 1),
         "iops": total / elapsed,
         "MB/s": total * block / elapsed / 1e6,
         "p50 us": lat[len(lat) // 2] * 1e6,

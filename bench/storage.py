@@ -142,6 +142,7 @@ def rows(results: dict[str, dict[str, dict]]) -> list[dict]:
         row["qsd/ev io_uring CPU us/req"] = f"{q['be us/req']:.1f}/{e['be us/req']:.1f}"
         row["ev/qsd io_uring"] = round(e["iops"] / q["iops"], 2)
         row["front-end CPU (ev io_uring)"] = f"{e['fe cpu']:.0%}"
+        row["completions per wake-up qsd/ev io_uring"] = f"{q['per wake']:.1f}/{e['per wake']:.1f}"
         if "ev sync" in per:
             row["ev io_uring/ev sync"] = round(e["iops"] / per["ev sync"]["iops"], 2)
         out.append(row)
