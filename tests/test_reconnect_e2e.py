@@ -54,6 +54,23 @@ def inflight_fd_path(pid: int) -> str | None:
     return None
 
 
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` has stopped: kill() returns before a SIGSTOP has reached
+    them all, and a thread still running changes what the test reads next."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+        if states and all(st in "tT" for st in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.0005)
+
+
 def chains_in_flight(path: str) -> int:
     with open(path, "rb") as f:
         raw = f.read()
@@ -157,6 +174,7 @@ def test_backend_killed_mid_write_guest_verifies_every_block(tmp_path, opts):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             os.kill(first.proc.pid, signal.SIGSTOP)
+            wait_stopped(first.proc.pid)  # the engine's thread may still be marking chains
             caught = chains_in_flight(region)
             if caught:
                 break

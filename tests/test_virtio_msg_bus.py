@@ -356,6 +356,18 @@ def test_a_doorbell_with_one_event_avail_is_served_as_poll_would(tmp_path: Path)
             bus.rung()  # poll() takes them: the bad one discarded and counted
             assert to_dev.tail == to_dev.head
         assert bus.stats.protocol_errors == 1
+        # A queue with more than its budget is served on at once, not at the next poll.
+        calls = []
+        serve = dev.serve
+
+        def budget_spent_once(index: int) -> tuple[bool, bool]:
+            calls.append(index)
+            return (True, True) if len(calls) == 1 else serve(index)
+
+        dev.serve = budget_spent_once  # type: ignore[method-assign]
+        to_dev.put(avail())
+        assert bus._one_avail() and calls == [0, 0] and not bus._work
+        del dev.serve
         # A hostile producer index: left to poll(), which stops the ring and says why.
         to_dev.poke("prod", to_dev.tail + 1000)
         assert not bus._one_avail()

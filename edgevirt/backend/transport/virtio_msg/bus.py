@@ -236,9 +236,10 @@ class MsgBus:
         ring.advance()
         self.stats.polls += 1
         self.stats.messages_in += 1
-        self._serve(key)  # leaves the key in _work when the queue has more than its budget
+        self._work[key] = None
+        self._serve(key)  # takes the key out again unless the queue had more than its budget
         if self._work:
-            self.poll()
+            self.poll()  # the rest now, as poll() itself would go round again
         else:
             self._ring_driver()
         return True
