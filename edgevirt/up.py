@@ -1,56 +1,42 @@
-"""`edgevirt up`: the whole path on QEMU virt, for every transport and back-end placement.
+"""`edgevirt up`: what every platform shares, and the QEMU platform's back-end placements.
 
-::
+:func:`up` runs the platform ``UpOptions.platform`` names (:mod:`edgevirt.platforms`: QEMU
+virt in :mod:`~edgevirt.platforms.qemu_virt`, Xen dom0less in
+:mod:`~edgevirt.platforms.xen_dom0less`); each reports one :class:`UpResult`.
 
-    images (build_guest_image) + device tree → back-end side → front-end boot → smoke suite
-    on the console → power-off → host checks → report (result.json)
-
-Two choices, each a strategy:
+On QEMU two choices are strategies:
 
 * **transport** — ``vhost-user`` (vhost-user devices on virt's virtio-mmio bus) or ``msg``
   (virtio-msg over an ``ivshmem-doorbell`` PCI device; the guest's ``virtio_msg`` module
-  binds to the composer's ``edgevirt,virtio-msg`` node). The front-end is a
-  :class:`~edgevirt.deploy.target.Target` whose QEMU machine knows the transport.
+  binds to the composer's ``edgevirt,virtio-msg`` node), resolved by :func:`resolve`.
 * **back-end placement** — :class:`HostBackend` (a process on the host that the machine
   starts: ``edgevirt backend run`` or the virtio-msg bus server) or
   :class:`edgevirt.servicevm.up.ServiceVmBackend` (the back-end inside an aarch64 service
   VM; the host only owns the shared files and wires the doorbells).
-
-The same smoke suite (``edgevirt/suites/smoke.yaml``) and the same host checks
-(:mod:`edgevirt.smoke`) judge every combination; one :class:`UpResult` reports it. Every
-process started here is stopped here, on success or failure.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgevirt import devsmoke
-from edgevirt.board import Board, load_board
+from edgevirt.board import Board
 from edgevirt.console.expect import Console
 from edgevirt.deploy.backend_process import BackendProcess, backend_socket
 from edgevirt.deploy.machine import QemuMachine, build_initramfs, compose_dtb
 from edgevirt.deploy.system_dt import default_spec
-from edgevirt.deploy.target import DeployOptions, Target
-from edgevirt.errors import ConfigError, DeployError, EdgevirtError, SetupError
+from edgevirt.errors import ConfigError
 from edgevirt.report import Reporter
 from edgevirt.smoke import (
-    DISK_STEP,
-    POOL_STEP,
     Check,
     backend_checks,
     disk_check,
-    msg_bus_check,
-    smoke_suite,
 )
 from edgevirt.spec import SystemSpec, load_spec
-from edgevirt.suite.runner import run_suite
 
 __all__ = [
     "BackendProcess",
@@ -293,154 +279,8 @@ def memory_rows(board: Board, result: UpResult) -> list[dict[str, Any]]:
 # -- the whole path ---------------------------------------------------------------------------
 
 
-PLATFORMS = ("qemu", "xen")
-
-
 def up(opts: UpOptions, reporter: Reporter | None = None) -> UpResult:
-    reporter = reporter or Reporter()
-    if opts.platform not in PLATFORMS:
-        raise ConfigError(f"platform {opts.platform!r}: expected one of {', '.join(PLATFORMS)}")
-    if opts.platform == "xen":
-        from edgevirt.platforms.xen_dom0less import up_xen
+    """Bring the system up on ``opts.platform`` (see :mod:`edgevirt.platforms`)."""
+    from edgevirt.platforms import runner
 
-        return up_xen(opts, reporter)
-    if opts.boot != "direct":
-        raise ConfigError(f"--boot {opts.boot} applies to --platform xen only")
-    t0 = time.monotonic()
-    board = load_board(opts.board)
-    transport, backend, spec = resolve(opts, board)
-    build = opts.build_dir.resolve()
-    placement = _placement(backend, board, build, opts)
-    build.mkdir(parents=True, exist_ok=True)
-    q = board.qemu
-    result = UpResult(
-        board=board.name,
-        transport=transport,
-        backend_in=backend,
-        restrict=opts.restrict,
-        carveout=(q.carveout_base, q.carveout),
-        fault=opts.fault,
-    )
-    result.memory = memory_rows(board, result)
-    target: Target | None = None
-    # Until the images exist nothing has booted: a failure then is the host's build.
-    phase = "host build"
-    try:
-        target = Target(
-            board,
-            DeployOptions(
-                placement.frontend_dir(build),
-                restrict=opts.restrict,
-                boot_timeout=opts.boot_timeout,
-                kernel_fragment=opts.kernel_fragment,
-                transport=transport,
-                spec=spec,
-                **placement.deploy_options(),
-            ),
-            reporter,
-        )
-        machine = target.machine
-        if machine is None:
-            raise ConfigError(f"{board.path}: `up` needs a QEMU board")
-        placement.frontend(machine)
-        placement.prepare(reporter, result)
-        target.prepare()
-        if machine.guest_image is not None:
-            gi = machine.guest_image
-            if gi.kernel.built_seconds:
-                result.timings["kernel_build"] = gi.kernel.built_seconds
-            result.frontend = {
-                "manifest": str(gi.manifest),
-                "modules": [m.name for m in gi.modules],
-                "release": gi.release,
-            }
-        phase = "run"
-        placement.start(reporter, result)
-        target.strategy.watchers += placement.watchers()
-        console = target.boot()
-        result.timings["frontend_boot"] = target.boot_seconds
-        _frontend(target, console, placement, result, spec, reporter, opts.workload)
-    except (SetupError, ConfigError):
-        raise  # the host or an input file is at fault, not the target: exit codes 3 and 4
-    except EdgevirtError as e:
-        result.error = str(e) + (f" (hint: {e.hint})" if e.hint else "")
-        if phase == "host build":
-            result.error = f"host build failed: {result.error}"
-            result.failed_vm = "host"
-    finally:
-        try:
-            if target is not None:
-                target.close()
-                m = target.machine
-                if m is not None and m.backend is not None:
-                    result.backend = result.backend or m.backend.stats()
-        finally:
-            placement.close(result)
-            result.failed_vm = result.failed_vm or placement.blame(result)
-            result.seconds = time.monotonic() - t0
-            result.artefacts = {p.name: str(p) for p in sorted(build.iterdir()) if p.is_file()}
-            (build / "result.json").write_text(json.dumps(result.to_json(), indent=2))
-    return result
-
-
-def _frontend(
-    target: Target,
-    console: Console,
-    placement: Placement,
-    result: UpResult,
-    spec: SystemSpec | None,
-    reporter: Reporter,
-    workload: Workload | None,
-) -> None:
-    """Smoke suite, transport checks, workload, back-end side checks, power-off, host checks."""
-    machine = target.machine
-    assert machine is not None
-    reporter.step("smoke suite over the serial console")
-    t = time.monotonic()
-    sr = run_suite(
-        smoke_suite(),
-        console,
-        variables=target.vars(),
-        abort=target.strategy.abort,
-        target=target.board.name,
-    )
-    result.timings["frontend_suite"] = time.monotonic() - t
-    pre = placement.prefix
-    fe = [Check(pre + s.name, s.ok, s.detail) for s in sr.steps if s.outcome != "skipped"]
-    result.checks += fe
-    if sr.error is not None:
-        raise DeployError(sr.error)
-    outputs = {s.name: s.output for s in sr.steps}
-    for dtype, smoke in machine.smokes.items():
-        reporter.step(f"{dtype} smoke checks")
-        t = time.monotonic()
-        result.checks += smoke.checks(console, pre)
-        result.timings[f"frontend_{dtype}"] = time.monotonic() - t
-    if result.transport == "msg":
-        count = len(spec.devices) if spec else len(DEVICES)
-        result.checks.append(msg_bus_check(outputs.get(POOL_STEP, ""), count, pre))
-    frontend_ok = all(c.ok for c in result.checks)
-    if frontend_ok and workload is not None:
-        reporter.step("front-end: workload")
-        result.workload = workload(console, target.strategy.abort)
-    if frontend_ok:
-        placement.under_frontend(reporter, result, console, target.strategy.abort)
-    if not frontend_ok and result.transport == "msg":
-        why = _module_error(console)
-        if why:
-            result.checks.append(Check(f"{pre}virtio-msg module", False, why))
-    placement.after_suite(reporter, result, frontend_ok)
-    reporter.step("power-off")
-    console.sendline("poweroff -f")
-    if not machine.wait_exit(20):
-        raise DeployError("guest did not power off within 20s")
-    machine.off()
-    placement.power_off(reporter)
-    disk = outputs.get(DISK_STEP) if workload is None else None  # a workload rewrites it
-    result.checks += placement.host_checks(machine, result, disk, frontend_ok)
-
-
-def _module_error(console: Console) -> str:
-    """The virtio-msg module's own words when the bus did not come up."""
-    out = console.run("dmesg | grep 'virtio-msg' | grep -iE 'no |dead|timeout|error'", 20)
-    return out.output.strip().splitlines()[0] if out.output.strip() else ""
+    return runner(opts.platform)(opts, reporter or Reporter())

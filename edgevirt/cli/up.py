@@ -12,6 +12,7 @@ from rich.table import Table
 
 from edgevirt.cli.common import EXIT_FAILED, EXIT_OK, RichReporter, err, fail, out
 from edgevirt.errors import EdgevirtError
+from edgevirt.platforms import PLATFORMS
 
 # Not imported from the library: the CLI starts without the code that runs them.
 #: edgevirt.up.TRANSPORTS (and edgevirt.backend.config.TRANSPORTS).
@@ -119,7 +120,7 @@ def run_up(opts: Any, as_json: bool) -> None:
 )
 @click.option(
     "--platform",
-    type=click.Choice(["qemu", "xen"]),
+    type=click.Choice(list(PLATFORMS)),
     default="qemu",
     show_default=True,
     help="qemu: QEMU virt is the hypervisor (back-end on the host or in a service VM); "
