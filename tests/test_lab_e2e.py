@@ -83,6 +83,11 @@ def wait_acquired(lab, place, timeout=30):
             time.sleep(0.2)
 
 
+def lab_opts(lab, build):
+    """The options every command run against the test lab takes."""
+    return ["--coordinator", lab.address, "--build-dir", str(build)]
+
+
 def test_smoke_suite_on_a_place_only_the_coordinator_knows(lab, tmp_path):
     place = lab.boards[0].place
     t0 = time.monotonic()
@@ -91,10 +96,7 @@ def test_smoke_suite_on_a_place_only_the_coordinator_knows(lab, tmp_path):
         "smoke",
         "--place",
         place,
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
         "--json",
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -119,10 +121,7 @@ def test_parallel_over_tagged_places_one_junit(lab, tmp_path):
         f"lab={lab.tag}",
         "--parallel",
         "2",
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
         "--junit",
         str(junit),
         "--json",
@@ -149,10 +148,7 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
             "smoke",
             "--place",
             place,
-            "--coordinator",
-            lab.address,
-            "--build-dir",
-            str(tmp_path),
+            *lab_opts(lab, tmp_path),
         )
         assert r.returncode == 1
         msg = flat(r.stderr)
@@ -171,10 +167,7 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
             place,
             "--wait",
             "60",
-            "--coordinator",
-            lab.address,
-            "--build-dir",
-            str(tmp_path),
+            *lab_opts(lab, tmp_path),
         )
         assert r.returncode == 0, r.stderr[-3000:]
         assert time.monotonic() - t0 > 3
@@ -191,10 +184,7 @@ def test_place_acquired_by_someone_else_fails_or_waits(lab, tmp_path):
             place,
             "--wait",
             "2",
-            "--coordinator",
-            lab.address,
-            "--build-dir",
-            str(tmp_path),
+            *lab_opts(lab, tmp_path),
         )
         assert r.returncode == 1
         assert "became free within 2s" in flat(r.stderr)
@@ -223,10 +213,7 @@ def test_terminated_run_releases_and_powers_off(lab, tmp_path):
         str(suite),
         "--place",
         place,
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
     )
     wait_acquired(lab, place)
     deadline = time.monotonic() + 60
@@ -250,10 +237,7 @@ def test_interrupted_parallel_run_releases_every_place(lab, tmp_path):
         f"lab={lab.tag}",
         "--parallel",
         "2",
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
     )
     logs = [tmp_path / b.place / "console.log" for b in lab.boards]
     deadline = time.monotonic() + 60
@@ -277,10 +261,7 @@ def test_place_taken_away_mid_run_is_named_and_left_to_its_new_owner(lab, tmp_pa
         str(suite),
         "--place",
         place,
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
         "--json",
     )
     deadline = time.monotonic() + 60
@@ -317,10 +298,7 @@ def test_failing_suite_and_timeout_release_the_place(lab, tmp_path):
         str(suite),
         "--place",
         lab.boards[0].place,
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
         "--json",
     )
     assert r.returncode == 1
@@ -345,10 +323,7 @@ def test_exporter_serial_port_or_coordinator_gone_mid_run(tmp_path, lab, what):
             str(suite),
             "--place",
             place,
-            "--coordinator",
-            lab1.address,
-            "--build-dir",
-            str(tmp_path / "out"),
+            *lab_opts(lab1, tmp_path / "out"),
             "--json",
         )
         log = tmp_path / "out" / "console.log"
@@ -387,10 +362,7 @@ def test_deploy_on_a_place_then_released(lab, tmp_path):
         "deploy",
         "--place",
         place,
-        "--coordinator",
-        lab.address,
-        "--build-dir",
-        str(tmp_path),
+        *lab_opts(lab, tmp_path),
         "--json",
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -472,10 +444,7 @@ def test_uboot_board_on_a_place_loads_from_the_labs_tftp_dir(tmp_path, lab):
             str(board),
             "--image",
             str(image),
-            "--coordinator",
-            lab1.address,
-            "--build-dir",
-            str(tmp_path / "out"),
+            *lab_opts(lab1, tmp_path / "out"),
             "--json",
         )
         assert r.returncode == 0, r.stderr[-3000:]
