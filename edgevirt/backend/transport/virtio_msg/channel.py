@@ -39,6 +39,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from edgevirt.backend.memory import store
 from edgevirt.backend.transport.virtio_msg.protocol import (
     HEADER as MSG_HEADER,
 )
@@ -69,11 +70,6 @@ def _word(buf: memoryview, offset: int) -> int:
     """One aligned 32-bit load (never torn, unlike a byte-wise copy)."""
     with buf.cast("I") as words:
         return int(words[offset // 4])
-
-
-def _set_word(buf: memoryview, offset: int, value: int) -> None:
-    with buf.cast("I") as words:
-        words[offset // 4] = value & 0xFFFFFFFF
 
 
 def pad(raw: bytes) -> bytes:
@@ -275,9 +271,7 @@ class Ring:
         # ordering: acquire - prod was loaded above, before the slot bytes (TSO).
         off = self.slots + (self.tail % self.nslots) * SLOT_SIZE
         raw = bytes(self._bytes[off : off + SLOT_SIZE])
-        # ordering: release - the copy is complete before the slot is handed back.
-        self.tail = (self.tail + 1) & 0xFFFFFFFF
-        self._words[self._cons] = self.tail
+        self.advance()
         return raw
 
 
@@ -304,7 +298,7 @@ class MessageMemory:
         epoch = (_word(buf, EPOCH_OFFSET) + 1) & 0xFFFFFFFF if old else 1
         buf[:] = bytes(len(buf))
         buf[4 : HEADER.size] = header[4:]
-        _set_word(buf, EPOCH_OFFSET, epoch or 1)
+        store(buf, EPOCH_OFFSET, "I", epoch or 1)
         # ordering: release - the magic goes last: a driver waiting for it (the guest module
         # polls while the device side is not up yet) then finds the rest complete (TSO).
         buf[:4] = header[:4]
@@ -348,7 +342,7 @@ class MessageMemory:
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        _set_word(self._buf, EPOCH_OFFSET, value)
+        store(self._buf, EPOCH_OFFSET, "I", value & 0xFFFFFFFF)
 
     def reset(self) -> None:
         self.to_device.reset()

@@ -54,7 +54,9 @@ def ring(fd: int) -> None:
 
 
 def drain(fd: int) -> int:
-    """Read an eventfd back to zero; returns how many doorbells it had counted."""
+    """Read an eventfd back to zero; returns how many doorbells it had counted (0 when
+    none: the fd is non-blocking). The service VM's and the Xen service domain's doorbell
+    devices (``/dev/ivshmem-*`` of ev_ivshmem, ``/dev/ev-evtchn`` of ev_evtchn) read alike."""
     try:
         return int.from_bytes(os.read(fd, 8), "little")
     except BlockingIOError:

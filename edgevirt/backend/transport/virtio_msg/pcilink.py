@@ -26,6 +26,7 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
+from edgevirt.backend.transport.virtio_msg.ivshmem import drain
 from edgevirt.backend.transport.virtio_msg.protocol import VirtioMsgError
 
 log = logging.getLogger(__name__)
@@ -51,16 +52,6 @@ class PeerLink(Protocol):
     def notify(self) -> bool: ...
     def describe(self) -> dict: ...
     def close(self) -> None: ...
-
-
-def read_count(fd: int) -> int:
-    """Read a doorbell device the way eventfds read (``/dev/ivshmem-*`` of ev_ivshmem,
-    ``/dev/ev-evtchn`` of ev_evtchn): the 64-bit count of rings since the last read, or 0
-    when there was none (the fd is non-blocking)."""
-    try:
-        return int.from_bytes(os.read(fd, 8), "little")
-    except BlockingIOError:
-        return 0
 
 
 def _read_hex(path: Path) -> int:
@@ -162,7 +153,7 @@ class PciDoorbellLink:
         return list(self._fds)
 
     def drain(self, fd: int) -> int:
-        return read_count(fd)
+        return drain(fd)
 
     def notify(self) -> bool:
         """Ring the driver's ``vector``."""

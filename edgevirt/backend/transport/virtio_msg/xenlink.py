@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevirt.backend.transport.virtio_msg.pcilink import read_count
+from edgevirt.backend.transport.virtio_msg.ivshmem import drain
 from edgevirt.backend.transport.virtio_msg.protocol import VirtioMsgError
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class XenEvtchnLink:
         return [self._fd] if self._fd >= 0 else []
 
     def drain(self, fd: int) -> int:
-        return read_count(fd)
+        return drain(fd)
 
     def notify(self) -> bool:
         try:
