@@ -86,8 +86,12 @@ def test_up_without_restriction_fails_fast_and_clearly(tmp_path):
     # Fails long before the 120 s boot timeout: the back-end's verdict ends the wait.
     assert elapsed < 100, elapsed
     # The back-end stayed alive until we stopped it, and touched nothing outside its mapping.
-    blk = next(d for d in result["backend"]["devices"] if d["device"] == "blk")
-    assert blk["broken"] and blk["mapped_bytes"] == 64 << 20
+    # Which queue breaks first is the guest's race (hwrng reads or the partition scan); the
+    # refusal names that device, and every device mapped exactly the carve-out.
+    devices = result["backend"]["devices"]
+    broken = [d["device"] for d in devices if d["broken"]]
+    assert any(f"{name}: vring" in err for name in broken), (broken, err)
+    assert all(d["mapped_bytes"] == 64 << 20 for d in devices), devices
     assert "exited with status" not in err
     assert not leftovers(str(build))
 
