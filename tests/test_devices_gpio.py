@@ -140,9 +140,9 @@ def test_rising_edge_interrupt_delivered_and_masked_again(gpio):
     outside("set", "button", 1)
     got = drv.irqs()
     assert len(got) == 1 and got[0][1] == IRQ_VALID
-    assert time.monotonic() - t0 < 0.1
+    assert time.monotonic() - t0 < 0.5  # the change wakes the device; no backstop poll
     last, top = (int(x) for x in dev.snapshot()["irq_latency_us"].split()[1::2])
-    assert 0 < last <= top < 100_000  # from the bank's change to the used entry
+    assert 0 < last <= top < 500_000  # from the bank's change to the used entry
     # masked now (no pair queued): a falling edge is not latched for a rising-edge type,
     # a later rising edge is, and is delivered as soon as the driver unmasks
     outside("set", "button", 0)
