@@ -28,14 +28,15 @@ from edgevirt.backend.devices.base import DEFERRED, Chain, VirtioDevice
 from edgevirt.backend.devices.blk import BlockDevice
 from edgevirt.backend.memory import GuestMemory
 from edgevirt.backend.transport.vhost_user.inflight import InflightQueue
-from edgevirt.backend.virtq import SplitQueue
+from edgevirt.backend.virtq import SERVE_BATCH, SplitQueue
 from edgevirt.backend.virtq.pyring import USED_ELEM, walk_chain
 from edgevirt.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-#: Chains served per pop before other fds get a turn (fairness between devices).
-BATCH = 64
+#: Chains served per ring call, their used entries published before the next call
+#: (SERVE_BATCH says why it is small).
+BATCH = SERVE_BATCH
 _ONE = struct.pack("<Q", 1)
 
 
