@@ -309,8 +309,13 @@ unsigned int vmsg_device_sweep(struct vmsg_device *vmdev)
 		/* Ask for a kick at every new buffer (EVENT_IDX), and interrupts stay on. */
 		WRITE_ONCE(vring_avail_event(vr), cpu_to_le16(avail));
 		WRITE_ONCE(vr->used->flags, 0);
-		if (!k)
+		if (!k) {
+			/* Nothing to fail, but the device side may have published used entries
+			 * and died before its EVENT_USED: without this call their requests wait
+			 * forever (and a driver's remove waits for them). No-op when none. */
+			vring_interrupt(0, vq);
 			continue;
+		}
 		/* Release: entries (and status bytes) before the index that hands them back. */
 		smp_wmb();
 		WRITE_ONCE(vr->used->idx, cpu_to_le16(used + k));
