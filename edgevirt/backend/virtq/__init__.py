@@ -19,7 +19,8 @@ from edgevirt.backend.virtq.pyring import Chain, MemoryTable, Segment
 #: Chains a serving call takes before it publishes their used entries and signals. Small, so
 #: that the driver takes the first completions and refills while the back-end serves the
 #: rest: two CPUs work at once instead of in turn. 4 KiB reads from the page cache at QD32
-#: (bench/run.py --page-cache): 219-244 k IOPS with 32-64, 438-511 k with 4, 510-584 k with 8.
+#: (bench/run.py --page-cache): 219-244 k IOPS with 32-64, 305 k with 16, 439 k with 4,
+#: 510-584 k with 8.
 #: A driver with EVENT_IDX still gets no more interrupts than it asks for.
 SERVE_BATCH = 8
 
