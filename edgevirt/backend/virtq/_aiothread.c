@@ -122,8 +122,10 @@ static void srv_reap(BlkAio *a, uint32_t *ids)
 static int srv_submit(BlkAio *a, submitjob *s, uint32_t *ids)
 {
     srvstate *v = &a->srv;
-    size_t n;
+    size_t n = 0;
     do {
+        if (n && ids != NULL) /* what completed meanwhile: the driver refills while we pop on */
+            srv_reap(a, ids); /* (after the last batch srv_main reaps: not here too) */
         memset(s, 0, offsetof(submitjob, iov));
         s->j = (popjob){&v->c, SRV_BATCH, 0, 0, 0, NULL, NULL};
         s->infl = v->infl;
@@ -161,8 +163,6 @@ static int srv_submit(BlkAio *a, submitjob *s, uint32_t *ids)
             kick_fd(v->pyfd);
         if (failed)
             return -1;
-        if (ids != NULL) /* what completed meanwhile: the driver refills while we pop on */
-            srv_reap(a, ids);
         /* A short batch took all there was. With EVENT_IDX the driver may have published
          * after our read of avail->idx and before our avail_event store, and skipped its
          * kick: look again after a full barrier. */
